@@ -3,3 +3,8 @@
 Each op lives in its own file with a plain-torch `*_reference`, Triton forward and backward
 kernels, an autograd Function and the functional API exported here.
 """
+
+from .layer_norm import layer_norm, layer_norm_reference
+from .rms_norm import rms_norm, rms_norm_reference
+
+__all__ = ["layer_norm", "layer_norm_reference", "rms_norm", "rms_norm_reference"]

@@ -10,6 +10,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 
 def interpreting() -> bool:
@@ -28,6 +29,28 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if devices == {"cuda"}:
         return True
     return devices == {"cpu"} and interpreting()
+
+
+# Read once at import: TRITON_INTERPRET must be set before triton is imported anyway.
+INTERPRETER: tl.constexpr = tl.constexpr(interpreting())
+
+
+@triton.jit
+def round_to(x, DTYPE: tl.constexpr):
+    """x.to(DTYPE), rounding to nearest even as the GPU does.
+
+    The interpreter (triton 3.9) truncates fp32 -> bf16 conversions toward zero, which would put
+    a one-sided bias of up to 1 ulp into every bf16 output. Under the interpreter, round the fp32
+    bits to the nearest even bf16 first (add 0x7FFF plus the lowest kept bit, clear the low 16
+    bits: the standard bit trick; inf and NaN survive it), after which truncation is exact. On
+    the GPU the branch is compiled away.
+    """
+    if INTERPRETER:
+        if DTYPE == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(DTYPE)
 
 
 @functools.lru_cache(maxsize=None)
@@ -63,3 +86,24 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     return rows
+
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_row_op_inputs(op: str, x: torch.Tensor, **params: torch.Tensor | None) -> None:
+    """Errors for a row-wise op (a norm): x's dtype, and every per-column parameter 1-D of x's last size."""
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: unsupported dtype {x.dtype}; use float32, bfloat16 or float16")
+    hidden = x.shape[-1]
+    for name, t in params.items():
+        if t is not None and (t.dim() != 1 or t.shape[0] != hidden):
+            raise ValueError(f"{op}: {name} shape {tuple(t.shape)} does not match the last dimension of x "
+                             f"{tuple(x.shape)}; pass a 1-D {name} of size {hidden}")
+
+
+def sum_partials(partial: torch.Tensor | None, n_rows: int, like: torch.Tensor) -> torch.Tensor | None:
+    """Reduce a [programs, H] fp32 partial (per-program sums of a parameter's gradient) to like's dtype."""
+    if partial is None:
+        return None
+    return partial.sum(0).to(like.dtype) if n_rows > 0 else torch.zeros_like(like)

@@ -1,0 +1,196 @@
+"""RMSNorm: y = x / rms(x) * (offset + w), fused forward and backward with dW.
+
+Forward, per row x of length H (Zhang & Sennrich 2019, "Root Mean Square Layer Normalization"):
+    rstd = 1 / sqrt(mean(x²) + eps)          computed in fp32
+    x̂    = x · rstd
+    y    = x̂ · (offset + w)                  offset = 1 gives Gemma's (1 + w) scale
+Backward, with g = dy · (offset + w):
+    dx = rstd · (g − x̂ · mean(g · x̂))
+    dw = Σ_rows dy · x̂
+Saved for backward: x (the input itself, no copy) and rstd [rows] in fp32, 4 bytes a row.
+
+Casting modes say where the result is rounded to a low-precision dtype, so that the kernel
+reproduces each family's eager module bit-for-bit in its rounding points:
+    "llama": x̂ rounded to x.dtype, then multiplied by the weight (HF LlamaRMSNorm:
+             `weight * hidden.to(input_dtype)`); output dtype = promote(x.dtype, w.dtype).
+    "gemma": everything in fp32, one rounding at the output (HF GemmaRMSNorm); output x.dtype.
+    "none":  rstd, x̂ and y each rounded to x.dtype, as a module computing in x.dtype would;
+             output x.dtype.
+The backward treats the roundings as identity (straight-through), as autograd does.
+
+Cost: the forward reads x and w and writes y: 2·N·H·b bytes (b = bytes per element); the
+backward reads x, dy, w and rstd and writes dx and per-program partial dw: 3·N·H·b bytes plus
+a [programs, H] fp32 partial that torch sums. Both are memory-bound: the target is the
+device-to-device copy bandwidth.
+
+Layout of the work: the forward runs one program per row; the backward runs a persistent grid
+(a few programs per SM), each program striding over rows and accumulating its dw in registers,
+so that dw needs no atomics and is deterministic (the approach of triton's
+python/tutorials/05-layer-norm.py, with the partial sums reduced by torch instead of locks).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (as_rows, check_row_op_inputs, persistent_programs, round_to, row_block, sum_partials,
+                      use_triton)
+
+CASTING_MODES = ("llama", "gemma", "none")
+_CASTING_ID = {name: i for i, name in enumerate(CASTING_MODES)}
+_LLAMA, _GEMMA, _NONE = 0, 1, 2
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: float = 0.0,
+                       casting: str = "llama") -> torch.Tensor:
+    """Plain-torch RMSNorm with the rounding points of each casting mode (see module docstring)."""
+    _check_casting(casting)
+    dtype = x.dtype
+    if casting == "none":
+        rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps).to(dtype)
+        return (x * rstd) * (offset + weight.float()).to(dtype)
+    xf = x.float()
+    x_hat = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if casting == "gemma":
+        return (x_hat * (offset + weight.float())).to(dtype)
+    return (offset + weight) * x_hat.to(dtype)
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    X, W, Y, RSTD,            # X [rows, H] (row stride STRIDE_X), W [H], Y [rows, H], RSTD [rows] fp32
+    STRIDE_X, STRIDE_Y, H, eps, offset,
+    CASTING: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < H
+    x = tl.load(X + row * STRIDE_X + cols, mask=mask, other=0.0).to(tl.float32)   # [BLOCK]
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)                    # [BLOCK]
+    scale = w + tl.cast(offset, tl.float32)
+    mean_sq = tl.sum(x * x, axis=0) / H
+    rstd = 1.0 / tl.sqrt(mean_sq + tl.cast(eps, tl.float32))
+    if CASTING == 2:  # "none": every intermediate rounded to x's dtype
+        rstd_r = round_to(rstd, X.dtype.element_ty).to(tl.float32)
+        x_hat = round_to(x * rstd_r, X.dtype.element_ty).to(tl.float32)
+        scale = round_to(scale, X.dtype.element_ty).to(tl.float32)
+    elif CASTING == 0:  # "llama": x̂ rounded to x's dtype before the weight
+        x_hat = round_to(x * rstd, X.dtype.element_ty).to(tl.float32)
+        scale = round_to(scale, W.dtype.element_ty).to(tl.float32)
+    else:  # "gemma": all fp32
+        x_hat = x * rstd
+    tl.store(Y + row * STRIDE_Y + cols, round_to(x_hat * scale, Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    DY, X, W, RSTD, DX, DW_PARTIAL,   # DY, X, DX [rows, H]; W [H]; RSTD [rows]; DW_PARTIAL [programs, H] fp32
+    STRIDE_DY, STRIDE_X, STRIDE_DX, ROWS, H, offset,
+    CASTING: tl.constexpr, BLOCK: tl.constexpr, COMPUTE_DW: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < H
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = w + tl.cast(offset, tl.float32)
+    if CASTING == 2:
+        scale = round_to(scale, X.dtype.element_ty).to(tl.float32)
+    elif CASTING == 0:
+        scale = round_to(scale, W.dtype.element_ty).to(tl.float32)
+    dw = tl.zeros([BLOCK], dtype=tl.float32)
+    for row in range(pid, ROWS, programs):
+        row = tl.cast(row, tl.int64)
+        x = tl.load(X + row * STRIDE_X + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row * STRIDE_DY + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + row)
+        if CASTING == 2:
+            rstd = round_to(rstd, X.dtype.element_ty).to(tl.float32)
+        x_hat = x * rstd
+        if COMPUTE_DW:
+            if CASTING == 1:
+                dw += dy * x_hat
+            else:  # the weight multiplied the rounded x̂ in the forward
+                dw += dy * round_to(x_hat, X.dtype.element_ty).to(tl.float32)
+        g = dy * scale
+        dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=0) / H))
+        tl.store(DX + row * STRIDE_DX + cols, round_to(dx, DX.dtype.element_ty), mask=mask)
+    if COMPUTE_DW:
+        tl.store(DW_PARTIAL + pid * H + cols, dw, mask=mask)
+
+
+def _check_casting(casting: str) -> None:
+    if casting not in _CASTING_ID:
+        raise ValueError(f"rms_norm: casting={casting!r} is not one of {CASTING_MODES}; "
+                         "use 'llama' (Llama, Mistral, Qwen...), 'gemma' (Gemma: fp32 throughout) or 'none'")
+
+
+def _output_dtype(x: torch.Tensor, weight: torch.Tensor, casting: str) -> torch.dtype:
+    return torch.promote_types(x.dtype, weight.dtype) if casting == "llama" else x.dtype
+
+
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, casting: str
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel: returns (y [rows, H], x as rows, rstd [rows] fp32)."""
+    rows = as_rows(x)
+    n_rows, hidden = rows.shape
+    y = torch.empty((n_rows, hidden), dtype=_output_dtype(x, weight, casting), device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    block, num_warps = row_block(hidden)
+    if n_rows > 0:
+        _rms_norm_fwd_kernel[(n_rows,)](
+            rows, weight, y, rstd, rows.stride(0), y.stride(0), hidden, eps, offset,
+            CASTING=_CASTING_ID[casting], BLOCK=block, num_warps=num_warps,
+        )
+    return y, rows, rstd
+
+
+def rms_norm_backward(dy: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                      offset: float, casting: str, compute_dw: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the backward kernel: returns (dx as rows, dw or None)."""
+    dy = as_rows(dy)
+    n_rows, hidden = rows.shape
+    dx = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
+    programs = persistent_programs(rows.device, n_rows)
+    dw_partial = torch.empty((programs, hidden) if compute_dw else (1,), dtype=torch.float32, device=rows.device)
+    block, num_warps = row_block(hidden)
+    if n_rows > 0:
+        _rms_norm_bwd_kernel[(programs,)](
+            dy, rows, weight, rstd, dx, dw_partial, dy.stride(0), rows.stride(0), dx.stride(0), n_rows,
+            hidden, offset, CASTING=_CASTING_ID[casting], BLOCK=block, COMPUTE_DW=compute_dw,
+            num_warps=num_warps,
+        )
+    return dx, sum_partials(dw_partial if compute_dw else None, n_rows, weight)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps, offset, casting):
+        y, rows, rstd = rms_norm_forward(x, weight, eps, offset, casting)
+        ctx.save_for_backward(rows, weight, rstd)
+        ctx.offset, ctx.casting, ctx.x_shape = offset, casting, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        rows, weight, rstd = ctx.saved_tensors
+        dx, dw = rms_norm_backward(dy, rows, weight, rstd, ctx.offset, ctx.casting, ctx.needs_input_grad[1])
+        return dx.view(ctx.x_shape), dw, None, None, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: float = 0.0,
+             casting: str = "llama") -> torch.Tensor:
+    """RMSNorm over the last dimension of x (any leading shape), differentiable in x and weight.
+
+    Uses the Triton kernels on CUDA (or on the CPU under TRITON_INTERPRET=1), the torch
+    reference elsewhere. See the module docstring for `offset` and `casting`.
+    """
+    _check_casting(casting)
+    check_row_op_inputs("rms_norm", x, weight=weight)
+    if not use_triton(x, weight):
+        return rms_norm_reference(x, weight, eps, offset, casting)
+    return RMSNormFunction.apply(x, weight, float(eps), float(offset), casting)
