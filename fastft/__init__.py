@@ -2,30 +2,31 @@
 
 from __future__ import annotations
 
+import importlib.abc
 import importlib.util
 import pathlib
 import sys
 
 __version__ = "0.1.0"
 
+_CHECKOUT_KERNELS = pathlib.Path(__file__).resolve().parent.parent / "kernels"
 
-def _load_kernels_from_checkout() -> None:
-    """Make `fastft.kernels` importable when running from a source checkout (PYTHONPATH=.).
 
-    An installed fastft maps kernels/ to fastft.kernels through pyproject's package-dir; a bare
-    checkout has kernels/ beside fastft/, so load it under its package name here.
+class _CheckoutKernelsFinder(importlib.abc.MetaPathFinder):
+    """Finds `fastft.kernels` in a source checkout run with PYTHONPATH=. (no install).
+
+    An installed fastft maps kernels/ to fastft.kernels through pyproject's package-dir, and the
+    regular finders resolve it first; this one sits last on sys.meta_path and answers only when
+    they did not. Importing stays lazy, so TRITON_INTERPRET may still be set after `import fastft`.
     """
-    if "fastft.kernels" in sys.modules or importlib.util.find_spec("fastft.kernels") is not None:
-        return
-    kernels_dir = pathlib.Path(__file__).resolve().parent.parent / "kernels"
-    spec = importlib.util.spec_from_file_location(
-        "fastft.kernels", kernels_dir / "__init__.py", submodule_search_locations=[str(kernels_dir)]
-    )
-    if spec is None or spec.loader is None:
-        raise ImportError(f"fastft.kernels not found: expected {kernels_dir}/__init__.py; reinstall fastft")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fastft.kernels"] = module
-    spec.loader.exec_module(module)
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "fastft.kernels" or not (_CHECKOUT_KERNELS / "__init__.py").is_file():
+            return None
+        return importlib.util.spec_from_file_location(
+            name, _CHECKOUT_KERNELS / "__init__.py", submodule_search_locations=[str(_CHECKOUT_KERNELS)]
+        )
 
 
-_load_kernels_from_checkout()
+if not any(isinstance(f, _CheckoutKernelsFinder) for f in sys.meta_path):
+    sys.meta_path.append(_CheckoutKernelsFinder())

@@ -263,16 +263,13 @@ def _run_chunks(hidden, weight, bias, labels, scale, opts: _Options, *, need_dx=
     return losses, dx, dw, db32
 
 
-def _reduce(losses, labels, reduction, normalizer, ignore_index):
-    """(loss, gradient scale [1] fp32) for a scalar reduction; both stay on the device."""
-    total = losses.sum()
+def _denominator(labels, reduction, normalizer, ignore_index) -> torch.Tensor:
+    """What a scalar reduction divides the summed loss by: [1] fp32, on the device (no sync)."""
     if normalizer is not None:
-        denom = _as_tensor(normalizer, losses.device, torch.float32).reshape(1)
-    elif reduction == "mean":
-        denom = (labels != ignore_index).sum().clamp(min=1).to(torch.float32).reshape(1)
-    else:
-        denom = torch.ones(1, dtype=torch.float32, device=losses.device)
-    return total / denom[0], 1.0 / denom
+        return _as_tensor(normalizer, labels.device, torch.float32).reshape(1)
+    if reduction == "mean":
+        return (labels != ignore_index).sum().clamp(min=1).to(torch.float32).reshape(1)
+    return torch.ones(1, dtype=torch.float32, device=labels.device)
 
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
@@ -286,16 +283,13 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             losses, *_ = _run_chunks(hidden, weight, bias, labels, _unit_scale(hidden), opts)
             ctx.grads = None
             return losses
-        unit = _unit_scale(hidden)
-        scale = unit  # placeholder: the real scale needs the losses' reduction, computed below
-        if normalizer is not None or reduction == "mean":
-            _, scale = _reduce(torch.zeros(0, device=hidden.device), labels, reduction, normalizer,
-                               opts.ignore_index)
+        denom = _denominator(labels, reduction, normalizer, opts.ignore_index)
+        scale = 1.0 / denom
         losses, dx, dw, db32 = _run_chunks(hidden, weight, bias, labels, scale, opts,
                                            need_dx=need_dx, need_dw=need_dw, need_db=need_db)
         ctx.scale = scale
         ctx.grads = (dx, dw, db32)
-        return losses.sum() * scale[0]
+        return losses.sum() / denom[0]
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -413,5 +407,4 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     losses, *_ = _run_chunks(hidden, weight, bias, labels, _unit_scale(hidden), opts)
     if reduction == "none":
         return losses
-    loss, _ = _reduce(losses, labels, reduction, normalizer, ignore_index)
-    return loss
+    return losses.sum() / _denominator(labels, reduction, normalizer, opts.ignore_index)[0]

@@ -49,13 +49,13 @@ def assert_within_eager(name: str, kernel: torch.Tensor, eager: torch.Tensor, tr
     )
 
 
-def check_against_reference(kernel_fn, reference_fn, inputs: dict, dtype: torch.dtype, *,
+def check_against_reference(kernel_fn, reference_fn, inputs: dict, dtype: torch.dtype, device: str, *,
                             factor: float = FACTOR, grad_names: tuple[str, ...] | None = None,
                             kwargs: dict | None = None) -> None:
     """Output and every gradient of kernel_fn(**inputs, **kwargs) against reference_fn's.
 
-    inputs holds float tensors (any dtype) and None; each is cast to `dtype` for the kernel and for
-    eager, and to float64 for the truth. Gradients are taken for grad_names (default: all tensors)
+    inputs holds float tensors (any dtype) and None; each is moved to `device` and cast to `dtype`
+    for the kernel and for eager, and to float64 for the truth. Gradients are taken for grad_names (default: all tensors)
     with the same random upstream gradient on all three sides. Also checks that the kernel leaves
     its inputs unchanged.
     """
@@ -69,7 +69,7 @@ def check_against_reference(kernel_fn, reference_fn, inputs: dict, dtype: torch.
             if v is None:
                 out[k] = None
                 continue
-            t = v.detach().to(cast).clone()
+            t = v.detach().to(device=device, dtype=cast).clone()
             out[k] = t.requires_grad_(k in grad_names)
         return out
 

@@ -15,17 +15,17 @@ SHAPES = [(1, 64), (3, 5, 96), (7, 1000), (2, 4096), (2, 32768)]
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("casting,offset", [("llama", 0.0), ("gemma", 1.0), ("none", 0.0)])
-def test_rms_norm_matches_reference(shape, dtype, casting, offset):
+def test_rms_norm_matches_reference(shape, dtype, casting, offset, device):
     hidden = shape[-1]
     inputs = {"x": torch.randn(shape) * 3, "weight": torch.rand(hidden) + 0.5}
-    check_against_reference(rms_norm, rms_norm_reference, inputs, dtype,
+    check_against_reference(rms_norm, rms_norm_reference, inputs, dtype, device,
                             kwargs={"eps": 1e-6, "offset": offset, "casting": casting})
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("affine", ["weight+bias", "weight", "none"])
-def test_layer_norm_matches_reference(shape, dtype, affine):
+def test_layer_norm_matches_reference(shape, dtype, affine, device):
     hidden = shape[-1]
     inputs = {
         # an offset mean, so that centring matters
@@ -33,38 +33,38 @@ def test_layer_norm_matches_reference(shape, dtype, affine):
         "weight": torch.rand(hidden) + 0.5 if affine != "none" else None,
         "bias": torch.randn(hidden) if affine == "weight+bias" else None,
     }
-    check_against_reference(layer_norm, layer_norm_reference, inputs, dtype, kwargs={"eps": 1e-5})
+    check_against_reference(layer_norm, layer_norm_reference, inputs, dtype, device, kwargs={"eps": 1e-5})
 
 
-def test_layer_norm_unit_offset_is_nemotron_scale():
+def test_layer_norm_unit_offset_is_nemotron_scale(device):
     inputs = {"x": torch.randn(4, 80), "weight": torch.randn(80) * 0.1, "bias": torch.randn(80)}
-    check_against_reference(layer_norm, layer_norm_reference, inputs, torch.bfloat16,
+    check_against_reference(layer_norm, layer_norm_reference, inputs, torch.bfloat16, device,
                             kwargs={"eps": 1e-5, "offset": 1.0})
-    x, w = torch.randn(4, 80), torch.randn(80)
+    x, w = torch.randn(4, 80, device=device), torch.randn(80, device=device)
     torch.testing.assert_close(layer_norm(x, w, None, 1e-5, offset=1.0),
                                torch.nn.functional.layer_norm(x, (80,), 1 + w, None, 1e-5))
 
 
-def test_rms_norm_reference_is_hf_llama_and_gemma():
+def test_rms_norm_reference_is_hf_llama_and_gemma(device):
     """Tie the references to the modules they stand for."""
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    x = torch.randn(3, 64, dtype=torch.bfloat16)
-    llama = LlamaRMSNorm(64, eps=1e-6).to(torch.bfloat16)
+    x = torch.randn(3, 64, dtype=torch.bfloat16, device=device)
+    llama = LlamaRMSNorm(64, eps=1e-6).to(device, torch.bfloat16)
     llama.weight.data.normal_()
     assert torch.equal(llama(x), rms_norm_reference(x, llama.weight, 1e-6, 0.0, "llama"))
     assert torch.equal(llama(x), rms_norm(x, llama.weight, 1e-6, 0.0, "llama"))
-    gemma = GemmaRMSNorm(64, eps=1e-6).to(torch.bfloat16)
+    gemma = GemmaRMSNorm(64, eps=1e-6).to(device, torch.bfloat16)
     gemma.weight.data.normal_()
     assert torch.equal(gemma(x), rms_norm_reference(x, gemma.weight, 1e-6, 1.0, "gemma"))
     torch.testing.assert_close(gemma(x), rms_norm(x, gemma.weight, 1e-6, 1.0, "gemma"), atol=0, rtol=2**-7)
 
 
-def test_rms_norm_mixed_dtype_promotes_like_llama():
+def test_rms_norm_mixed_dtype_promotes_like_llama(device):
     # bf16 activations with an fp32 weight (mixed precision without autocast): fp32 out, as HF.
-    x = torch.randn(2, 3, 64, dtype=torch.bfloat16, requires_grad=True)
-    w = torch.rand(64, requires_grad=True)
+    x = torch.randn(2, 3, 64, dtype=torch.bfloat16, device=device, requires_grad=True)
+    w = torch.rand(64, device=device, requires_grad=True)
     y = rms_norm(x, w)
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, rms_norm_reference(x, w))
@@ -73,10 +73,10 @@ def test_rms_norm_mixed_dtype_promotes_like_llama():
 
 
 @pytest.mark.parametrize("op", ["rms_norm", "layer_norm"])
-def test_non_contiguous_input_and_grad(op):
-    base = torch.randn(96, 6)
+def test_non_contiguous_input_and_grad(op, device):
+    base = torch.randn(96, 6, device=device)
     x = base.t().requires_grad_()  # [6, 96], last-dim stride 6
-    w = torch.rand(96, requires_grad=True)
+    w = torch.rand(96, device=device, requires_grad=True)
     fn = rms_norm if op == "rms_norm" else layer_norm
     ref = rms_norm_reference if op == "rms_norm" else layer_norm_reference
     y = fn(x, w)
@@ -84,7 +84,7 @@ def test_non_contiguous_input_and_grad(op):
     y2 = ref(x2, w2)
     torch.testing.assert_close(y, y2)
     # a sliced, non-contiguous upstream gradient
-    g = torch.randn(6, 192)[:, ::2]
+    g = torch.randn(6, 192, device=device)[:, ::2]
     y.backward(g)
     y2.backward(g)
     torch.testing.assert_close(x.grad, x2.grad)
@@ -92,25 +92,36 @@ def test_non_contiguous_input_and_grad(op):
 
 
 @pytest.mark.parametrize("op", ["rms_norm", "layer_norm"])
-def test_only_x_or_only_weight_requires_grad(op):
+def test_only_x_or_only_weight_requires_grad(op, device):
     fn = rms_norm if op == "rms_norm" else layer_norm
-    x = torch.randn(5, 64)
-    w = torch.rand(64, requires_grad=True)
+    x = torch.randn(5, 64, device=device)
+    w = torch.rand(64, device=device, requires_grad=True)
     fn(x, w).square().sum().backward()
     assert w.grad is not None and torch.isfinite(w.grad).all()
     x.requires_grad_()
-    w2 = torch.rand(64)
+    w2 = torch.rand(64, device=device)
     fn(x, w2).square().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
-def test_empty_input():
-    x = torch.randn(0, 64, requires_grad=True)
-    w = torch.rand(64, requires_grad=True)
+def test_empty_input(device):
+    x = torch.randn(0, 64, device=device, requires_grad=True)
+    w = torch.rand(64, device=device, requires_grad=True)
     y = rms_norm(x, w)
     assert y.shape == (0, 64)
     y.sum().backward()
-    assert torch.equal(w.grad, torch.zeros(64))
+    assert torch.equal(w.grad, torch.zeros(64, device=device))
+
+
+def test_kernels_take_the_triton_path(device):
+    """Here (interpreter on the CPU, compiled on a GPU) the tests above exercise the kernels,
+    not the reference fallback."""
+    from fastft.kernels._common import use_triton
+
+    assert use_triton(torch.ones(1, device=device))
+    x = torch.randn(2, 64, device=device, requires_grad=True)
+    assert "RMSNormFunction" in type(rms_norm(x, torch.ones(64, device=device)).grad_fn).__name__
+    assert "LayerNormFunction" in type(layer_norm(x, torch.ones(64, device=device)).grad_fn).__name__
 
 
 def test_bad_inputs_name_the_value_and_fix():

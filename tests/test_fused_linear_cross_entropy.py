@@ -1,0 +1,235 @@
+"""fused_linear_cross_entropy vs its reference: loss and every gradient, fp32 and bf16.
+
+truth  = the reference in float64 on the (possibly bf16-rounded) inputs upcast to fp64,
+eager  = the reference on the inputs as given (what Hugging Face eager computes),
+kernel = the fused op; its error must stay within FACTOR x eager's (tests/numerics.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastft.kernels.fused_linear_cross_entropy import (
+    fused_linear_cross_entropy,
+    fused_linear_cross_entropy_reference,
+)
+from numerics import FACTOR, assert_within_eager
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+NAMES = ("loss", "d_hidden", "d_weight", "d_bias")
+
+
+def make_inputs(N, H, V, dtype, device, *, bias=False, ignore_frac=0.25):
+    """Logits of std ~2, a quarter of the tokens ignored; rounded to dtype once, so that the
+    fp64 truth sees exactly the inputs the kernel sees."""
+    x = torch.randn(N, H, device=device).to(dtype)
+    w = (torch.randn(V, H, device=device) * 2 * H**-0.5).to(dtype)
+    b = (0.5 * torch.randn(V, device=device)).to(dtype) if bias else None
+    y = torch.randint(0, V, (N,), device=device)
+    y[torch.rand(N, device=device) < ignore_frac] = -100
+    return x, w, b, y
+
+
+def run(fn, x, w, b, y, grad_out=None, **kw):
+    """(loss, dx, dw[, db]) of fn, with grad_out (default 1) as the loss's gradient."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b) if t is not None]
+    loss = fn(leaves[0], leaves[1], y, bias=leaves[2] if b is not None else None, **kw)
+    go = torch.ones_like(loss) if grad_out is None else grad_out.to(loss.dtype)
+    return [loss.detach(), *torch.autograd.grad(loss, leaves, go)]
+
+
+def check(x, w, b, y, dtype, *, grad_out=None, factor=FACTOR, factors=None, **kw):
+    """Assert the kernel is within factor x eager's error for the loss and every gradient."""
+    up = [None if t is None else t.double() for t in (x, w, b)]
+    truth = run(fused_linear_cross_entropy_reference, *up, y,
+                None if grad_out is None else grad_out.double(), **kw)
+    eager = run(fused_linear_cross_entropy_reference, x, w, b, y, grad_out, **kw)
+    kernel = run(fused_linear_cross_entropy, x, w, b, y, grad_out, **kw)
+    for name, k, e, t in zip(NAMES, kernel, eager, truth):
+        assert_within_eager(name, k, e, t, dtype, (factors or {}).get(name, factor))
+    return kernel
+
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("N,H,V,bias", [
+    (1, 40, 37, False),        # one token, H and V not powers of two
+    (37, 96, 37, True),        # small vocabulary, with bias
+    (6, 40, 50257, False),     # GPT-2 vocabulary: several BLOCK_V steps with a ragged tail
+    (3, 24, 151936, True),     # Qwen2 vocabulary
+])
+def test_shapes(N, H, V, bias, dtype, device):
+    check(*make_inputs(N, H, V, dtype, device, bias=bias), dtype)
+
+
+OPTIONS = {
+    "label_smoothing": dict(label_smoothing=0.1),
+    "softcap": dict(softcap=5.0),                    # Gemma 2 style final-logit soft-capping
+    "logit_scale": dict(logit_scale=1 / 8.0),        # Granite: 1 / logits_scaling
+    "z_loss": dict(z_loss=1e-3),
+    "sum": dict(reduction="sum"),
+    "normalizer_float": dict(normalizer=50.0),
+    "normalizer_tensor": dict(normalizer=torch.tensor(50)),  # HF's num_items_in_batch
+    "everything": dict(label_smoothing=0.05, softcap=4.0, logit_scale=1.5, z_loss=1e-4,
+                       reduction="sum"),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("option", OPTIONS)
+def test_options(option, dtype, device):
+    check(*make_inputs(24, 48, 300, dtype, device, bias=True), dtype, **OPTIONS[option])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_reduction_none_per_token_grad_output(dtype, device):
+    # The per-token gradient is only known in backward: the logits are recomputed there.
+    x, w, b, y = make_inputs(20, 40, 300, dtype, device, bias=True)
+    grad_out = torch.randn(20, device=device)
+    check(x, w, b, y, dtype, grad_out=grad_out, reduction="none", softcap=6.0, chunk_size=8)
+    losses = fused_linear_cross_entropy(x, w, y, bias=b, reduction="none")
+    assert losses.shape == (20,) and losses.dtype == torch.float32
+    assert (losses[y == -100] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_grad_output_not_one(dtype, device):
+    # backward of loss * 3.7: the gradients made in forward are scaled by grad_output in place.
+    check(*make_inputs(24, 48, 300, dtype, device, bias=True), dtype,
+          grad_out=torch.tensor(3.7, device=device))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_several_chunks(dtype, device):
+    # 5 chunks of 8 rows (the last one short) vs one chunk. Per-row work is identical; dW is
+    # accumulated chunk by chunk, which in bf16 rounds dW once per chunk: allow 3x eager there.
+    x, w, b, y = make_inputs(37, 48, 300, dtype, device, bias=True)
+    chunked = check(x, w, b, y, dtype, chunk_size=8, factors={"d_weight": 3.0})
+    single = run(fused_linear_cross_entropy, x, w, b, y, chunk_size=64)
+    # Same up to rounding (BLAS may block a 8-row and a 37-row matmul differently): a few ulps.
+    rtol, atol = (1e-5, 1e-7) if dtype == torch.float32 else (2 ** -6, 1e-4)
+    for name, c, s in zip(NAMES, chunked, single):
+        torch.testing.assert_close(c.float(), s.float(), rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_is_zero_not_nan(reduction, device):
+    x, w, b, y = make_inputs(9, 40, 37, torch.float32, device, bias=True, ignore_frac=1.1)
+    out = run(fused_linear_cross_entropy, x, w, b, y, **dict(reduction=reduction))
+    for name, t in zip(NAMES, out):
+        assert (t == 0).all(), f"{name} not exactly zero: {t}"
+
+
+def test_matches_torch_cross_entropy_fp64(device):
+    # Ties the reference (and so the kernel's target) to torch's own definition.
+    x, w, b, y = make_inputs(16, 32, 100, torch.float64, device, bias=True)
+    logits = x @ w.t() + b
+    for kw in (dict(), dict(label_smoothing=0.2)):
+        expected = F.cross_entropy(logits, y, ignore_index=-100, **kw)
+        got = fused_linear_cross_entropy_reference(x, w, y, bias=b, **kw)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+        kernel = fused_linear_cross_entropy(x, w, y, bias=b, **kw)  # fp32 loss, fp32 arithmetic
+        torch.testing.assert_close(kernel.double(), expected, rtol=1e-6, atol=0)
+    lse = torch.logsumexp(logits, -1)
+    keep = y != -100
+    z_expected = expected + 1e-3 * (lse[keep] ** 2).mean()
+    torch.testing.assert_close(
+        fused_linear_cross_entropy_reference(x, w, y, bias=b, label_smoothing=0.2, z_loss=1e-3),
+        z_expected, rtol=1e-12, atol=0)
+
+
+def test_deterministic_and_inputs_unchanged(device):
+    x, w, b, y = make_inputs(37, 48, 300, torch.bfloat16, device, bias=True)
+    copies = [t.clone() for t in (x, w, b, y)]
+    first = run(fused_linear_cross_entropy, x, w, b, y, chunk_size=8, softcap=5.0)
+    second = run(fused_linear_cross_entropy, x, w, b, y, chunk_size=8, softcap=5.0)
+    for name, a, c in zip(NAMES, first, second):
+        assert torch.equal(a, c), f"{name} differs between two runs"
+    for original, now in zip(copies, (x, w, b, y)):
+        assert torch.equal(original, now), "an input was modified"
+
+
+def test_retained_graph_second_backward(device):
+    # The first backward hands over the gradients made in forward; a second one through a
+    # retained graph must recompute them, with its own grad_output.
+    x, w, b, y = make_inputs(20, 40, 100, torch.float32, device, bias=True)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    loss = fused_linear_cross_entropy(leaves[0], leaves[1], y, bias=leaves[2], chunk_size=8)
+    first = torch.autograd.grad(loss, leaves, torch.tensor(2.0), retain_graph=True)
+    second = torch.autograd.grad(loss, leaves, torch.tensor(-0.5))
+    for a, c in zip(first, second):
+        torch.testing.assert_close(c, a * -0.25, rtol=1e-5, atol=1e-7)
+
+
+def test_partial_requires_grad_and_no_grad(device):
+    x, w, b, y = make_inputs(20, 40, 100, torch.float32, device, bias=True)
+    head = w.clone().requires_grad_()  # frozen input, trainable head (and the reverse below)
+    loss = fused_linear_cross_entropy(x, head, y, bias=b)
+    (dw,) = torch.autograd.grad(loss, [head])
+    torch.testing.assert_close(dw, run(fused_linear_cross_entropy, x, w, b, y)[2])
+    hidden = x.clone().requires_grad_()
+    loss = fused_linear_cross_entropy(hidden, w, y, bias=b)
+    loss.backward()
+    assert hidden.grad is not None
+    with torch.no_grad():
+        torch.testing.assert_close(fused_linear_cross_entropy(x, w, y, bias=b), loss.detach(),
+                                   rtol=0, atol=0)
+
+
+def test_cpu_fallback_is_the_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # off-GPU, no interpreter: plain torch
+    x, w, b, y = make_inputs(8, 16, 30, torch.float32, "cpu", bias=True)
+    torch.testing.assert_close(fused_linear_cross_entropy(x, w, y, bias=b, z_loss=1e-3),
+                               fused_linear_cross_entropy_reference(x, w, y, bias=b, z_loss=1e-3),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(x=torch.zeros(2, 3, 16)), r"reshape to \[-1, hidden\]"),
+    (dict(w=torch.zeros(30, 15)), r"weight must be \[vocab, hidden=16\]"),
+    (dict(y=torch.zeros(7, dtype=torch.long)), r"labels must have shape \[8\]"),
+    (dict(y=torch.zeros(8)), r"labels must be int64.*labels.long\(\)"),
+    (dict(w=torch.zeros(30, 16, dtype=torch.float64)), r"must share one floating dtype"),
+    (dict(b=torch.zeros(29)), r"bias must be \[30\]"),
+    (dict(reduction="avg"), r"reduction='avg'"),
+    (dict(reduction="none", normalizer=4.0), r"normalizer divides a summed loss"),
+    (dict(normalizer=0), r"normalizer=0 must be a positive number"),
+    (dict(normalizer=torch.ones(2)), r"normalizer tensor must hold one value"),
+    (dict(label_smoothing=1.5), r"label_smoothing=1.5"),
+    (dict(softcap=0.0), r"softcap=0.0 must be positive"),
+    (dict(z_loss=-1.0), r"z_loss=-1.0"),
+    (dict(chunk_size=0), r"chunk_size=0"),
+])
+def test_bad_inputs_raise(change, match):
+    args = dict(x=torch.zeros(8, 16), w=torch.zeros(30, 16), y=torch.zeros(8, dtype=torch.long),
+                b=None)
+    args.update(change)
+    x, w, y, b = (args.pop(k) for k in ("x", "w", "y", "b"))
+    for fn in (fused_linear_cross_entropy, fused_linear_cross_entropy_reference):
+        with pytest.raises(ValueError, match=match):
+            fn(x, w, y, bias=b, **args)
+
+
+def test_flce_benchmark_smoke(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    subprocess.run([sys.executable, "-m", "benchmarks.kernels.fused_linear_cross_entropy",
+                    "--smoke", "--out", str(tmp_path)], cwd=REPO, env=env, check=True,
+                   capture_output=True, timeout=300)
+    rows = [json.loads(line) for line in
+            (tmp_path / "fused_linear_cross_entropy_smoke.jsonl").read_text().splitlines()]
+    seen = {(r["op"], r["provider"], r["mode"]) for r in rows}
+    assert ("matmul3", "torch.matmul", "full") in seen
+    for provider in ("fastft", "torch"):
+        for mode in ("fwd", "bwd", "full"):
+            assert ("fused_linear_cross_entropy", provider, mode) in seen
+    assert not [r for r in rows if "error" in r], [r["error"] for r in rows if "error" in r]
