@@ -25,3 +25,15 @@ def test_norm_benchmark_smoke(tmp_path, bench, op):
             assert r[key], f"missing provenance {key}"
         if r["op"] == op:
             assert r["ms"] > 0 and r["p20_ms"] <= r["ms"] <= r["p80_ms"]
+
+
+def test_report_renders_smoke_rows(tmp_path):
+    from benchmarks import report
+
+    rms_norm_bench.main(["--smoke", "--out", str(tmp_path), "--modes", "full"])
+    text = report.main([str(tmp_path), "--smoke"])
+    assert "### rms_norm" in text and "| fastft |" in text.replace(" fastft ", "| fastft |", 0)
+    assert (tmp_path / "report.md").read_text().strip() == text.strip()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "not yet measured" in report.main([str(empty)])
