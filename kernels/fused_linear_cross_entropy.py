@@ -107,6 +107,17 @@ def _softcap_tanh(z, cap):
 
 
 @triton.jit
+def _round_to_bf16_rne(x):
+    # The interpreter (triton 3.9) converts fp32 -> bf16 by truncation, even with
+    # fp_downcast_rounding="rtne"; the GPU rounds to nearest even. Round in fp32 bits first
+    # (add half an ulp of bf16, ties to even, clear the low 16 bits) so that the truncation
+    # that follows is exact and the interpreter's results match the GPU's. NaN passes through.
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
 def _fused_linear_cross_entropy_fwd_kernel(
     A,              # [rows, V] raw logits of one chunk (input dtype); dA is written over it
     stride_a,       # row stride of A
@@ -117,7 +128,7 @@ def _fused_linear_cross_entropy_fwd_kernel(
     V, ignore_index,
     logit_scale, softcap, label_smoothing, z_loss,
     HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, SOFTWARE_BF16_ROUNDING: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     a_row = A + row * stride_a
@@ -181,7 +192,10 @@ def _fused_linear_cross_entropy_fwd_kernel(
                     g -= eps / V
                 if HAS_SOFTCAP:
                     g = g * (1.0 - t * t)
-                tl.store(a_row + offs, (g * g_scale).to(A.dtype.element_ty), mask=mask)
+                g = g * g_scale
+                if SOFTWARE_BF16_ROUNDING:
+                    g = _round_to_bf16_rne(g)
+                tl.store(a_row + offs, g.to(A.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -231,6 +245,7 @@ def _run_chunks(hidden, weight, bias, labels, scale, opts: _Options, *, need_dx=
     C = opts.chunk_rows
     buffer = torch.empty(min(C, N), V, dtype=hidden.dtype, device=device)  # [C, V]
     block_v, num_warps = _block_v(V, device)
+    software_rounding = hidden.dtype == torch.bfloat16 and device.type != "cuda" and interpreting()
     stride_scale = scale.stride(0) if scale.numel() > 1 else 0
     wt = weight.t()
     for start in range(0, N, C):
@@ -249,7 +264,7 @@ def _run_chunks(hidden, weight, bias, labels, scale, opts: _Options, *, need_dx=
             float(opts.z_loss),
             HAS_SOFTCAP=opts.softcap is not None, HAS_SMOOTHING=opts.label_smoothing > 0,
             HAS_Z_LOSS=opts.z_loss > 0, COMPUTE_GRAD=compute_grad, BLOCK_V=block_v,
-            num_warps=num_warps,
+            SOFTWARE_BF16_ROUNDING=software_rounding, num_warps=num_warps,
         )
         if need_dx:
             torch.mm(a_c, weight, out=dx[start:end])

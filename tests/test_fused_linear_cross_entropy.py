@@ -46,7 +46,7 @@ def run(fn, x, w, b, y, grad_out=None, **kw):
     return [loss.detach(), *torch.autograd.grad(loss, leaves, go)]
 
 
-def check(x, w, b, y, dtype, *, grad_out=None, factor=FACTOR, factors=None, **kw):
+def check(x, w, b, y, dtype, *, grad_out=None, factor=FACTOR, **kw):
     """Assert the kernel is within factor x eager's error for the loss and every gradient."""
     up = [None if t is None else t.double() for t in (x, w, b)]
     truth = run(fused_linear_cross_entropy_reference, *up, y,
@@ -54,7 +54,7 @@ def check(x, w, b, y, dtype, *, grad_out=None, factor=FACTOR, factors=None, **kw
     eager = run(fused_linear_cross_entropy_reference, x, w, b, y, grad_out, **kw)
     kernel = run(fused_linear_cross_entropy, x, w, b, y, grad_out, **kw)
     for name, k, e, t in zip(NAMES, kernel, eager, truth):
-        assert_within_eager(name, k, e, t, dtype, (factors or {}).get(name, factor))
+        assert_within_eager(name, k, e, t, dtype, factor)
     return kernel
 
 
@@ -111,10 +111,10 @@ def test_grad_output_not_one(dtype, device):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 def test_several_chunks(dtype, device):
-    # 5 chunks of 8 rows (the last one short) vs one chunk. Per-row work is identical; dW is
-    # accumulated chunk by chunk, which in bf16 rounds dW once per chunk: allow 3x eager there.
+    # 5 chunks of 8 rows (the last one short) vs one chunk. dW is accumulated chunk by chunk,
+    # which in bf16 rounds it once per chunk; measured, that stays within 2x eager here.
     x, w, b, y = make_inputs(37, 48, 300, dtype, device, bias=True)
-    chunked = check(x, w, b, y, dtype, chunk_size=8, factors={"d_weight": 3.0})
+    chunked = check(x, w, b, y, dtype, chunk_size=8)
     single = run(fused_linear_cross_entropy, x, w, b, y, chunk_size=64)
     # Same up to rounding (BLAS may block a 8-row and a 37-row matmul differently): a few ulps.
     rtol, atol = (1e-5, 1e-7) if dtype == torch.float32 else (2 ** -6, 1e-4)
