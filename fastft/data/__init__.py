@@ -1,0 +1,1 @@
+"""fastft.data: SQuAD and generic SFT formatting, tokenization, packing, collators, SQuAD eval."""
