@@ -57,7 +57,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import interpreting, use_triton
+from ._common import interpreting, round_to, use_triton
 
 REDUCTIONS = ("mean", "sum", "none")
 CHUNK_BYTES = 256 * 2**20  # upper bound on the logits chunk buffer
@@ -107,17 +107,6 @@ def _softcap_tanh(z, cap):
 
 
 @triton.jit
-def _round_to_bf16_rne(x):
-    # The interpreter (triton 3.9) converts fp32 -> bf16 by truncation, even with
-    # fp_downcast_rounding="rtne"; the GPU rounds to nearest even. Round in fp32 bits first
-    # (add half an ulp of bf16, ties to even, clear the low 16 bits) so that the truncation
-    # that follows is exact and the interpreter's results match the GPU's. NaN passes through.
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
-
-
-@triton.jit
 def _fused_linear_cross_entropy_fwd_kernel(
     A,              # [rows, V] raw logits of one chunk (input dtype); dA is written over it
     stride_a,       # row stride of A
@@ -128,7 +117,7 @@ def _fused_linear_cross_entropy_fwd_kernel(
     V, ignore_index,
     logit_scale, softcap, label_smoothing, z_loss,
     HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, SOFTWARE_BF16_ROUNDING: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     a_row = A + row * stride_a
@@ -192,10 +181,8 @@ def _fused_linear_cross_entropy_fwd_kernel(
                     g -= eps / V
                 if HAS_SOFTCAP:
                     g = g * (1.0 - t * t)
-                g = g * g_scale
-                if SOFTWARE_BF16_ROUNDING:
-                    g = _round_to_bf16_rne(g)
-                tl.store(a_row + offs, g.to(A.dtype.element_ty), mask=mask)
+                # round_to: round to nearest even also under the interpreter (which truncates)
+                tl.store(a_row + offs, round_to(g * g_scale, A.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -237,15 +224,16 @@ def _run_chunks(hidden, weight, bias, labels, scale, opts: _Options, *, need_dx=
     device = hidden.device
     compute_grad = need_dx or need_dw or need_db
     losses = torch.empty(N, dtype=torch.float32, device=device)
-    dx = torch.empty_like(hidden) if need_dx else None
-    dw = (torch.empty_like(weight) if N > 0 else torch.zeros_like(weight)) if need_dw else None
+    # Contiguous gradients, whatever the inputs' strides: mm writes chunk rows of dX in place.
+    dx = torch.empty(hidden.shape, dtype=hidden.dtype, device=device) if need_dx else None
+    dw = (torch.empty if N > 0 else torch.zeros)(weight.shape, dtype=weight.dtype,
+                                                 device=device) if need_dw else None
     db32 = torch.zeros(V, dtype=torch.float32, device=device) if need_db else None
     if N == 0:
         return losses, dx, dw, db32
     C = opts.chunk_rows
     buffer = torch.empty(min(C, N), V, dtype=hidden.dtype, device=device)  # [C, V]
     block_v, num_warps = _block_v(V, device)
-    software_rounding = hidden.dtype == torch.bfloat16 and device.type != "cuda" and interpreting()
     stride_scale = scale.stride(0) if scale.numel() > 1 else 0
     wt = weight.t()
     for start in range(0, N, C):
@@ -264,7 +252,7 @@ def _run_chunks(hidden, weight, bias, labels, scale, opts: _Options, *, need_dx=
             float(opts.z_loss),
             HAS_SOFTCAP=opts.softcap is not None, HAS_SMOOTHING=opts.label_smoothing > 0,
             HAS_Z_LOSS=opts.z_loss > 0, COMPUTE_GRAD=compute_grad, BLOCK_V=block_v,
-            SOFTWARE_BF16_ROUNDING=software_rounding, num_warps=num_warps,
+            num_warps=num_warps,
         )
         if need_dx:
             torch.mm(a_c, weight, out=dx[start:end])
@@ -342,7 +330,7 @@ def _unit_scale(like: torch.Tensor) -> torch.Tensor:
 def _as_tensor(value, device, dtype) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.to(device=device, dtype=dtype)
-    return torch.tensor(float(value), device=device, dtype=dtype)
+    return torch.full((), float(value), device=device, dtype=dtype)  # a fill, not a host copy
 
 
 def _check_args(hidden, weight, labels, bias, reduction, label_smoothing, softcap, z_loss,
@@ -405,6 +393,17 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         return fused_linear_cross_entropy_reference(
             hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, softcap,
             logit_scale, z_loss, normalizer, chunk_size)
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        # As autocast runs nn.Linear: the LM head in the autocast dtype (fp32 master weights
+        # get a low-precision copy; the cast's backward brings dW back to fp32).
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            return fused_linear_cross_entropy(hidden, weight, labels, bias, ignore_index,
+                                              reduction, label_smoothing, softcap, logit_scale,
+                                              z_loss, normalizer, chunk_size)
     _check_args(hidden, weight, labels, bias, reduction, label_smoothing, softcap, z_loss,
                 normalizer, chunk_size)
     labels = labels.contiguous()
