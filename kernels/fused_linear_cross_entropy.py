@@ -38,9 +38,10 @@ device tensor, never compared with 1 on the host) and hands them over. A second 
 the same graph (retain_graph=True) recomputes them chunk by chunk. For reduction="none" the
 per-token grad_output is only known in backward, so forward computes the losses only and
 backward recomputes the logits with grad_output as the per-row scale (4 matmuls).
-Saved for backward: hidden, weight, bias, labels (references), the precomputed dX, dW, db32.
+Saved for backward: hidden, weight, bias, labels and the precomputed dX, dW, db32. Keeping
+hidden (N*H elements) alive until backward is the price of a correct retained-graph backward.
 
-Cost: FLOPs 6 N H V (2 N H V for the loss alone); memory beyond the inputs and gradients is one
+Cost: FLOPs 6 N H V (2 N H V for the loss alone, 8 N H V for "none"); memory beyond the inputs and gradients is one
 chunk of logits (<= 256 MiB) plus O(N + V) fp32, whatever N. The Triton pass moves 3 C V
 itemsize bytes per chunk (read, read, write), small beside the matmuls for H in the thousands.
 No host synchronisation; deterministic (no atomics: each row belongs to one program, reductions
@@ -101,9 +102,20 @@ def fused_linear_cross_entropy_reference(hidden, weight, labels, bias=None, igno
 # ------------------------------------------------------------------------------------------------
 @triton.jit
 def _softcap_tanh(z, cap):
-    # tanh(a) = 1 - 2 / (exp(2a) + 1): core tl.exp only (libdevice tanh is unavailable in the
-    # interpreter); exp overflow to inf gives exactly +-1.
-    return 1.0 - 2.0 / (tl.exp(2.0 * (z / cap)) + 1.0)
+    """tanh(z / cap) with core tl.* math only (libdevice tanh is unavailable in the interpreter).
+
+    |a| >= 0.5: tanh(a) = 1 - 2 / (exp(2a) + 1) (exp overflow to inf gives exactly +-1); its
+    cancellation near 0 would cost fp32 accuracy, so |a| < 0.5 uses the Maclaurin series to a^15
+    (coefficient of a^(2n-1): 2^2n (2^2n - 1) B_2n / (2n)!, B the Bernoulli numbers; truncation
+    below 1e-8 relative at |a| = 0.5).
+    """
+    a = z / cap
+    a2 = a * a
+    series = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0 + a2 * (
+        62.0 / 2835.0 + a2 * (-1382.0 / 155925.0 + a2 * (21844.0 / 6081075.0 + a2 * (
+            -929569.0 / 638512875.0))))))))
+    closed = 1.0 - 2.0 / (tl.exp(2.0 * a) + 1.0)
+    return tl.where(tl.abs(a) < 0.5, series, closed)
 
 
 @triton.jit

@@ -71,6 +71,7 @@ def test_shapes(N, H, V, bias, dtype, device):
 OPTIONS = {
     "label_smoothing": dict(label_smoothing=0.1),
     "softcap": dict(softcap=5.0),                    # Gemma 2 style final-logit soft-capping
+    "softcap_30": dict(softcap=30.0),                # Gemma 2's value: tanh's series branch
     "logit_scale": dict(logit_scale=1 / 8.0),        # Granite: 1 / logits_scaling
     "z_loss": dict(z_loss=1e-3),
     "sum": dict(reduction="sum"),
@@ -142,6 +143,23 @@ def test_matches_torch_cross_entropy_fp64(device):
     torch.testing.assert_close(
         fused_linear_cross_entropy_reference(x, w, y, bias=b, label_smoothing=0.2, z_loss=1e-3),
         z_expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("num_items", [None, 23])
+def test_matches_hf_causal_lm_loss(num_items, device):
+    # The loss a patched model must reproduce: transformers' ForCausalLMLoss on full logits
+    # (labels shifted left, fp32 upcast, mean or sum / num_items_in_batch).
+    loss_utils = pytest.importorskip("transformers.loss.loss_utils")
+    B, T, H, V = 2, 9, 32, 120
+    x = torch.randn(B, T, H, device=device).to(torch.bfloat16)
+    w = (torch.randn(V, H, device=device) * H**-0.5).to(torch.bfloat16)
+    labels = torch.randint(0, V, (B, T), device=device)
+    labels[0, :3] = -100  # a prompt
+    n = None if num_items is None else torch.tensor(num_items, device=device)
+    expected = loss_utils.ForCausalLMLoss(x @ w.t(), labels, V, num_items_in_batch=n)
+    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1)
+    got = fused_linear_cross_entropy(x.reshape(-1, H), w, shifted, normalizer=n)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
 
 
 def test_deterministic_and_inputs_unchanged(device):
