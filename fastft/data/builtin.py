@@ -161,7 +161,7 @@ def byte_level_tokenizer():
     vocab = {token: i for i, token in enumerate(BYTE_TOKENIZER_SPECIAL_TOKENS)}
     vocab.update({symbol: len(BYTE_TOKENIZER_SPECIAL_TOKENS) + i for i, symbol in enumerate(byte_symbols)})
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(BYTE_TOKENIZER_SPECIAL_TOKENS)
     backend.post_processor = processors.TemplateProcessing(

@@ -120,12 +120,6 @@ def load_squad(source: str = "squad", split: str = "train", *, streaming: bool =
 
 
 def load_sft(source: str, split: str = "train", *, streaming: bool = False):
-    """Generic SFT rows: `prompt` + `response` columns, or a `messages` column of chat turns."""
-    dataset = load_table(source, split, streaming=streaming)
-    columns = _columns(dataset)
-    if columns is not None and "messages" not in columns and not {"prompt", "response"} <= set(columns):
-        raise ValueError(
-            f"SFT dataset {source!r} has columns {columns}: expected 'prompt' and 'response', or 'messages' "
-            "(a list of {'role', 'content'} turns); rename the columns or pass prompt_column/response_column"
-        )
-    return dataset
+    """Generic SFT rows: `prompt` + `response` columns, or a `messages` column of chat turns (the
+    column names are checked by `SFTFormatter`, where they can be renamed)."""
+    return load_table(source, split, streaming=streaming)
