@@ -30,3 +30,12 @@ class _CheckoutKernelsFinder(importlib.abc.MetaPathFinder):
 
 if not any(isinstance(f, _CheckoutKernelsFinder) for f in sys.meta_path):
     sys.meta_path.append(_CheckoutKernelsFinder())
+
+
+def __getattr__(name):
+    # patch/unpatch/from_pretrained (fastft/patching/) load transformers: import them on first use only.
+    if name in ("patch", "unpatch", "from_pretrained", "PatchReport"):
+        from fastft import patching as _patching
+
+        return getattr(_patching, name)
+    raise AttributeError(f"module 'fastft' has no attribute {name!r}")

@@ -4,7 +4,15 @@ Each op lives in its own file with a plain-torch `*_reference`, Triton forward a
 kernels, an autograd Function and the functional API exported here.
 """
 
+from .fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
 from .layer_norm import layer_norm, layer_norm_reference
 from .rms_norm import rms_norm, rms_norm_reference
 
-__all__ = ["layer_norm", "layer_norm_reference", "rms_norm", "rms_norm_reference"]
+__all__ = [
+    "fused_linear_cross_entropy",
+    "fused_linear_cross_entropy_reference",
+    "layer_norm",
+    "layer_norm_reference",
+    "rms_norm",
+    "rms_norm_reference",
+]

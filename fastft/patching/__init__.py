@@ -1,0 +1,143 @@
+"""Load-time patching: `patch(model)`, `unpatch(model)`, `from_pretrained(name)`.
+
+One generic mechanism (DESIGN.md): modules are found by structure and by what they compute,
+replaced per instance (never a class attribute or a process-global function), recorded, and
+reversible. Architecture differences are data (a NormSpec, a HeadSpec), found by probing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastft.patching import loss as loss_patch
+from fastft.patching import norms
+from fastft.patching.report import PatchEntry, PatchReport
+
+OPTIONS = ("rms_norm", "layer_norm", "cross_entropy", "attention", "lora")
+STATE = "_fastft_patch_state"
+
+
+def _hf_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    if hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model
+
+
+def _check_options(options: dict[str, Any]) -> dict[str, bool]:
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise TypeError(f"fastft.patch: unknown option(s) {unknown}; the options are {list(OPTIONS)} "
+                        "(each True or False)")
+    return {name: bool(options.get(name, True)) for name in OPTIONS}
+
+
+def patch(model: nn.Module, **options: bool) -> PatchReport:
+    """Patch a model in place with the fused kernels; returns what was replaced and what was not.
+
+    Options (all default True): rms_norm, layer_norm, cross_entropy, attention, lora. Patching a
+    patched model first restores it, so options can be changed by patching again.
+    """
+    enabled = _check_options(options)
+    if getattr(model, STATE, None) is not None:
+        unpatch(model)
+    hf = _hf_model(model)
+    report = PatchReport(type(hf).__name__)
+    state = {"norms": [], "attention": None, "loss": False}
+
+    # Norms: every candidate module, probed for what it computes.
+    for name, module in list(model.named_modules()):
+        ok, why = norms.candidate(module)
+        if not ok:
+            if why:
+                report.add("norm", name, type(module).__name__, reason=why)
+            continue
+        spec = norms.detect(module)
+        if isinstance(spec, str):
+            report.add("norm", name, type(module).__name__, reason=spec)
+            continue
+        if not enabled[spec.kind]:
+            report.add(spec.kind, name, type(module).__name__, reason=f"{spec.kind}=False")
+            continue
+        fused = norms.replace(module, spec)
+        model.set_submodule(name, fused)
+        state["norms"].append(name)
+        report.add(spec.kind, name, type(module).__name__, type(fused).__name__, spec.describe())
+
+    # The loss: fused linear cross-entropy on the LM head.
+    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    if not enabled["cross_entropy"]:
+        pass
+    elif head is None:
+        report.add("cross_entropy", "", type(hf).__name__, reason="no output embeddings (LM head)")
+    elif not isinstance(head, nn.Linear) and hasattr(head, "base_layer"):
+        report.add("cross_entropy", "lm_head", type(head).__name__,
+                   reason="LM head carries a LoRA adapter: fused loss with the adapter's delta comes with "
+                          "the LoRA kernels (issue 6); kept unfused")
+    else:
+        spec = loss_patch.detect(hf, head)
+        if isinstance(spec, str):
+            report.add("cross_entropy", "lm_head", type(head).__name__, reason=spec)
+        else:
+            loss_patch.install(hf, head, spec)
+            state["loss"] = True
+            report.add("cross_entropy", "lm_head", type(head).__name__, "fused_linear_cross_entropy",
+                       spec.describe())
+
+    # Attention: the registered "fastft" implementation.
+    config = getattr(hf, "config", None)
+    if enabled["attention"] and config is not None and hasattr(hf, "set_attn_implementation"):
+        from fastft import attention
+
+        attention.register()
+        previous = getattr(config, "_attn_implementation", None)
+        try:
+            hf.set_attn_implementation(attention.NAME)
+        except (ValueError, ImportError) as exc:
+            report.add("attention", "", type(hf).__name__, reason=f"kept {previous}: {exc}"[:200])
+        else:
+            state["attention"] = previous
+            report.add("attention", "", previous or "default", f"fastft ({attention.describe(config)})")
+
+    if enabled["lora"]:
+        pass  # fused LoRA kernels: issue 6; PEFT's own layers keep running meanwhile
+    if not report.patched():
+        raise ValueError(f"fastft.patch: found nothing to patch in {type(hf).__name__}.\n{report}\n"
+                         "If this model has RMSNorm/LayerNorm modules or an LM head fastft should handle, "
+                         "the report above says why each was left alone.")
+    object.__setattr__(model, STATE, state)
+    model.fastft_report = report
+    return report
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo `patch`: original modules, forwards and attention implementation are restored."""
+    state = getattr(model, STATE, None)
+    if state is None:
+        return model
+    for name in state["norms"]:
+        model.set_submodule(name, norms.restore(model.get_submodule(name)))
+    hf = _hf_model(model)
+    if state["loss"]:
+        loss_patch.uninstall(hf)
+    if state["attention"] is not None:
+        hf.set_attn_implementation(state["attention"])
+    object.__delattr__(model, STATE)
+    model.__dict__.pop("fastft_report", None)
+    return model
+
+
+def from_pretrained(name_or_path: str, *model_args, **kwargs) -> nn.Module:
+    """`AutoModelForCausalLM.from_pretrained(...)`, then `patch`; fastft options go to `patch`."""
+    from transformers import AutoModelForCausalLM
+
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k in OPTIONS}
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, *model_args, **kwargs)
+    patch(model, **options)
+    return model
+
+
+__all__ = ["OPTIONS", "PatchEntry", "PatchReport", "from_pretrained", "patch", "unpatch"]

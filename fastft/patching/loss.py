@@ -1,0 +1,232 @@
+"""The training loss through fused_linear_cross_entropy, so that the full logits never exist.
+
+How it hooks in, per instance and without copying any modelling code:
+- the LM head (`get_output_embeddings()`) gets an instance-level `forward` that, while a fused
+  call is under way, records its input (the final hidden states, after whatever the model did to
+  them, e.g. MiniCPM's scaling) and returns an empty [..., 0] tensor instead of [..., V] logits;
+- the causal-LM module gets an instance-level `forward` that, when called with `labels` (or
+  `shift_labels`), runs the original forward with labels=None under that capture, then computes
+  the loss with the fused op from the recorded hidden states and the head's weight. Without
+  labels the original forward runs untouched and returns the logits exactly as before.
+
+What happens to the logits after the head (Gemma 2's soft-capping, Granite's division by
+`logits_scaling`, Cohere's `logit_scale`) is read from the config as candidates and verified by
+one probe forward on two tokens at patch time: the probe records the head's raw output and the
+model's final logits and keeps the candidate map that reproduces one from the other (MiniCPM3
+also has a `logits_scaling` field, but applies it before the head: the probe tells them apart).
+
+The loss equals Hugging Face's ForCausalLMLoss: labels shifted left by one (pad with -100), or
+`shift_labels` as given; mean over non-ignored tokens, or sum / num_items_in_batch when the
+trainer passes num_items_in_batch. A MoE model's router auxiliary loss is added as its forward
+would (`router_aux_loss_coef * aux_loss`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import types
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastft.kernels import fused_linear_cross_entropy
+
+TAP = "_fastft_head_tap"
+FORWARD = "_fastft_loss_forward"
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    normalize_weight: bool = False   # Baichuan 2's NormHead: rows L2-normalised before the product
+    logit_scale: float = 1.0
+    softcap: float | None = None
+    verified: bool = True            # False when built on the meta device (no probe forward)
+
+    def describe(self) -> str:
+        parts = []
+        if self.normalize_weight:
+            parts.append("normalised head rows")
+        if self.logit_scale != 1.0:
+            parts.append(f"logit_scale={self.logit_scale:g}")
+        if self.softcap:
+            parts.append(f"softcap={self.softcap:g}")
+        if not self.verified:
+            parts.append("unverified: meta device")
+        return ", ".join(parts)
+
+
+class _HeadTap:
+    """State of the LM head's instance forward: pass through, or record the input and skip."""
+
+    def __init__(self, head: nn.Module):
+        self.head = head
+        self.original_forward = head.forward
+        self.capturing = False
+        self.recording = False   # probe: record input and output, compute normally
+        self.inputs: list[torch.Tensor] = []
+        self.outputs: list[torch.Tensor] = []
+
+    def __call__(self, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.capturing:
+            self.inputs.append(hidden)
+            return hidden.new_empty(*hidden.shape[:-1], 0)
+        out = self.original_forward(hidden, *args, **kwargs)
+        if self.recording:
+            self.inputs.append(hidden)
+            self.outputs.append(out)
+        return out
+
+
+def _text_config(model: nn.Module):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _candidate_maps(config) -> list[tuple[float, float | None]]:
+    scales = {1.0}
+    if getattr(config, "logit_scale", None):
+        scales.add(float(config.logit_scale))
+    if getattr(config, "logits_scaling", None):
+        scales.add(1.0 / float(config.logits_scaling))
+    caps = [None]
+    if getattr(config, "final_logit_softcapping", None):
+        caps.append(float(config.final_logit_softcapping))
+    return [(s, c) for s in sorted(scales, key=lambda s: s != 1.0) for c in caps]
+
+
+def _apply_map(z: torch.Tensor, scale: float, cap: float | None) -> torch.Tensor:
+    z = z * scale
+    return cap * torch.tanh(z / cap) if cap else z
+
+
+def _head_weight(head: nn.Module, spec: HeadSpec) -> torch.Tensor:
+    weight = head.weight
+    return F.normalize(weight, dim=-1) if spec.normalize_weight else weight
+
+
+def detect(model: nn.Module, head: nn.Module) -> HeadSpec | str:
+    """How the head and what follows it turn hidden states into logits, or why we cannot fuse it."""
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return f"LM head {type(head).__name__} has no 2-D weight"
+    config = _text_config(model)
+    maps = _candidate_maps(config)
+    if weight.is_meta:
+        if not isinstance(head, nn.Linear):
+            return f"LM head {type(head).__name__} is not an nn.Linear (cannot verify on the meta device)"
+        scale, cap = maps[-1] if len(maps) > 1 else maps[0]
+        return HeadSpec(logit_scale=scale, softcap=cap, verified=False)
+    tap = _HeadTap(head)
+    head.forward = tap
+    tap.recording = True
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[weight.device] if weight.is_cuda else []):
+            ids = torch.tensor([[1, 2]], device=weight.device)
+            out = model(input_ids=ids, use_cache=False)
+    except Exception as exc:  # a model whose forward wants more than input_ids
+        return f"probe forward failed ({type(exc).__name__}: {str(exc)[:80]})"
+    finally:
+        del head.forward
+    if len(tap.inputs) != 1:
+        return f"LM head called {len(tap.inputs)} times in one forward (expected once)"
+    hidden, raw = tap.inputs[0].float(), tap.outputs[0].float()
+    final = out.logits.float() if hasattr(out, "logits") else out[0].float()
+    bias = getattr(head, "bias", None)
+    plain = F.linear(hidden, weight.float(), None if bias is None else bias.float())
+    normed = F.linear(hidden, F.normalize(weight.float(), dim=-1), None if bias is None else bias.float())
+    tol = 2e-2 if weight.dtype in (torch.bfloat16, torch.float16) else 1e-4
+    if _rel(raw, plain) <= tol:
+        normalize = False
+    elif _rel(raw, normed) <= tol:
+        normalize = True
+    else:
+        return f"LM head {type(head).__name__} computes neither x·Wᵀ nor x·normalize(W)ᵀ"
+    for scale, cap in maps:
+        if final.shape == raw.shape and _rel(final, _apply_map(raw, scale, cap)) <= tol:
+            return HeadSpec(normalize_weight=normalize, logit_scale=scale, softcap=cap)
+    return "logits after the head match no known map (scale, soft-cap) from the config"
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.shape != b.shape:
+        return math.inf
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def install(model: nn.Module, head: nn.Module, spec: HeadSpec) -> None:
+    """Give the causal-LM module and its head the instance forwards described in the docstring."""
+    tap = _HeadTap(head)
+    head.forward = tap
+    original = model.forward
+    signature = inspect.signature(original)
+    config = _text_config(model)
+
+    def forward(*args, **kwargs):
+        arguments = _as_keywords(signature, args, kwargs)
+        labels = arguments.pop("labels", None)
+        shift_labels = arguments.get("shift_labels")
+        if labels is None and shift_labels is None:
+            return original(*args, **kwargs)
+        return_dict = arguments.pop("return_dict", None)
+        tap.capturing, tap.inputs = True, []
+        try:
+            out = original(labels=None, return_dict=True, **arguments)
+        finally:
+            tap.capturing = False
+        if len(tap.inputs) != 1:
+            raise RuntimeError(f"fastft: the LM head ran {len(tap.inputs)} times in one forward; "
+                               "call fastft.unpatch(model) or patch with cross_entropy=False")
+        loss = causal_lm_loss(tap.inputs.pop(), head, spec, labels, shift_labels,
+                              arguments.get("num_items_in_batch"), arguments.get("ignore_index", -100))
+        aux = getattr(out, "aux_loss", None)
+        if aux is not None and getattr(config, "router_aux_loss_coef", None) is not None:
+            loss = loss + config.router_aux_loss_coef * aux.to(loss.device)
+        # A new output of the same class, so that fields keep their order: loss first, no logits.
+        out = type(out)(loss=loss, **{k: v for k, v in out.items() if k not in ("loss", "logits")})
+        return out if return_dict is not False else out.to_tuple()
+
+    forward.__signature__ = signature
+    forward.__wrapped__ = original
+    model.forward = forward
+    setattr(model, FORWARD, (head, tap))
+
+
+def uninstall(model: nn.Module) -> bool:
+    state = model.__dict__.pop(FORWARD, None)
+    if state is None:
+        return False
+    head, _ = state
+    model.__dict__.pop("forward", None)
+    head.__dict__.pop("forward", None)
+    return True
+
+
+def _as_keywords(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
+    """All arguments by name (a forward's **kwargs flattened in)."""
+    arguments = dict(signature.bind_partial(*args, **kwargs).arguments)
+    for name, param in signature.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            arguments.update(arguments.pop(name, {}))
+    return arguments
+
+
+def causal_lm_loss(hidden: torch.Tensor, head: nn.Module, spec: HeadSpec, labels: torch.Tensor | None,
+                   shift_labels: torch.Tensor | None, num_items_in_batch, ignore_index: int = -100
+                   ) -> torch.Tensor:
+    """HF's ForCausalLMLoss, fused: shift, flatten, then the LM head and cross-entropy in one op."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    targets = shift_labels.reshape(-1).to(flat.device)
+    if targets.shape[0] != flat.shape[0]:
+        raise ValueError(f"fastft: {targets.shape[0]} labels for {flat.shape[0]} hidden positions; labels must "
+                         "have the shape of input_ids")
+    bias = getattr(head, "bias", None)
+    return fused_linear_cross_entropy(
+        flat, _head_weight(head, spec), targets, bias=bias, ignore_index=ignore_index,
+        reduction="sum" if num_items_in_batch is not None else "mean",
+        softcap=spec.softcap, logit_scale=spec.logit_scale, normalizer=num_items_in_batch,
+    )
