@@ -15,6 +15,7 @@ a model built on the meta device (for `fastft patch-report`).
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +44,21 @@ class NormSpec:
         return ", ".join(parts)
 
 
-class FusedRMSNorm(nn.Module):
+class _Fused(nn.Module):
+    """Base of the fused norms: attributes it lacks are read from the original module, so code that
+    reads e.g. `norm.variance_epsilon` keeps working."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            original = self.__dict__.get(ORIGINAL)
+            if original is None:
+                raise
+            return getattr(original, name)
+
+
+class FusedRMSNorm(_Fused):
     """RMSNorm through fastft.kernels.rms_norm; keeps the original's `weight` Parameter (same name)."""
 
     def __init__(self, original: nn.Module, spec: NormSpec):
@@ -59,7 +74,7 @@ class FusedRMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.eps}, offset={self.offset}, casting={self.casting!r}"
 
 
-class FusedLayerNorm(nn.Module):
+class FusedLayerNorm(_Fused):
     """LayerNorm through fastft.kernels.layer_norm; keeps the original's `weight`/`bias` Parameters."""
 
     def __init__(self, original: nn.Module, spec: NormSpec):
@@ -104,7 +119,19 @@ def candidate(module: nn.Module) -> tuple[bool, str]:
         return False, f"{weight.dim()}-D weight {tuple(weight.shape)} (a per-head norm): kernels take 1-D"
     if weight is None and not tensors and "layernorm" not in name.lower() and "layer_norm" not in name.lower():
         return False, ""
+    extra_args = _extra_forward_parameters(module)
+    if extra_args:
+        return False, f"forward takes {extra_args} besides the input (e.g. a gate): not a plain norm"
     return True, ""
+
+
+def _extra_forward_parameters(module: nn.Module) -> list[str]:
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return []
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return [p.name for p in positional[1:]]
 
 
 def _eps_candidates(module: nn.Module) -> list[float]:
