@@ -317,6 +317,27 @@ def test_packed_batch_matches_documents_one_at_a_time(family, attn, mode):
         torch.testing.assert_close(packed_grads[name], alone_grads[name], rtol=10 * rtol, atol=rtol * 1e-2, msg=name)
 
 
+@pytest.mark.parametrize("family", list(MODEL_FACTORIES))
+def test_packed_and_padded_batches_give_the_same_loss_and_gradients(family):
+    """The trainer's view: the same documents as one packed batch or one padded batch (attention
+    mask), loss from the model (mean over targets) times num_target_tokens: same sum, same grads."""
+    model = MODEL_FACTORIES[family]("sdpa").double().train()
+    docs = make_docs(random.Random(f"padded-{family}"), 6, vocab=64, max_len=12, min_len=2)
+    packed = collate_packed([docs[:3], docs[3:]], pad_id=0, row_len=40)
+    padded = collate_padded(docs, pad_id=0)
+    assert int(packed["num_target_tokens"]) == int(padded["num_target_tokens"])
+    sums, grads = [], []
+    for batch in (packed, padded):
+        model.zero_grad()
+        loss = model(**model_inputs(batch)).loss * batch["num_target_tokens"]
+        loss.backward()
+        sums.append(loss.detach())
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    torch.testing.assert_close(sums[0], sums[1], rtol=1e-6, atol=1e-6)  # fp32 loss inside transformers
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_packed_batch_without_use_cache_false_is_not_isolated():
     """Documents why model_inputs() sets use_cache=False: on transformers 5.24 a causal LM whose
     config has use_cache=True builds a cache even in training, and then ignores the packed
