@@ -54,7 +54,7 @@ class HeadSpec:
         if self.softcap:
             parts.append(f"softcap={self.softcap:g}")
         if not self.verified:
-            parts.append("unverified: meta device")
+            parts.append("logit map checked when loaded with weights")
         return ", ".join(parts)
 
 
@@ -114,11 +114,10 @@ def detect(model: nn.Module, head: nn.Module) -> HeadSpec | str:
         return f"LM head {type(head).__name__} has no 2-D weight"
     config = _text_config(model)
     maps = _candidate_maps(config)
-    if weight.is_meta:
+    if weight.is_meta:  # no weights to probe with: assume a plain head, verify when loaded for real
         if not isinstance(head, nn.Linear):
             return f"LM head {type(head).__name__} is not an nn.Linear (cannot verify on the meta device)"
-        scale, cap = maps[-1] if len(maps) > 1 else maps[0]
-        return HeadSpec(logit_scale=scale, softcap=cap, verified=False)
+        return HeadSpec(verified=False)
     tap = _HeadTap(head)
     head.forward = tap
     tap.recording = True
