@@ -16,9 +16,11 @@ Dispatch, per call (query/key/value arrive as [batch, heads, seq, head_dim]):
   `is_causal=` in 2.10 to `window_size=` in 2.11 and grew `enable_gqa` in 2.12; handled here).
   The mask function returns None in that case, so no [T, T] mask is ever built.
 - Everything else (CPU, KV-cache decoding, padded batches, no backend): transformers' SDPA with
-  the mask transformers builds (it detects packed position_ids and builds a block-diagonal
-  causal mask); attention logit soft-capping (Gemma 2), which SDPA cannot do, runs the model's
-  own eager attention with an additive mask.
+  the mask transformers builds, narrowed to a block-diagonal causal mask when the batch is
+  packed (transformers itself detects packing only when no KV cache exists, which a model with
+  `use_cache=True` in its config always creates, so it cannot be relied on); attention logit
+  soft-capping (Gemma 2), which SDPA cannot do, runs the model's own eager attention with an
+  additive mask.
 """
 
 from __future__ import annotations
@@ -121,6 +123,46 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tens
     return cu, max_len
 
 
+def _document_ids(query: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
+    """[B, T] document index of each token when the batch is packed (several documents in a row), else None."""
+    batch, _, seq, _ = query.shape
+    key = None
+    if kwargs.get("cu_seq_lens_q") is not None:
+        cu = kwargs["cu_seq_lens_q"]
+        key = ("cu", id(cu), cu._version)
+        if _DOC_CACHE.get("key") == key:
+            return _DOC_CACHE["value"]
+        tokens = torch.arange(batch * seq, device=cu.device)
+        doc = torch.bucketize(tokens, cu[1:].to(tokens.dtype), right=True).view(batch, seq)
+    elif kwargs.get("position_ids") is not None and kwargs["position_ids"].numel() == batch * seq:
+        position_ids = kwargs["position_ids"]
+        key = ("pos", id(position_ids), position_ids._version)
+        if _DOC_CACHE.get("key") == key:
+            return _DOC_CACHE["value"]
+        doc = (position_ids.reshape(batch, seq) == 0).cumsum(-1)
+    else:
+        return None
+    packed = bool((doc != doc[:, :1]).any())  # one host sync per batch, then cached
+    value = doc if packed else None
+    _DOC_CACHE.update(key=key, value=value, ref=kwargs.get("cu_seq_lens_q", kwargs.get("position_ids")))
+    return value
+
+
+_DOC_CACHE: dict[str, object] = {}
+
+
+def _with_document_mask(attention_mask: torch.Tensor | None, doc: torch.Tensor, query: torch.Tensor):
+    """The layer's mask narrowed to causal attention within each document."""
+    seq = doc.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=doc.device).tril()
+    allowed = (doc[:, None, :, None] == doc[:, None, None, :]) & causal  # [B, 1, T, T]
+    if attention_mask is None:
+        return allowed
+    if attention_mask.dtype == torch.bool:
+        return attention_mask & allowed
+    return attention_mask.masked_fill(~allowed, torch.finfo(attention_mask.dtype).min)
+
+
 def _documents(query: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     batch, _, seq, _ = query.shape
     if kwargs.get("cu_seq_lens_q") is not None:
@@ -175,7 +217,14 @@ def fastft_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if (query.is_cuda and attention_mask is None and key.shape[2] == query.shape[2] and dropout == 0.0
             and varlen_supports(getattr(module, "config", None), sliding_window, softcap)):
         return _varlen(query, key, value, scaling, sliding_window, softcap, kwargs), None
+    if key.shape[2] == query.shape[2]:
+        doc = _document_ids(query, kwargs)
+        if doc is not None:
+            attention_mask = _with_document_mask(attention_mask, doc, query)
     if softcap:
+        if attention_mask is not None and attention_mask.dtype == torch.bool:
+            attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~attention_mask, torch.finfo(query.dtype).min)
         eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
         if eager is None:
             raise RuntimeError(f"fastft attention: {type(module).__name__} asks for logit soft-capping, which SDPA "
