@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastft.kernels import fused_linear_cross_entropy
+from fastft.kernels import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
 
 TAP = "_fastft_head_tap"
 FORWARD = "_fastft_loss_forward"
@@ -121,32 +121,49 @@ def detect(model: nn.Module, head: nn.Module) -> HeadSpec | str:
     tap = _HeadTap(head)
     head.forward = tap
     tap.recording = True
+    ids = torch.arange(1, 7, device=weight.device).remainder(weight.shape[0]).unsqueeze(0)
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[weight.device] if weight.is_cuda else []):
-            ids = torch.tensor([[1, 2]], device=weight.device)
-            out = model(input_ids=ids, use_cache=False)
+            out = model(input_ids=ids, labels=ids, use_cache=False)
     except Exception as exc:  # a model whose forward wants more than input_ids
         return f"probe forward failed ({type(exc).__name__}: {str(exc)[:80]})"
     finally:
         del head.forward
     if len(tap.inputs) != 1:
         return f"LM head called {len(tap.inputs)} times in one forward (expected once)"
-    hidden, raw = tap.inputs[0].float(), tap.outputs[0].float()
-    final = out.logits.float() if hasattr(out, "logits") else out[0].float()
+    hidden, raw = tap.inputs[0], tap.outputs[0].float()
+    final = (out.logits if hasattr(out, "logits") else out[1]).float()
     bias = getattr(head, "bias", None)
-    plain = F.linear(hidden, weight.float(), None if bias is None else bias.float())
-    normed = F.linear(hidden, F.normalize(weight.float(), dim=-1), None if bias is None else bias.float())
+    bias32 = None if bias is None else bias.float()
     tol = 2e-2 if weight.dtype in (torch.bfloat16, torch.float16) else 1e-4
-    if _rel(raw, plain) <= tol:
+    if _rel(raw, F.linear(hidden.float(), weight.float(), bias32)) <= tol:
         normalize = False
-    elif _rel(raw, normed) <= tol:
+    elif _rel(raw, F.linear(hidden.float(), F.normalize(weight.float(), dim=-1), bias32)) <= tol:
         normalize = True
     else:
         return f"LM head {type(head).__name__} computes neither x·Wᵀ nor x·normalize(W)ᵀ"
+    spec = None
     for scale, cap in maps:
         if final.shape == raw.shape and _rel(final, _apply_map(raw, scale, cap)) <= tol:
-            return HeadSpec(normalize_weight=normalize, logit_scale=scale, softcap=cap)
-    return "logits after the head match no known map (scale, soft-cap) from the config"
+            spec = HeadSpec(normalize_weight=normalize, logit_scale=scale, softcap=cap)
+            break
+    else:  # a constant factor the config names otherwise (muP width multipliers): fit it
+        scale = ((final * raw).sum() / (raw * raw).sum().clamp_min(1e-30)).item() if final.shape == raw.shape else 0
+        if scale and _rel(final, raw * scale) <= tol:
+            spec = HeadSpec(normalize_weight=normalize, logit_scale=scale)
+    if spec is None:
+        return "logits after the head match no scale or soft-cap: left to the model's own loss"
+    # The model's own loss on the probe must be cross-entropy on those logits (plus a MoE aux loss).
+    with torch.no_grad():
+        ours = causal_lm_loss(hidden, head, spec, ids, None, None, op=fused_linear_cross_entropy_reference)
+        aux = getattr(out, "aux_loss", None)
+        if aux is not None and getattr(config, "router_aux_loss_coef", None) is not None:
+            ours = ours + config.router_aux_loss_coef * aux.float()
+    theirs = out.loss if hasattr(out, "loss") else out[0]
+    if theirs is None or abs(float(theirs) - float(ours)) > tol * max(1.0, abs(float(theirs))):
+        return (f"the model's own loss ({float(theirs):.4f}) is not cross-entropy on its logits ({float(ours):.4f}), "
+                "e.g. an extra z-loss term: left to the model's own loss")
+    return spec
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -213,8 +230,8 @@ def _as_keywords(signature: inspect.Signature, args: tuple, kwargs: dict) -> dic
 
 
 def causal_lm_loss(hidden: torch.Tensor, head: nn.Module, spec: HeadSpec, labels: torch.Tensor | None,
-                   shift_labels: torch.Tensor | None, num_items_in_batch, ignore_index: int = -100
-                   ) -> torch.Tensor:
+                   shift_labels: torch.Tensor | None, num_items_in_batch, ignore_index: int = -100,
+                   op=fused_linear_cross_entropy) -> torch.Tensor:
     """HF's ForCausalLMLoss, fused: shift, flatten, then the LM head and cross-entropy in one op."""
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
@@ -224,7 +241,7 @@ def causal_lm_loss(hidden: torch.Tensor, head: nn.Module, spec: HeadSpec, labels
         raise ValueError(f"fastft: {targets.shape[0]} labels for {flat.shape[0]} hidden positions; labels must "
                          "have the shape of input_ids")
     bias = getattr(head, "bias", None)
-    return fused_linear_cross_entropy(
+    return op(
         flat, _head_weight(head, spec), targets, bias=bias, ignore_index=ignore_index,
         reduction="sum" if num_items_in_batch is not None else "mean",
         softcap=spec.softcap, logit_scale=spec.logit_scale, normalizer=num_items_in_batch,

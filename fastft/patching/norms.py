@@ -106,7 +106,8 @@ def candidate(module: nn.Module) -> tuple[bool, str]:
         return False, ""
     tensors = _own_tensors(module)
     name = type(module).__name__
-    looks_like_norm = "norm" in name.lower() or any(hasattr(module, a) for a in EPS_ATTRIBUTES)
+    looks_like_norm = ("norm" in name.lower() and not name.endswith("Head")) or any(
+        hasattr(module, a) for a in EPS_ATTRIBUTES)
     if not looks_like_norm:
         return False, ""
     extra = sorted(set(tensors) - {"weight", "bias"})
@@ -116,7 +117,7 @@ def candidate(module: nn.Module) -> tuple[bool, str]:
         return False, ""
     weight = tensors.get("weight")
     if weight is not None and weight.dim() != 1:
-        return False, f"{weight.dim()}-D weight {tuple(weight.shape)} (a per-head norm): kernels take 1-D"
+        return False, f"{weight.dim()}-D weight {tuple(weight.shape)}: the fused norms take a 1-D weight"
     if weight is None and not tensors and "layernorm" not in name.lower() and "layer_norm" not in name.lower():
         return False, ""
     extra_args = _extra_forward_parameters(module)
