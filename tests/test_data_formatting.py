@@ -281,3 +281,40 @@ def test_sft_drops_too_long_and_names_bad_columns(gpt2):
         formatter.encode([{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}])
     with pytest.raises(ValueError, match="has no chat template"):
         SFTFormatter(gpt2, chat=True)
+
+
+def test_streaming_rows_encode_and_pack(tmp_path):
+    from fastft.data.packing import PackedBatches
+
+    tokenizer = builtin.byte_level_tokenizer()
+    path = tmp_path / "builtin.jsonl"
+    rows = builtin.builtin_squad_records("validation", num_examples=60)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    formatter = SquadFormatter(tokenizer, max_seq_len=400)
+    stream = formatter.encode(load_squad(str(path), streaming=True), batch_size=16)
+    batches = PackedBatches(stream, pad_id=tokenizer.pad_token_id, max_seq_len=400, batch_size=2, buffer_size=25)
+    documents = 0
+    for batch in batches:
+        cu, labels = batch["cu_seq_lens_q"].tolist(), batch["labels"].reshape(-1)
+        documents += sum(bool((labels[s:e] != IGNORE).any()) for s, e in zip(cu[:-1], cu[1:]))  # tails have no labels
+    assert documents == 60 and batches.stats.documents == 60 and formatter.stats["kept"] == 60
+
+
+def test_data_config_recipe_end_to_end():
+    from fastft.data.recipe import DataConfig, build_eval_prompts, build_train_batches
+
+    tokenizer = builtin.byte_level_tokenizer()
+    config = DataConfig(max_seq_len=512, batching="flat", token_budget=2048, eval_examples=8)
+    batches, report = build_train_batches(config, tokenizer, rank=1, world_size=2)
+    text = str(report)
+    assert "4000 read, 4000 kept" in text and "efficiency" in text and "x 2 rank(s)" in text
+    first = next(iter(batches))
+    assert first["input_ids"].shape[0] == 1 and first["input_ids"].shape[1] <= 2048
+    prompts, references = build_eval_prompts(config, tokenizer)
+    assert len(prompts) == len(references) == 8
+    with pytest.raises(ValueError, match="needs data.token_budget"):
+        DataConfig(batching="flat")
+    with pytest.raises(ValueError, match="data.format='qa'"):
+        DataConfig(format="qa")
+    with pytest.raises(ValueError, match=r"lacks \['\{question\}'\]"):
+        DataConfig(template="{context}")
