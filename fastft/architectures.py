@@ -152,11 +152,23 @@ def _patch_summary(arch: Architecture) -> tuple[str, str]:
     from fastft.patching import patch
 
     torch.manual_seed(0)
-    report = patch(AutoModelForCausalLM.from_config(arch.tiny_config()))
-    patched = "; ".join(sorted({f"{e.kind} ×{report.count(e.kind)}" if e.kind != "attention" else "attention"
-                                for e in report.patched()}))
+    config = arch.tiny_config()
+    report = patch(AutoModelForCausalLM.from_config(config))
+    parts = []
+    for kind in ("rms_norm", "layer_norm", "cross_entropy"):
+        entries = report.patched(kind)
+        if entries:
+            notes = sorted({e.reason for e in entries if e.reason})
+            parts.append(f"{kind} ×{len(entries)}" + (f" ({'; '.join(notes)})" if notes else ""))
+    if report.patched("attention"):
+        notes = []
+        if getattr(config, "sliding_window", None):
+            notes.append("sliding window")
+        if getattr(config, "attn_logit_softcapping", None):
+            notes.append("soft-capped scores: flash-attn varlen, else the model's eager attention")
+        parts.append("attention: varlen on CUDA, SDPA elsewhere" + (f" ({'; '.join(notes)})" if notes else ""))
     kept = "; ".join(sorted({f"{e.original}: {e.reason}" for e in report.skipped()}))
-    return patched, kept
+    return "<br>".join(parts), kept
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """The `fastft` command line.
 
-    fastft demo      run each fused kernel once against its torch reference and print the errors
-                     (on a CPU the kernels run in Triton's interpreter: correct, not fast)
+    fastft demo                  run each fused kernel once against its torch reference and print the
+                                 errors (on a CPU the kernels run in Triton's interpreter: correct, not fast)
+    fastft patch-report MODEL    what fastft.patch would replace in MODEL (a local folder or config.json,
+                                 a hub name when online, or a seed architecture's name such as
+                                 "Gemma2"), built on the meta device: no weights are loaded
 
-`fastft train`, `fastft bench` and `fastft patch-report` arrive with the trainer, benchmark and
-patching issues.
+`fastft train` and `fastft bench` arrive with the trainer and benchmark issues.
 """
 
 from __future__ import annotations
@@ -71,6 +73,33 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def patch_report(args: argparse.Namespace) -> int:
+    _prepare_device()
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fastft.architectures import ARCHITECTURES
+    from fastft.patching import patch
+
+    by_name = {a.name.lower(): a for a in ARCHITECTURES if a.model_type is not None}
+    target = args.model
+    if target.lower() in by_name:
+        config = by_name[target.lower()].tiny_config()
+    else:
+        try:
+            config = AutoConfig.from_pretrained(target, trust_remote_code=args.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            names = ", ".join(sorted(a.name for a in ARCHITECTURES if a.model_type is not None))
+            print(f"fastft patch-report: cannot load a config from {target!r} ({exc}).\n"
+                  f"Give a local model folder or config.json, a hub name (online), or one of: {names}",
+                  file=sys.stderr)
+            return 2
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
+    print(patch(model))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastft", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     p_demo = sub.add_parser("demo", help="run the fused kernels once against their references")
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.set_defaults(func=demo)
+    p_report = sub.add_parser("patch-report", help="what fastft.patch would replace in a model (no weights)")
+    p_report.add_argument("model", help="local folder or config.json, hub name, or a seed architecture's name")
+    p_report.add_argument("--trust-remote-code", action="store_true")
+    p_report.set_defaults(func=patch_report)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -82,3 +82,14 @@ def test_unpatch_restores_the_original(arch, device):
     assert torch.equal(before.loss, after.loss) and torch.equal(before.logits, after.logits)
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k])
+
+
+def test_architectures_doc_is_current():
+    """docs/ARCHITECTURES.md is generated from the registry and what patching reports today."""
+    import pathlib
+
+    from fastft.architectures import ARCHITECTURES, markdown
+
+    doc = pathlib.Path(__file__).resolve().parents[1] / "docs" / "ARCHITECTURES.md"
+    assert doc.read_text() == markdown(), "regenerate with: python -m fastft.architectures"
+    assert len(ARCHITECTURES) >= 46
