@@ -91,7 +91,7 @@ def fastft_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 
     device = torch.device(device)
     window, softcap = _layer_features(config)
     if (device.type == "cuda" and attention_mask is None and q_offset == 0 and q_length == kv_length
-            and varlen_supports(config, window, softcap)):
+            and kwargs.get("dtype") in HALF_DTYPES and varlen_supports(config, window, softcap)):
         return None
     if softcap:  # the eager path adds the mask to the scores
         return eager_mask(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask=attention_mask,
@@ -100,6 +100,10 @@ def fastft_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 
     return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask=attention_mask,
                      device=device, **kwargs)
 
+
+# FlashAttention kernels take 16-bit inputs and head dims up to 256.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
 
 _CU_CACHE: dict[str, object] = {}
 
@@ -215,7 +219,7 @@ def fastft_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                              softcap: float | None = None, **kwargs):
     """AttentionInterface function: returns (output [batch, seq, heads, head_dim], None)."""
     if (query.is_cuda and attention_mask is None and key.shape[2] == query.shape[2] and dropout == 0.0
-            and varlen_supports(getattr(module, "config", None), sliding_window, softcap)):
+            and query.dtype in HALF_DTYPES and query.shape[-1] <= MAX_HEAD_DIM and varlen_supports(getattr(module, "config", None), sliding_window, softcap)):
         return _varlen(query, key, value, scaling, sliding_window, softcap, kwargs), None
     if key.shape[2] == query.shape[2]:
         doc = _document_ids(query, kwargs)

@@ -25,8 +25,10 @@ def _packed(ids_per_doc, device):
 
 @pytest.mark.parametrize("arch", [a for a in NATIVE if a.name in ("Llama", "Qwen3", "Mistral", "Gemma2")], ids=lambda a: a.name)
 @pytest.mark.parametrize("pass_cu_seqlens", [False, True], ids=["position_ids", "cu_seq_lens"])
-def test_changing_one_document_leaves_the_others_bit_identical(arch, pass_cu_seqlens, device):
-    model = AutoModelForCausalLM.from_config(arch.tiny_config()).to(device).eval()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_changing_one_document_leaves_the_others_bit_identical(arch, pass_cu_seqlens, dtype, device):
+    """On a GPU, bf16 takes the varlen FlashAttention path (no mask) and fp32 the SDPA path."""
+    model = AutoModelForCausalLM.from_config(arch.tiny_config()).to(device, dtype).eval()
     fastft.patch(model)
     docs = [torch.randint(3, 128, (n,)) for n in LENGTHS]
     changed = [docs[0], torch.randint(3, 128, (LENGTHS[1],)), docs[2]]
@@ -49,7 +51,8 @@ def test_changing_one_document_leaves_the_others_bit_identical(arch, pass_cu_seq
         start = sum(LENGTHS[:k])
         with torch.no_grad():
             alone = model(input_ids=doc.unsqueeze(0).to(device)).logits[0]
-        torch.testing.assert_close(a[start:start + len(doc)], alone, rtol=1e-4, atol=1e-5)
+        tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(a[start:start + len(doc)], alone, **tol)
 
 
 def test_cu_seqlens_from_position_ids_computed_once_per_batch():
