@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from benchmarks.kernels import attention as attention_bench
 from benchmarks.kernels import layer_norm as layer_norm_bench
 from benchmarks.kernels import rms_norm as rms_norm_bench
 
@@ -32,8 +33,16 @@ def test_report_renders_smoke_rows(tmp_path):
 
     rms_norm_bench.main(["--smoke", "--out", str(tmp_path), "--modes", "full"])
     text = report.main([str(tmp_path), "--smoke"])
-    assert "### rms_norm" in text and "| fastft |" in text.replace(" fastft ", "| fastft |", 0)
+    assert "### rms_norm" in text and "| fastft |" in text
     assert (tmp_path / "report.md").read_text().strip() == text.strip()
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "not yet measured" in report.main([str(empty)])
+
+
+def test_attention_benchmark_smoke(tmp_path):
+    attention_bench.main(["--smoke", "--out", str(tmp_path)])
+    rows = [json.loads(line) for line in (tmp_path / "attention_smoke.jsonl").read_text().splitlines()]
+    assert {(r["provider"], r["mode"]) for r in rows} == {(p, m) for p in ("fastft", "sdpa padded")
+                                                          for m in ("fwd", "bwd", "full")}
+    assert all("error" not in r and r["real_tokens_per_s"] > 0 for r in rows)
