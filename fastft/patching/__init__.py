@@ -73,10 +73,6 @@ def patch(model: nn.Module, **options: bool) -> PatchReport:
         pass
     elif head is None:
         report.add("cross_entropy", "", type(hf).__name__, reason="no output embeddings (LM head)")
-    elif not isinstance(head, nn.Linear) and hasattr(head, "base_layer"):
-        report.add("cross_entropy", "lm_head", type(head).__name__,
-                   reason="LM head carries a LoRA adapter: fused loss with the adapter's delta comes with "
-                          "the LoRA kernels (issue 6); kept unfused")
     else:
         spec = loss_patch.detect(hf, head)
         if isinstance(spec, str):

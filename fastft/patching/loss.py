@@ -102,26 +102,73 @@ def _apply_map(z: torch.Tensor, scale: float, cap: float | None) -> torch.Tensor
     return cap * torch.tanh(z / cap) if cap else z
 
 
-def _head_weight(head: nn.Module, spec: HeadSpec) -> torch.Tensor:
-    weight = head.weight
-    return F.normalize(weight, dim=-1) if spec.normalize_weight else weight
+def lora_parts(head: nn.Module):
+    """(base Linear, lora_A, lora_B, dropout, scaling) of a PEFT LoRA layer with one plain adapter
+    active; None for a plain head; a string saying why when the adapter cannot be fused."""
+    if not (hasattr(head, "base_layer") and hasattr(head, "lora_A")):
+        return None
+    if getattr(head, "disable_adapters", False) or getattr(head, "merged", False):
+        return head.base_layer, None, None, None, 0.0
+    active = [a for a in head.active_adapters if a in head.lora_A.keys()]
+    if not active:
+        return head.base_layer, None, None, None, 0.0
+    if len(active) > 1:
+        return f"{len(active)} LoRA adapters active on the LM head"
+    name = active[0]
+    if name in getattr(head, "lora_variant", {}):
+        return f"LoRA variant {type(head.lora_variant[name]).__name__} (e.g. DoRA) on the LM head"
+    if head.lora_B[name].bias is not None:
+        return "LoRA with bias on the LM head"
+    return head.base_layer, head.lora_A[name], head.lora_B[name], head.lora_dropout[name], head.scaling[name]
+
+
+def head_operands(head: nn.Module, spec: HeadSpec, hidden: torch.Tensor):
+    """(x, W, b) with logits = x·Wᵀ + b for the flattened hidden states [N, H].
+
+    A LoRA adapter on the head adds s·B·A·x: stacking [x, s·A·drop(x)] against [W, B] gives
+    x·Wᵀ + s·(A·drop(x))·Bᵀ in one product, so the fused loss includes the adapter's delta and
+    its gradients reach A and B (the cost: a [V, H + r] copy of the head weight per step).
+    """
+    parts = lora_parts(head)
+    base = head if parts is None else parts[0]
+    weight = F.normalize(base.weight, dim=-1) if spec.normalize_weight else base.weight
+    bias = getattr(base, "bias", None)
+    if parts is None or parts[1] is None:
+        return hidden, weight, bias
+    _, lora_a, lora_b, dropout, scaling = parts
+    low_rank = lora_a(dropout(hidden.to(lora_a.weight.dtype))) * scaling  # [N, r]
+    return (torch.cat([hidden, low_rank.to(hidden.dtype)], dim=-1),
+            torch.cat([weight, lora_b.weight.to(weight.dtype)], dim=1), bias)
 
 
 def detect(model: nn.Module, head: nn.Module) -> HeadSpec | str:
     """How the head and what follows it turn hidden states into logits, or why we cannot fuse it."""
-    weight = getattr(head, "weight", None)
+    parts = lora_parts(head)
+    if isinstance(parts, str):
+        return parts + ": kept unfused"
+    weight = getattr(head if parts is None else parts[0], "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         return f"LM head {type(head).__name__} has no 2-D weight"
     config = _text_config(model)
     maps = _candidate_maps(config)
     if weight.is_meta:  # no weights to probe with: assume a plain head, verify when loaded for real
-        if not isinstance(head, nn.Linear):
+        if not isinstance(head if parts is None else parts[0], nn.Linear):
             return f"LM head {type(head).__name__} is not an nn.Linear (cannot verify on the meta device)"
         return HeadSpec(verified=False)
     tap = _HeadTap(head)
     head.forward = tap
     tap.recording = True
     ids = torch.arange(1, 7, device=weight.device).remainder(weight.shape[0]).unsqueeze(0)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()  # no dropout in the probe: its logits must be a function of its hidden states
+    try:
+        return _probe(model, head, tap, ids, weight, maps, config)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def _probe(model, head, tap, ids, weight, maps, config) -> HeadSpec | str:
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[weight.device] if weight.is_cuda else []):
             out = model(input_ids=ids, labels=ids, use_cache=False)
@@ -133,13 +180,12 @@ def detect(model: nn.Module, head: nn.Module) -> HeadSpec | str:
         return f"LM head called {len(tap.inputs)} times in one forward (expected once)"
     hidden, raw = tap.inputs[0], tap.outputs[0].float()
     final = (out.logits if hasattr(out, "logits") else out[1]).float()
-    bias = getattr(head, "bias", None)
-    bias32 = None if bias is None else bias.float()
     tol = 2e-2 if weight.dtype in (torch.bfloat16, torch.float16) else 1e-4
-    if _rel(raw, F.linear(hidden.float(), weight.float(), bias32)) <= tol:
-        normalize = False
-    elif _rel(raw, F.linear(hidden.float(), F.normalize(weight.float(), dim=-1), bias32)) <= tol:
-        normalize = True
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    for normalize in (False, True):
+        x, w, b = head_operands(head, HeadSpec(normalize_weight=normalize), flat)
+        if _rel(raw.reshape(-1, raw.shape[-1]), F.linear(x.float(), w.float(), None if b is None else b.float())) <= tol:
+            break
     else:
         return f"LM head {type(head).__name__} computes neither x·Wᵀ nor x·normalize(W)ᵀ"
     spec = None
@@ -240,9 +286,9 @@ def causal_lm_loss(hidden: torch.Tensor, head: nn.Module, spec: HeadSpec, labels
     if targets.shape[0] != flat.shape[0]:
         raise ValueError(f"fastft: {targets.shape[0]} labels for {flat.shape[0]} hidden positions; labels must "
                          "have the shape of input_ids")
-    bias = getattr(head, "bias", None)
+    flat, weight, bias = head_operands(head, spec, flat)
     return op(
-        flat, _head_weight(head, spec), targets, bias=bias, ignore_index=ignore_index,
+        flat, weight, targets, bias=bias, ignore_index=ignore_index,
         reduction="sum" if num_items_in_batch is not None else "mean",
         softcap=spec.softcap, logit_scale=spec.logit_scale, normalizer=num_items_in_batch,
     )
