@@ -82,14 +82,20 @@ def patch_report(args: argparse.Namespace) -> int:
     from fastft.patching import patch
 
     by_name = {a.name.lower(): a for a in ARCHITECTURES if a.model_type is not None}
+    names = ", ".join(sorted(a.name for a in ARCHITECTURES if a.model_type is not None))
     target = args.model
+    looks_local = target.startswith(("/", "./", "../", "~")) or os.path.exists(target)
     if target.lower() in by_name:
         config = by_name[target.lower()].tiny_config()
+    elif looks_local and not os.path.exists(os.path.expanduser(target)):
+        print(f"fastft patch-report: {target!r} does not exist; give a model folder or its config.json, "
+              f"a hub name, or one of: {names}", file=sys.stderr)
+        return 2
     else:
         try:
-            config = AutoConfig.from_pretrained(target, trust_remote_code=args.trust_remote_code)
+            config = AutoConfig.from_pretrained(os.path.expanduser(target) if looks_local else target,
+                                                trust_remote_code=args.trust_remote_code)
         except (OSError, ValueError) as exc:
-            names = ", ".join(sorted(a.name for a in ARCHITECTURES if a.model_type is not None))
             print(f"fastft patch-report: cannot load a config from {target!r} ({exc}).\n"
                   f"Give a local model folder or config.json, a hub name (online), or one of: {names}",
                   file=sys.stderr)
