@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastft.patching import lora as lora_patch
 from fastft.patching import loss as loss_patch
 from fastft.patching import norms
 from fastft.patching.report import PatchEntry, PatchReport
@@ -46,7 +47,7 @@ def patch(model: nn.Module, **options: bool) -> PatchReport:
         unpatch(model)
     hf = _hf_model(model)
     report = PatchReport(type(hf).__name__)
-    state = {"norms": [], "attention": None, "loss": False}
+    state = {"norms": [], "attention": None, "loss": False, "lora": []}
 
     # Norms: every candidate module, probed for what it computes.
     for name, module in list(model.named_modules()):
@@ -98,8 +99,9 @@ def patch(model: nn.Module, **options: bool) -> PatchReport:
             state["attention"] = previous
             report.add("attention", "", previous or "default", f"fastft ({attention.describe(config)})")
 
+    # LoRA: PEFT LoRA layers through the fused kernels (the LM head's adapter belongs to the loss).
     if enabled["lora"]:
-        pass  # fused LoRA kernels: issue 6; PEFT's own layers keep running meanwhile
+        state["lora"] = lora_patch.install(model, report, skip={id(head)} if head is not None else set())
     if not report.patched():
         raise ValueError(f"fastft.patch: found nothing to patch in {type(hf).__name__}.\n{report}\n"
                          "If this model has RMSNorm/LayerNorm modules or an LM head fastft should handle, "
@@ -114,6 +116,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     state = getattr(model, STATE, None)
     if state is None:
         return model
+    lora_patch.uninstall(model, state.get("lora", []))
     for name in state["norms"]:
         model.set_submodule(name, norms.restore(model.get_submodule(name)))
     hf = _hf_model(model)

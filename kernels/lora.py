@@ -1,0 +1,433 @@
+"""LoRA linear layers: y = x·Wᵀ (+ b) + s·(drop(x)·Aᵀ)·Bᵀ, without forming W + s·B·A.
+
+Math (Hu et al. 2021, "LoRA"; rsLoRA's s = alpha/sqrt(r) from Kalajdzievski 2023 arrives here as
+the plain number `scale`), with x [N, K], W [O, K], A [r, K], B [O, r], D = dropout mask / (1 - p):
+    u  = s · (x ⊙ D)·Aᵀ                          [N, r]   the rank-r product first
+    y  = x·Wᵀ + b + u·Bᵀ                          [N, O]
+Backward, with dY [N, O]:
+    du = dY·B                                     [N, r]
+    dB = dYᵀ·u                                    [O, r]
+    dA = s · duᵀ·(x ⊙ D)                          [r, K]
+    dX = dY·W + s · (du·A) ⊙ D                    [N, K]
+    dW = dYᵀ·x,  db = Σ_rows dY                   only when the base layer is trainable
+
+Where the bytes go (b = bytes per element of x/y, N·O·b = one pass over y):
+- The big GEMMs (x·Wᵀ, dY·W, dYᵀ·x) stay on cuBLAS. The forward first writes the low-rank term
+  (plus the bias) into y with one rank-r GEMM, y = b + u·Bᵀ (N·O·b written), then adds the base
+  product in place, y += x·Wᵀ (addmm_ with beta = 1): cuBLAS reads the old y in the GEMM's
+  epilogue, inside a compute-bound kernel (2·N·K·O FLOPs), and writes y once. In all: y written
+  twice and read once (3·N·O·b) where PEFT's eager forward moves 7·N·O·b (base y written; B's
+  output written; × s read+write; the add reads two and writes one) in four launches, and a
+  separate `y += u·Bᵀ` after the base GEMM would read and write y again outside any GEMM
+  epilogue. The backward does the same for dX: dX = s·(du·A) ⊙ D first, then dX += dY·W.
+- The rank-r products read x or dY once each: u reads x (N·K·b), du and dB read dY (2·N·O·b),
+  dA reads x again (N·K·b). At rank 16 and Llama-8B's MLP (K=4096, O=14336) these memory-bound
+  passes are a few per cent of the 2·N·K·O-FLOP base GEMMs.
+- Dropout is exact and never stored: the keep mask of element (n, k) is Philox(seed, n·K + k)
+  >= p (`tl.rand`), generated inside the Triton kernels that read x for u and dA and that write
+  the low-rank part of dX, and regenerated in the backward from the seed (8 bytes saved).
+  With p = 0 those three products are plain cuBLAS GEMMs.
+
+Saved for backward by LoRALinearFunction: x (the input itself, no copy: several adapters on one
+input share it), u [N, r] in the adapter dtype (r·4 bytes a token for fp32 adapters), the
+parameters (not activations) and the dropout seed. PEFT's eager layer saves x, drop(x) (another
+N·K·b when p > 0) and the [N, r] output of A, plus a mask of N·K bytes for nn.Dropout.
+
+Dtypes: y has x's dtype. The rank-r path runs in the adapter's dtype; when that differs from x's
+(fp32 adapters on a bf16 model, PEFT's default), x and dY are cast to it as PEFT casts x, which
+costs an extra pass over each: keep adapters in the model dtype for the fast path.
+
+`lora_linear_many` runs several adapted projections of one input (the attention's q/k/v) as one
+Function: one saved x, one GEMM x·[A_q; A_k; A_v]ᵀ for all rank-r inputs when dropout is off,
+and dX accumulated from all of them with one rank-(sum of r) GEMM plus one addmm_ per base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._common import INTERPRETER, interpreting, round_to, use_triton
+
+
+# ------------------------------------------------------------------------------------------------
+# Reference: PEFT's LoRA Linear forward, in plain torch (the dropout mask from `lora_dropout`).
+# ------------------------------------------------------------------------------------------------
+def lora_linear_reference(x, weight, lora_a, lora_b, scale, bias=None, dropout=0.0, seed=0):
+    """result = F.linear(x, W, b) + B(A(drop(x))) · s in PEFT's order of operations, cast back to
+    x's dtype; drop(x) = lora_dropout(x, dropout, seed), the mask the kernels use."""
+    result = F.linear(x, weight, bias)
+    xd = lora_dropout(x, dropout, seed) if dropout > 0 else x
+    xd = xd.to(lora_a.dtype)
+    return (result + F.linear(F.linear(xd, lora_a), lora_b) * scale).to(result.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton kernels. The keep mask of element (row, col) of an [N, K] tensor is
+# rand(seed, row·K + col) >= p everywhere below, so every kernel sees the same mask.
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _keep(seed, rows, cols, K, p):
+    offsets = rows[:, None] * K + cols[None, :]                            # int64 [BM, BK]
+    return tl.rand(seed, offsets) >= p
+
+
+@triton.jit
+def _lora_dropout_kernel(
+    X, Y,                      # X [N, K] (row stride STRIDE_X), Y [N, K] contiguous
+    N, K, STRIDE_X, seed, p,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows < N)[:, None] & (cols < K)[None, :]
+    x = tl.load(X + rows[:, None] * STRIDE_X + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    inv_keep = 1.0 / (1.0 - tl.cast(p, tl.float32))
+    y = tl.where(_keep(seed, rows, cols, K, tl.cast(p, tl.float32)), x * inv_keep, 0.0)
+    tl.store(Y + rows[:, None] * K + cols[None, :], round_to(y, Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _lora_down_kernel(
+    X, A, U,                   # X [N, K] (row stride STRIDE_X), A [R, K] contiguous, U [N, R] contiguous
+    N, K, R, STRIDE_X, seed, p, scale,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    """U = scale · (X ⊙ keep / (1 - p))·Aᵀ: one read of X, the mask made in registers."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ranks = tl.arange(0, BLOCK_R)
+    row_mask = rows < N
+    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    pf = tl.cast(p, tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        col_mask = cols < K
+        x = tl.load(X + rows[:, None] * STRIDE_X + cols[None, :], mask=row_mask[:, None] & col_mask[None, :],
+                    other=0.0).to(tl.float32)                                  # [BM, BK]
+        x = tl.where(_keep(seed, rows, cols, K, pf), x, 0.0)
+        a = tl.load(A + ranks[None, :] * K + cols[:, None], mask=(ranks < R)[None, :] & col_mask[:, None],
+                    other=0.0)                                                 # [BK, BR]
+        if FP32_DOT:
+            acc += tl.dot(x, a.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(x.to(A.dtype.element_ty), a)
+    acc = acc * (tl.cast(scale, tl.float32) / (1.0 - pf))
+    tl.store(U + rows[:, None] * R + ranks[None, :], round_to(acc, U.dtype.element_ty),
+             mask=row_mask[:, None] & (ranks < R)[None, :])
+
+
+@triton.jit
+def _lora_up_kernel(
+    DU, A, DX,                 # DU [N, R] contiguous, A [R, K] contiguous, DX [N, K] contiguous
+    N, K, R, seed, p, scale,
+    ACCUMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    """DX (+)= scale · (DU·A) ⊙ keep / (1 - p): the low-rank part of dX, masked as it is written."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ranks = tl.arange(0, BLOCK_R)
+    row_mask, col_mask, rank_mask = rows < N, cols < K, ranks < R
+    du = tl.load(DU + rows[:, None] * R + ranks[None, :], mask=row_mask[:, None] & rank_mask[None, :], other=0.0)
+    a = tl.load(A + ranks[:, None] * K + cols[None, :], mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
+    if FP32_DOT:
+        t = tl.dot(du.to(tl.float32), a.to(tl.float32), input_precision="ieee")    # [BM, BK]
+    else:
+        t = tl.dot(du.to(A.dtype.element_ty), a)
+    pf = tl.cast(p, tl.float32)
+    t = tl.where(_keep(seed, rows, cols, K, pf), t * (tl.cast(scale, tl.float32) / (1.0 - pf)), 0.0)
+    mask = row_mask[:, None] & col_mask[None, :]
+    if ACCUMULATE:
+        t += tl.load(DX + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(DX + rows[:, None] * K + cols[None, :], round_to(t, DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _lora_grad_a_kernel(
+    DU, X, PARTIAL,            # DU [N, R] contiguous, X [N, K] (row stride STRIDE_X), PARTIAL [SPLIT, R, K] fp32
+    N, K, R, STRIDE_X, seed, p,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    """PARTIAL[split] = Σ over this split's rows of DUᵀ·(X ⊙ keep): dA without materialising drop(x).
+    Rows are dealt round-robin to SPLIT programs per column block (no atomics; torch sums)."""
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    split = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    ranks = tl.arange(0, BLOCK_R)
+    col_mask, rank_mask = cols < K, ranks < R
+    pf = tl.cast(p, tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    for m0 in range(split * BLOCK_M, N, n_split * BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_mask = rows < N
+        x = tl.load(X + rows[:, None] * STRIDE_X + cols[None, :], mask=row_mask[:, None] & col_mask[None, :],
+                    other=0.0).to(tl.float32)                                  # [BM, BK]
+        x = tl.where(_keep(seed, rows, cols, K, pf), x, 0.0)
+        du = tl.load(DU + rows[:, None] * R + ranks[None, :], mask=row_mask[:, None] & rank_mask[None, :],
+                     other=0.0)                                                # [BM, BR]
+        if FP32_DOT:
+            acc += tl.dot(tl.trans(du.to(tl.float32)), x, input_precision="ieee")
+        else:
+            acc += tl.dot(tl.trans(du), x.to(DU.dtype.element_ty))
+    tl.store(PARTIAL + split * R * K + ranks[:, None] * K + cols[None, :], acc,
+             mask=rank_mask[:, None] & col_mask[None, :])
+
+
+# ------------------------------------------------------------------------------------------------
+# Host launchers.
+# ------------------------------------------------------------------------------------------------
+def _blocks(device: torch.device, rank: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_K, BLOCK_R). tl.dot wants every dim >= 16; the interpreter pays per
+    program and per iteration, so it gets big tiles. GPU tiles are untuned until measured."""
+    block_r = max(16, triton.next_power_of_2(rank))
+    if device.type != "cuda" and interpreting():
+        return 64, 128, block_r
+    return 64, (64 if block_r <= 64 else 32), block_r
+
+
+def _fp32_dot(*tensors: torch.Tensor) -> bool:
+    """Feed tl.dot fp32 under the interpreter (its bf16 dot is wrong), and for fp32 or mixed inputs."""
+    dtypes = {t.dtype for t in tensors}
+    return bool(INTERPRETER) or len(dtypes) > 1 or torch.float32 in dtypes or torch.float64 in dtypes
+
+
+def draw_seed() -> int:
+    """A dropout seed from torch's default CPU generator (no device sync): torch.manual_seed
+    makes the masks reproducible."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def lora_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """x ⊙ keep / (1 - p) with the kernels' mask for `seed` (inverted dropout, as nn.Dropout).
+
+    The fused kernels never call this: it is the definition that tests and references use to
+    apply the very mask the kernels generate. Without Triton (a CPU without the interpreter) the
+    mask comes from a torch generator seeded with `seed`, and lora_linear uses this function too.
+    """
+    if p <= 0:
+        return x
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _DropoutFunction.apply(x, float(p), int(seed))
+    return _apply_dropout(x, p, seed)
+
+
+class _DropoutFunction(torch.autograd.Function):
+    """The same mask on the way back: d(drop(x)) = drop(dy)."""
+
+    @staticmethod
+    def forward(ctx, x, p, seed):
+        ctx.p, ctx.seed = p, seed
+        return _apply_dropout(x, p, seed)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _apply_dropout(dy.contiguous(), ctx.p, ctx.seed), None, None
+
+
+def _apply_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    if not use_triton(x):
+        gen = torch.Generator(device=x.device).manual_seed(seed)
+        keep = torch.rand(x.shape, generator=gen, device=x.device) >= p
+        return x * keep.to(x.dtype) / (1 - p)
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    n, k = rows.shape
+    bm, bk = (64, 256) if interpreting() else (16, 256)
+    if n and k:
+        _lora_dropout_kernel[(triton.cdiv(n, bm), triton.cdiv(k, bk))](
+            rows, out, n, k, rows.stride(0), seed, float(p), BLOCK_M=bm, BLOCK_K=bk)
+    return out.view(x.shape)
+
+
+def lora_down(x: torch.Tensor, a: torch.Tensor, scale: float, p: float, seed: int) -> torch.Tensor:
+    """u = scale · drop(x)·Aᵀ [N, r] in A's dtype (x [N, K] already in A's dtype or castable)."""
+    if p <= 0:
+        return torch.mm(x.to(a.dtype), a.t()).mul_(scale)
+    if not use_triton(x, a):
+        return torch.mm(lora_dropout(x, p, seed).to(a.dtype), a.t()).mul_(scale)
+    n, k = x.shape
+    r = a.shape[0]
+    u = torch.empty(n, r, dtype=a.dtype, device=x.device)
+    bm, bk, br = _blocks(x.device, r)
+    if n:
+        _lora_down_kernel[(triton.cdiv(n, bm),)](
+            x, a.contiguous(), u, n, k, r, x.stride(0), seed, float(p), float(scale),
+            BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, FP32_DOT=_fp32_dot(x, a))
+    return u
+
+
+def lora_up_into(out: torch.Tensor | None, du: torch.Tensor, a: torch.Tensor, scale: float, p: float,
+                 seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """out (+)= scale · drop(du·A), the low-rank part of dX; a new [N, K] tensor when out is None."""
+    if p <= 0 or not use_triton(du, a):
+        t = torch.mm(du, a.to(du.dtype)).mul_(scale)
+        t = lora_dropout(t, p, seed).to(dtype) if p > 0 else t.to(dtype)
+        return t if out is None else out.add_(t)
+    n, r = du.shape
+    k = a.shape[1]
+    accumulate = out is not None
+    if out is None:
+        out = torch.empty(n, k, dtype=dtype, device=du.device)
+    bm, bk, br = _blocks(du.device, r)
+    if n:
+        _lora_up_kernel[(triton.cdiv(n, bm), triton.cdiv(k, bk))](
+            du.contiguous(), a.contiguous(), out, n, k, r, seed, float(p), float(scale), ACCUMULATE=accumulate,
+            BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, FP32_DOT=_fp32_dot(du, a))
+    return out
+
+
+def lora_grad_a(du: torch.Tensor, x: torch.Tensor, scale: float, p: float, seed: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """dA = scale · duᵀ·drop(x) [r, K] in `dtype` (du [N, r], x [N, K])."""
+    if p <= 0:
+        return torch.mm(du.t(), x.to(du.dtype)).mul_(scale).to(dtype)
+    if not use_triton(du, x):
+        return torch.mm(du.t(), lora_dropout(x, p, seed).to(du.dtype)).mul_(scale).to(dtype)
+    n, k = x.shape
+    r = du.shape[1]
+    bm, bk, br = _blocks(x.device, r)
+    split = max(1, min(triton.cdiv(n, bm), 1 if interpreting() else 16))
+    partial = torch.empty(split, r, k, dtype=torch.float32, device=x.device)
+    if n == 0:
+        return torch.zeros(r, k, dtype=dtype, device=x.device)
+    _lora_grad_a_kernel[(triton.cdiv(k, bk), split)](
+        du.contiguous(), x, partial, n, k, r, x.stride(0), seed, float(p),
+        BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, FP32_DOT=_fp32_dot(du, x))
+    return partial.sum(0).mul_(scale / (1 - p)).to(dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Autograd: one Function for one or several adapted projections of the same input.
+# ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+    """Static settings of one adapted projection: LoRA scale s, dropout p and its seed."""
+    scale: float
+    dropout: float = 0.0
+    seed: int = 0
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _forward_one(x, w, b, a, bm, ad: Adapter):
+    """(y, u) for one projection: y = b + u·Bᵀ written first, then y += x·Wᵀ (see docstring)."""
+    u = lora_down(x, a, ad.scale, ad.dropout, ad.seed)                          # [N, r], A's dtype
+    bt = bm.to(x.dtype).t()
+    uy = u.to(x.dtype)
+    y = torch.mm(uy, bt) if b is None else torch.addmm(b.to(x.dtype), uy, bt)  # [N, O]
+    y.addmm_(x, w.t())                                                          # beta = 1: epilogue add
+    return y, u
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """Forward and backward of len(adapters) projections of one x (q/k/v, or a single layer).
+
+    Inputs: x, adapters (tuple of Adapter), then 4 tensors per projection: W, b (or None), A, B.
+    Saves x once, each u [N, r], and the parameters.
+    """
+
+    @staticmethod
+    def forward(ctx, x, adapters, *params):
+        rows = _as_rows(x)
+        outs, us = [], []
+        for i, ad in enumerate(adapters):
+            w, b, a, bm = params[4 * i: 4 * i + 4]
+            y, u = _forward_one(rows, w, b, a, bm, ad)
+            outs.append(y.view(*x.shape[:-1], y.shape[-1]))
+            us.append(u)
+        ctx.adapters, ctx.x_shape = adapters, x.shape
+        ctx.save_for_backward(rows, *params, *us)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        adapters = ctx.adapters
+        n_proj = len(adapters)
+        rows, *rest = ctx.saved_tensors
+        params, us = rest[: 4 * n_proj], rest[4 * n_proj:]
+        need = ctx.needs_input_grad
+        grads = [None] * (4 * n_proj)
+        dx = None
+        pending = []  # (dY, W) base products added into dx last, as addmm_ epilogues
+        for i, ad in enumerate(adapters):
+            w, b, a, bm = params[4 * i: 4 * i + 4]
+            dy = dys[i]
+            if dy is None:
+                continue
+            dy = _as_rows(dy)
+            lr = a.dtype
+            dy_lr = dy.to(lr)
+            du = torch.mm(dy_lr, bm)                                            # [N, r]
+            if need[2 + 4 * i + 3]:
+                grads[4 * i + 3] = torch.mm(dy_lr.t(), us[i]).to(bm.dtype)      # dB [O, r]
+            if need[2 + 4 * i + 2]:
+                grads[4 * i + 2] = lora_grad_a(du, rows, ad.scale, ad.dropout, ad.seed, a.dtype)
+            if need[2 + 4 * i]:
+                grads[4 * i] = torch.mm(dy.t(), rows.to(dy.dtype)).to(w.dtype)  # dW
+            if b is not None and need[2 + 4 * i + 1]:
+                grads[4 * i + 1] = dy.sum(0, dtype=torch.float32).to(b.dtype)
+            if need[0]:
+                dx = lora_up_into(dx, du, a, ad.scale, ad.dropout, ad.seed, rows.dtype)
+                pending.append((dy, w))
+        if dx is not None:
+            for dy, w in pending:
+                dx.addmm_(dy, w.to(dx.dtype))
+            dx = dx.view(ctx.x_shape)
+        return (dx, None, *grads)
+
+
+def _check(x, weight, lora_a, lora_b, bias):
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"lora_linear: weight {tuple(weight.shape)} does not take inputs of size "
+                         f"{x.shape[-1]}; pass the base layer's [out, in] weight")
+    if lora_a.dim() != 2 or lora_a.shape[1] != x.shape[-1]:
+        raise ValueError(f"lora_linear: A {tuple(lora_a.shape)} must be [r, in={x.shape[-1]}]")
+    if lora_b.dim() != 2 or lora_b.shape != (weight.shape[0], lora_a.shape[0]):
+        raise ValueError(f"lora_linear: B {tuple(lora_b.shape)} must be [out={weight.shape[0]}, "
+                         f"r={lora_a.shape[0]}]")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"lora_linear: bias {tuple(bias.shape)} must be [{weight.shape[0]}]")
+    if x.dtype != weight.dtype:
+        raise ValueError(f"lora_linear: x ({x.dtype}) and the base weight ({weight.dtype}) must share a dtype, "
+                         "as nn.Linear requires")
+
+
+def lora_linear_many(x: torch.Tensor, layers, dropout=0.0, seeds=None) -> tuple[torch.Tensor, ...]:
+    """Several LoRA projections of one input x: layers is a sequence of (W, b, A, B, scale); one
+    output per layer. dropout (a float or one per layer) with seeds (one per layer, drawn from
+    torch's generator when None)."""
+    layers = list(layers)
+    drops = [float(dropout)] * len(layers) if isinstance(dropout, (int, float)) else [float(p) for p in dropout]
+    if any(not 0.0 <= p < 1.0 for p in drops):
+        raise ValueError(f"lora_linear: dropout {drops} must lie in [0, 1)")
+    if seeds is None:
+        seeds = [draw_seed() if p > 0 else 0 for p in drops]
+    for w, b, a, bm, _ in layers:
+        _check(x, w, a, bm, b)
+    if not use_triton(x, *[t for layer in layers for t in layer[:4] if t is not None]):
+        return tuple(lora_linear_reference(x, w, a, bm, s, b, p, seed)
+                     for (w, b, a, bm, s), p, seed in zip(layers, drops, seeds))
+    adapters = tuple(Adapter(float(s), p, int(seed)) for (*_, s), p, seed in zip(layers, drops, seeds))
+    params = [t for (w, b, a, bm, _) in layers for t in (w, b, a, bm)]
+    return LoRALinearFunction.apply(x, adapters, *params)
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                scale: float, bias: torch.Tensor | None = None, dropout: float = 0.0,
+                seed: int | None = None) -> torch.Tensor:
+    """y = x·Wᵀ (+ b) + scale·(drop(x)·Aᵀ)·Bᵀ over the last dim of x (any leading shape).
+
+    weight [out, in] and bias [out] are the base layer's (trainable or frozen: gradients are
+    computed for what requires them), lora_a [r, in], lora_b [out, r]. dropout applies to the
+    adapter's input only (PEFT's lora_dropout), with a Philox mask regenerated from `seed` in the
+    backward (drawn from torch's generator when None). See the module docstring.
+    """
+    return lora_linear_many(x, [(weight, bias, lora_a, lora_b, scale)], dropout,
+                            None if seed is None else [seed])[0]

@@ -1,0 +1,163 @@
+"""fastft.patch on PEFT models routes LoRA layers through the fused kernels: the same losses and
+gradients as plain PEFT (dropout included, with the kernels' mask on both sides), the report names
+what stays on PEFT, unpatch restores, adapters save in PEFT format, a short training run matches."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+import fastft
+from fastft.architectures import NATIVE
+from fastft.patching import lora as lora_patch
+from test_lora_linear import SeededDropout
+
+ARCH = {a.name: a for a in NATIVE}
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _pair(arch="Llama", targets=ALL_LINEAR, dropout=0.0, seed_dropout=False, **lora):
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(ARCH[arch].tiny_config())
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=dropout, **lora))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    plain = copy.deepcopy(model)
+    if seed_dropout:  # the reference applies the kernels' mask, drawn in the same order
+        for m in plain.modules():
+            if lora_patch.is_lora_layer(m):
+                for k in m.lora_dropout:
+                    m.lora_dropout[k] = SeededDropout(dropout)
+    return model.train(), plain.train()
+
+
+def _loss_and_grads(model, ids, labels):
+    torch.manual_seed(123)
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _batch():
+    ids = torch.randint(3, 128, (2, 11))
+    labels = ids.clone()
+    labels[:, :2] = -100
+    return ids, labels
+
+
+@pytest.mark.parametrize("arch,dropout", [("Llama", 0.0), ("Qwen2", 0.1), ("Gemma", 0.0)])
+def test_patched_lora_model_matches_peft(arch, dropout):
+    patched, plain = _pair(arch, dropout=dropout, seed_dropout=dropout > 0)
+    report = fastft.patch(patched, cross_entropy=False)
+    n_layers = ARCH[arch].tiny_config().num_hidden_layers
+    assert report.count("lora") == 7 * n_layers, str(report)
+    ids, labels = _batch()
+    loss, grads = _loss_and_grads(patched, ids, labels)
+    ref_loss, ref_grads = _loss_and_grads(plain, ids, labels)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert set(grads) == set(ref_grads) and sum("lora_A" in n for n in grads) == 7 * n_layers
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_report_unpatch_and_unsupported_layers():
+    model, _ = _pair(targets=["q_proj", "v_proj", "lm_head"])
+    # one DoRA layer: mixed configurations on one model through a second adapter on o_proj
+    model.add_adapter("dora", LoraConfig(r=2, target_modules=["o_proj"], use_dora=True))
+    model.base_model.set_adapter(["default", "dora"])
+    report = fastft.patch(model)
+    lora = {e.module.split("model.layers.")[-1]: e for e in report.entries if e.kind == "lora"}
+    assert all(e.replacement == "lora_linear" for k, e in lora.items() if k.endswith(("q_proj", "v_proj")))
+    assert "DoRA" in lora["0.self_attn.o_proj"].reason
+    assert "loss" in next(e for k, e in lora.items() if k.endswith("lm_head")).reason
+    assert report.count("cross_entropy") == 1
+    fused = [m for m in model.modules() if lora_patch.FORWARD_ATTR in m.__dict__]
+    assert len(fused) == 4
+    fastft.unpatch(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_disabled_or_merged_adapters_take_peft_path():
+    patched, plain = _pair(targets=["q_proj", "down_proj"])
+    fastft.patch(patched, cross_entropy=False)
+    ids, _ = _batch()
+    with torch.no_grad(), patched.disable_adapter(), plain.disable_adapter():
+        torch.testing.assert_close(patched(input_ids=ids).logits, plain(input_ids=ids).logits)
+    with torch.no_grad():
+        patched.eval()
+        plain.eval()
+        fused_logits = patched(input_ids=ids).logits
+        patched.base_model.merge_adapter()
+        torch.testing.assert_close(patched(input_ids=ids).logits, fused_logits, rtol=1e-4, atol=1e-5)
+        patched.base_model.unmerge_adapter()
+        torch.testing.assert_close(patched(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_adapter_keys_and_round_trip(tmp_path):
+    patched, plain = _pair()
+    keys_before = set(patched.state_dict())
+    fastft.patch(patched)
+    assert set(patched.state_dict()) == keys_before
+    patched.save_pretrained(tmp_path / "fused")
+    plain.save_pretrained(tmp_path / "plain")
+    from safetensors.torch import load_file
+
+    assert set(load_file(tmp_path / "fused" / "adapter_model.safetensors")) == \
+        set(load_file(tmp_path / "plain" / "adapter_model.safetensors"))
+    torch.manual_seed(0)
+    fresh = AutoModelForCausalLM.from_config(ARCH["Llama"].tiny_config())
+    loaded = PeftModel.from_pretrained(fresh, tmp_path / "fused").eval()
+    ids, _ = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, plain.eval()(input_ids=ids).logits)
+
+
+def test_training_run_matches_peft():
+    """Four AdamW steps, fused LoRA (and the fused loss) vs plain PEFT: the same loss curve."""
+    patched, plain = _pair(dropout=0.05, seed_dropout=True)
+    fastft.patch(patched)
+    curves = []
+    for model in (patched, plain):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        torch.manual_seed(5)
+        batches = [_batch() for _ in range(4)]
+        losses = []
+        for step, (ids, labels) in enumerate(batches):
+            torch.manual_seed(100 + step)
+            loss = model(input_ids=ids, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        curves.append(losses)
+    assert curves[0][-1] < curves[0][0]
+    torch.testing.assert_close(torch.tensor(curves[0]), torch.tensor(curves[1]), rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_model_with_fp32_adapters():
+    """PEFT's default on a bf16 model keeps the adapters in fp32: the fused layer follows PEFT."""
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(ARCH["Llama"].tiny_config()).to(torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"]))
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    plain = copy.deepcopy(model)
+    fastft.patch(model, cross_entropy=False)
+    ids, labels = _batch()
+    loss, grads = _loss_and_grads(model, ids, labels)
+    ref_loss, ref_grads = _loss_and_grads(plain, ids, labels)
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-2, atol=1e-2)
+    for name, g in grads.items():
+        assert g.dtype == ref_grads[name].dtype
+        rel = (g.float() - ref_grads[name].float()).norm() / ref_grads[name].float().norm()
+        assert rel < 5e-2, (name, rel)
