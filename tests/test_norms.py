@@ -142,3 +142,26 @@ def test_cpu_fallback_without_interpreter(monkeypatch):
     x, w = torch.randn(3, 64), torch.rand(64)
     assert torch.equal(rms_norm(x, w), rms_norm_reference(x, w))
     assert torch.equal(layer_norm(x, w, None), layer_norm_reference(x, w, None))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile cannot trace Triton kernels under the interpreter")
+def test_kernels_under_torch_compile(device):
+    """The autograd Functions trace under torch.compile (user-defined Triton kernels) on a GPU."""
+    from fastft.kernels import fused_linear_cross_entropy
+
+    x = torch.randn(64, 256, device=device, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.rand(256, device=device, dtype=torch.bfloat16, requires_grad=True)
+    head = torch.randn(1000, 256, device=device, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 1000, (64,), device=device)
+
+    def step(x, w, head):
+        h = layer_norm(rms_norm(x, w), w, None)
+        return fused_linear_cross_entropy(h, head, labels)
+
+    eager = step(x, w, head)
+    eager_grads = torch.autograd.grad(eager, (x, w, head))
+    compiled = torch.compile(step)(x, w, head)
+    compiled_grads = torch.autograd.grad(compiled, (x, w, head))
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b)
