@@ -7,6 +7,7 @@ kernels, an autograd Function and the functional API exported here.
 from .fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
 from .layer_norm import layer_norm, layer_norm_reference
 from .lora import lora_dropout, lora_linear, lora_linear_many, lora_linear_reference
+from .lora_mlp import lora_mlp, lora_mlp_reference
 from .rms_norm import rms_norm, rms_norm_reference
 
 __all__ = [
@@ -18,6 +19,8 @@ __all__ = [
     "lora_linear",
     "lora_linear_many",
     "lora_linear_reference",
+    "lora_mlp",
+    "lora_mlp_reference",
     "rms_norm",
     "rms_norm_reference",
 ]

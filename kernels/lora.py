@@ -316,9 +316,25 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def _forward_one(x, w, b, a, bm, ad: Adapter):
+def _plain_group(adapters, params) -> bool:
+    """Several projections, no dropout, one adapter dtype: their rank-r products can be stacked."""
+    return len(adapters) > 1 and all(ad.dropout == 0 for ad in adapters) and \
+        len({params[4 * i + 2].dtype for i in range(len(adapters))}) == 1
+
+
+def _stacked_down(x, adapters, params):
+    """[u_1, ..., u_n] from one GEMM x·[s_1 A_1; ...; s_n A_n]ᵀ (one read of x), or None."""
+    if not _plain_group(adapters, params):
+        return None
+    a_all = torch.cat([params[4 * i + 2] * ad.scale for i, ad in enumerate(adapters)])
+    u_all = torch.mm(x.to(a_all.dtype), a_all.t())
+    return [u.contiguous() for u in u_all.split([params[4 * i + 2].shape[0] for i in range(len(adapters))], 1)]
+
+
+def _forward_one(x, w, b, a, bm, ad: Adapter, u=None):
     """(y, u) for one projection: y = b + u·Bᵀ written first, then y += x·Wᵀ (see docstring)."""
-    u = lora_down(x, a, ad.scale, ad.dropout, ad.seed)                          # [N, r], A's dtype
+    if u is None:
+        u = lora_down(x, a, ad.scale, ad.dropout, ad.seed)                      # [N, r], A's dtype
     bt = bm.to(x.dtype).t()
     uy = u.to(x.dtype)
     y = torch.mm(uy, bt) if b is None else torch.addmm(b.to(x.dtype), uy, bt)  # [N, O]
@@ -337,9 +353,10 @@ class LoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, adapters, *params):
         rows = _as_rows(x)
         outs, us = [], []
+        stacked = _stacked_down(rows, adapters, params)
         for i, ad in enumerate(adapters):
             w, b, a, bm = params[4 * i: 4 * i + 4]
-            y, u = _forward_one(rows, w, b, a, bm, ad)
+            y, u = _forward_one(rows, w, b, a, bm, ad, None if stacked is None else stacked[i])
             outs.append(y.view(*x.shape[:-1], y.shape[-1]))
             us.append(u)
         ctx.adapters, ctx.x_shape = adapters, x.shape
@@ -356,6 +373,8 @@ class LoRALinearFunction(torch.autograd.Function):
         grads = [None] * (4 * n_proj)
         dx = None
         pending = []  # (dY, W) base products added into dx last, as addmm_ epilogues
+        dus = []
+        stack = _plain_group(adapters, params)
         for i, ad in enumerate(adapters):
             w, b, a, bm = params[4 * i: 4 * i + 4]
             dy = dys[i]
@@ -374,8 +393,14 @@ class LoRALinearFunction(torch.autograd.Function):
             if b is not None and need[2 + 4 * i + 1]:
                 grads[4 * i + 1] = dy.sum(0, dtype=torch.float32).to(b.dtype)
             if need[0]:
-                dx = lora_up_into(dx, du, a, ad.scale, ad.dropout, ad.seed, rows.dtype)
                 pending.append((dy, w))
+                dus.append(du)
+                if not stack:
+                    dx = lora_up_into(dx, du, a, ad.scale, ad.dropout, ad.seed, rows.dtype)
+        if stack and pending:  # one rank-(r_1 + ... + r_n) GEMM for the low-rank part of dX
+            used = [i for i in range(n_proj) if dys[i] is not None]
+            a_all = torch.cat([params[4 * i + 2] * adapters[i].scale for i in used])
+            dx = torch.mm(torch.cat(dus, 1), a_all).to(rows.dtype)
         if dx is not None:
             for dy, w in pending:
                 dx.addmm_(dy, w.to(dx.dtype))

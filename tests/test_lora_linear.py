@@ -93,15 +93,16 @@ def test_lora_linear_functional_leading_dims_and_seed(device):
     assert abs(keep - 0.7) < 0.02
 
 
+@pytest.mark.parametrize("drops", [(0.0, 0.25, 0.1), (0.0, 0.0, 0.0)], ids=["dropout", "stacked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_lora_linear_many_matches_separate_layers(dtype, device):
+def test_lora_linear_many_matches_separate_layers(dtype, drops, device):
     """q/k/v of one x with one Function (one saved x): outputs and grads as three references."""
     hidden, outs, ranks = 48, (48, 16, 24), (8, 3, 16)
     inputs = {"x": torch.randn(29, hidden)}
     for i, (o, r) in enumerate(zip(outs, ranks)):
         inputs.update({f"w{i}": torch.randn(o, hidden) / hidden**0.5, f"b{i}": torch.randn(o),
                        f"a{i}": torch.randn(r, hidden) / hidden**0.5, f"bb{i}": torch.randn(o, r)})
-    drops, seeds, scales = (0.0, 0.25, 0.1), (0, 3, 4), (2.0, 0.5, 1.0)
+    seeds, scales = (0, 3, 4), (2.0, 0.5, 1.0)
 
     def layers(kw):
         return [(kw[f"w{i}"], kw[f"b{i}"], kw[f"a{i}"], kw[f"bb{i}"], scales[i]) for i in range(3)]

@@ -52,17 +52,25 @@ def _batch():
     return ids, labels
 
 
-@pytest.mark.parametrize("arch,dropout", [("Llama", 0.0), ("Qwen2", 0.1), ("Gemma", 0.0)])
-def test_patched_lora_model_matches_peft(arch, dropout):
-    patched, plain = _pair(arch, dropout=dropout, seed_dropout=dropout > 0)
+@pytest.mark.parametrize("arch,dropout,mlp", [("Llama", 0.0, "lora_mlp (silu)"), ("Qwen2", 0.1, "lora_mlp (silu)"),
+                                              ("Gemma", 0.0, "lora_mlp (gelu_tanh)"), ("Phi3", 0.0, None)])
+def test_patched_lora_model_matches_peft(arch, dropout, mlp):
+    """Every LoRA Linear fused; gated MLPs as blocks (SwiGLU, GeGLU); Qwen2's q/k/v biases; Phi3's
+    fused qkv_proj and gate_up_proj layouts (per layer: the report names the MLP as kept)."""
+    targets = ALL_LINEAR if arch != "Phi3" else ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    patched, plain = _pair(arch, targets=targets, dropout=dropout, seed_dropout=dropout > 0)
     report = fastft.patch(patched, cross_entropy=False)
     n_layers = ARCH[arch].tiny_config().num_hidden_layers
-    assert report.count("lora") == 7 * n_layers, str(report)
+    assert sum(e.replacement == "lora_linear" for e in report.entries) == len(targets) * n_layers, str(report)
+    if mlp:
+        assert sum(e.replacement == mlp for e in report.entries) == n_layers, str(report)
+    else:
+        assert sum("gate_up" in e.reason for e in report.skipped("lora")) == n_layers, str(report)
     ids, labels = _batch()
     loss, grads = _loss_and_grads(patched, ids, labels)
     ref_loss, ref_grads = _loss_and_grads(plain, ids, labels)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
-    assert set(grads) == set(ref_grads) and sum("lora_A" in n for n in grads) == 7 * n_layers
+    assert set(grads) == set(ref_grads) and sum("lora_A" in n for n in grads) == len(targets) * n_layers
     for name, g in grads.items():
         torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 

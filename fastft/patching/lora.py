@@ -15,8 +15,20 @@ PEFT's path and named in the PatchReport with the reason.
 The LM head's LoRA layer is left alone: the fused loss (fastft/patching/loss.py) reads its
 adapter and includes the delta in fused_linear_cross_entropy.
 
-Gated MLPs whose gate/up/down projections are all fusable LoRA layers are routed as a block
-through `fastft.kernels.lora_mlp` (see fastft/patching/lora_mlp.py... in this file: `_MLPBlock`).
+Gated MLPs are routed as a block through `fastft.kernels.lora_mlp` when their three projections
+are fusable LoRA layers: a module whose direct children include exactly three such layers, two
+[H -> I] and one [I -> H], is probed once per (class, shapes) on random inputs (eval mode, no
+grad) against the reference act(gate(x))·up(x) -> down for both gate/up assignments and each
+activation (silu, gelu tanh, gelu erf); the match found becomes the block's instance forward.
+Anything else (non-gated MLPs, fused gate_up_proj layouts, a probe without a match, meta device)
+keeps the per-layer lora_linear path, and the report says which. At call time the block falls
+back to the module's own forward (whose layers are still fused one by one) whenever one of its
+layers is not in a fusable state.
+
+Under FSDP2 the block reads the gate/up/down weights directly, so it must run inside a module
+that FSDP unshards as a unit: the decoder block that contains the MLP (how fastft.distributed
+and torchtitan shard). A projection sharded on its own leaves a DTensor weight here, and then
+the block's own forward runs (per-layer, PEFT's forward calling the base layers).
 
 FSDP2: `fully_shard` on the decoder blocks (fastft.distributed) unshards a block's parameters in
 its pre-forward hook, so inside the LoRA layer's forward `base_layer.weight` is the full tensor.
@@ -30,7 +42,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastft.kernels import lora_linear
+from fastft.kernels import lora_linear, lora_mlp
+from fastft.kernels.lora_mlp import ACTIVATIONS, lora_mlp_reference
 
 FORWARD_ATTR = "_fastft_lora_forward"
 
@@ -137,6 +150,117 @@ def uninstall_layer(module: nn.Module) -> None:
         module.__dict__.pop("forward", None)
 
 
+# ------------------------------------------------------------------------------------------------
+# Gated MLP blocks.
+# ------------------------------------------------------------------------------------------------
+_PROBED: dict[tuple, tuple[str, str, str, str] | str] = {}
+
+
+def _layer_shape(layer: nn.Module) -> tuple[int, int]:
+    return layer.base_layer.in_features, layer.base_layer.out_features
+
+
+def _mlp_layers(module: nn.Module) -> tuple[str, str, str] | str | None:
+    """(first [H->I], second [H->I], down [I->H]) child names; None when not that shape; a reason
+    for a gated MLP with a fused gate_up projection."""
+    loras = {n: c for n, c in module.named_children() if is_lora_layer(c) and FORWARD_ATTR in c.__dict__}
+    shapes = {n: _layer_shape(c) for n, c in loras.items()}
+    has_activation = any(not list(c.parameters()) for c in module.children())  # e.g. act_fn
+    if len(loras) == 2 and has_activation:
+        (n1, (i1, o1)), (n2, (i2, o2)) = shapes.items()
+        if (o1, i1) == (2 * i2, o2) or (o2, i2) == (2 * i1, o1):
+            return "fused gate_up layout (one adapter over both halves): per-layer lora_linear"
+    if len(loras) != 3:
+        return None
+    for down, (i, h) in shapes.items():
+        ups = [n for n, s in shapes.items() if n != down and s == (h, i)]
+        if len(ups) == 2:
+            return ups[0], ups[1], down
+    return None
+
+
+def _layer_tuple(layer: nn.Module, x: torch.Tensor):
+    ops = fused_operands(layer, x)
+    if ops is None:
+        return None
+    x, w, b, a, bm, s, p = ops
+    return x, (w, b, a, bm, s), p
+
+
+def _probe_mlp(module: nn.Module, names: tuple[str, str, str]) -> tuple[str, str, str, str] | str:
+    w = getattr(module, names[0]).base_layer.weight
+    if w.is_meta:
+        return "meta device: cannot probe the MLP (per-layer lora_linear)"
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[w.device] if w.is_cuda else []):
+            x = torch.randn(2, 3, w.shape[1], device=w.device).to(w.dtype)
+            out = module(x)
+            if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+                return "forward does not map x to a tensor of its shape"
+            tol = 2e-2 if w.dtype in (torch.bfloat16, torch.float16) else 1e-4
+            for gate, up in ((names[0], names[1]), (names[1], names[0])):
+                layers = [_layer_tuple(getattr(module, n), x) for n in (gate, up, names[2])]
+                if any(t is None for t in layers):
+                    return "a projection is not in a fusable state"
+                for act in ACTIVATIONS:
+                    ref = lora_mlp_reference(x.float(), *[tuple(t.float() if isinstance(t, torch.Tensor) else t
+                                                               for t in lt[1]) for lt in layers], act)
+                    if ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item() <= tol:
+                        return gate, up, names[2], act
+    except Exception as exc:  # a forward that wants more than x
+        return f"probe failed ({type(exc).__name__}: {str(exc)[:60]})"
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    return "forward is not down(act(gate(x))·up(x)) for silu/gelu: per-layer lora_linear"
+
+
+def _mlp_forward(module: nn.Module, spec: tuple[str, str, str, str], original):
+    gate, up, down, act = spec
+
+    def forward(x, *args, **kwargs):
+        layers = None if (args or kwargs) else [_layer_tuple(getattr(module, n), x) for n in (gate, up, down)]
+        if layers is None or any(t is None for t in layers):
+            return original(x, *args, **kwargs)
+        xc = layers[0][0]
+        with torch.autocast(xc.device.type, enabled=False):
+            return lora_mlp(xc, layers[0][1], layers[1][1], layers[2][1], act, tuple(t[2] for t in layers))
+
+    forward.__wrapped__ = original
+    return forward
+
+
+def install_mlps(model: nn.Module, report) -> list[str]:
+    patched = []
+    for name, module in model.named_modules():
+        if is_lora_layer(module) or "forward" in module.__dict__:
+            continue
+        names = _mlp_layers(module)
+        if names is None:
+            continue
+        if isinstance(names, str):
+            report.add("lora", name, type(module).__name__, reason=names)
+            continue
+        key = (type(module), names, tuple(_layer_shape(getattr(module, n)) for n in names),
+               str(getattr(module, names[0]).base_layer.weight.dtype))
+        spec = _PROBED.get(key)
+        if spec is None or isinstance(spec, str):
+            spec = _probe_mlp(module, names)
+            if not isinstance(spec, str) or "meta" not in spec:
+                _PROBED[key] = spec
+        if isinstance(spec, str):
+            report.add("lora", name, type(module).__name__, reason=spec)
+            continue
+        module.forward = _mlp_forward(module, spec, module.forward)
+        setattr(module, FORWARD_ATTR, True)
+        patched.append(name)
+        report.add("lora", name, type(module).__name__, f"lora_mlp ({spec[3]})",
+                   f"gate={spec[0]}, up={spec[1]}, down={spec[2]}")
+    return patched
+
+
 def install(model: nn.Module, report, skip: set[int]) -> list[str]:
     """Route every fusable LoRA Linear of model through lora_linear; returns the patched names.
     `skip` holds id()s of modules another patch owns (the LM head)."""
@@ -158,7 +282,7 @@ def install(model: nn.Module, report, skip: set[int]) -> list[str]:
         install_layer(module)
         patched.append(name)
         report.add("lora", name, kind, "lora_linear", describe(module))
-    return patched
+    return patched + install_mlps(model, report)
 
 
 def uninstall(model: nn.Module, names: list[str]) -> None:

@@ -1,0 +1,346 @@
+"""Gated MLP with LoRA on gate, up and down: y = down(act(gate(x)) ⊙ up(x)), each a LoRA linear.
+
+Math (SwiGLU / GeGLU: Shazeer 2020, "GLU Variants Improve Transformer"; LoRA as in lora.py), with
+x [N, H], gate/up [I, H], down [H, I], scales s_g, s_u, s_d and dropout masks D_g, D_u (on x) and
+D_d (on h), each an independent Philox stream (lora.py):
+    xa_g = s_g·(x ⊙ D_g)·A_gᵀ,  xa_u = s_u·(x ⊙ D_u)·A_uᵀ                  [N, r]
+    g    = x·W_gᵀ + b_g + xa_g·B_gᵀ,   u = x·W_uᵀ + b_u + xa_u·B_uᵀ         [N, I]
+    h    = act(g) ⊙ u                  act = silu, gelu (tanh approximation) or gelu (erf)
+    hd   = s_d·(h ⊙ D_d)·A_dᵀ                                              [N, r]
+    y    = h·W_dᵀ + b_d + hd·B_dᵀ
+Backward, with dY:
+    dhd = dY·B_d;  dB_d = dYᵀ·hd;  dA_d = s_d·dhdᵀ·(h ⊙ D_d)
+    dh  = dY·W_d + s_d·(dhd·A_d) ⊙ D_d
+    dg  = dh ⊙ u ⊙ act'(g),  du = dh ⊙ act(g)
+    dxa_g = dg·B_g;  dB_g = dgᵀ·xa_g;  dA_g = s_g·dxa_gᵀ·(x ⊙ D_g)   (and the same for up)
+    dX  = s_g·(dxa_g·A_g) ⊙ D_g + s_u·(dxa_u·A_u) ⊙ D_u + dg·W_g + du·W_u
+(sigmoid'/tanh' from the closed forms; gelu'(g) = Φ(g) + g·φ(g) for the erf form.)
+
+Where the work goes (b = bytes per element; per token at Llama-3.1-8B, H = 4096, I = 14336):
+- cuBLAS: x·W_gᵀ, x·W_uᵀ, h·W_dᵀ (forward, 3·2·H·I FLOPs a token), dY·W_d, dg·W_g, du·W_u (and
+  the dW products if the base trains). The forward writes g_base = x·W_gᵀ (+ b) and u_base
+  without any LoRA term: the low-rank terms xa·Bᵀ are added inside the Triton activation kernel,
+  which has to read g_base and u_base anyway (a rank-r tl.dot per tile, no extra pass).
+- Forward Triton kernel, one program per BLOCK_M rows looping over I: reads g_base, u_base, adds
+  the low-rank terms, writes h (2·I·b read, I·b written) and, from the h tile in registers,
+  accumulates hd = s_d·drop(h)·A_dᵀ, so the down adapter never reads h again. y is then produced
+  as in lora.py: y = b_d + hd·B_dᵀ written first, y += h·W_dᵀ in the GEMM's epilogue.
+- Backward Triton kernel, the same layout: reads dY·W_d, g_base, u_base, recomputes g, u, act(g)
+  and h, adds the down adapter's low-rank dh term with its mask, writes dg, du and drop(h) (for
+  dA_d; h itself too when W_d trains) and accumulates dxa_g = dg·B_g and dxa_u = du·B_u from the
+  tiles in registers (no extra read of dg or du).
+
+Saved for backward by LoRAMLPFunction: x, g_base, u_base (the pre-activations without the LoRA
+terms, which are recomputed from xa·Bᵀ), xa_g, xa_u and hd [N, r], the parameters and three
+seeds: (H + 2·I)·b + 3·r·b' bytes a token (b' the adapter's element size), 65.6 KB at Llama-8B
+shapes, rank 16, bf16. h = act(g)·u is not saved: the backward recomputes it. PEFT's eager MLP
+saves x, g (after the LoRA add), act(g), u and h: (H + 4·I)·b plus the rank-r tensors, about
+123 KB a token, and another N·H·b per adapter (and an N·I mask) once dropout > 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._common import INTERPRETER, interpreting, round_to, use_triton
+from .lora import (_as_rows, _check, _fp32_dot, draw_seed, lora_down, lora_dropout, lora_grad_a,
+                   lora_linear_reference, lora_up_into)
+
+ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
+_ACT_ID = {name: i for i, name in enumerate(ACTIVATIONS)}
+
+
+def activation_reference(g: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "silu":
+        return F.silu(g)
+    return F.gelu(g, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+def lora_mlp_reference(x, gate, up, down, activation="silu", dropout=(0.0, 0.0, 0.0), seeds=(0, 0, 0)):
+    """PEFT's computation: each of gate/up/down a LoRA linear (W, b, A, B, scale) in PEFT's order."""
+    g = lora_linear_reference(x, *_args(gate), dropout[0], seeds[0])
+    u = lora_linear_reference(x, *_args(up), dropout[1], seeds[1])
+    h = activation_reference(g, activation) * u
+    return lora_linear_reference(h, *_args(down), dropout[2], seeds[2])
+
+
+def _args(layer):
+    w, b, a, bm, s = layer
+    return w, a, bm, s, b
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton: activation forward / backward with the LoRA epilogues.
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _tanh(z):
+    # tanh from exp (libdevice tanh is unavailable in the interpreter): 1 - 2/(e^{2z} + 1);
+    # its absolute error near 0 (~1e-7) is harmless here, where it is added to 1.
+    return 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
+
+
+@triton.jit
+def _act_and_grad(g, ACT: tl.constexpr):
+    """(act(g), act'(g)) in fp32."""
+    if ACT == 0:  # silu: g·σ(g); σ(g)·(1 + g·(1 − σ(g)))
+        sig = 1.0 / (1.0 + tl.exp(-g))
+        return g * sig, sig * (1.0 + g * (1.0 - sig))
+    elif ACT == 1:  # gelu, tanh approximation (Hendrycks & Gimpel 2016)
+        k: tl.constexpr = 0.7978845608028654  # sqrt(2/pi)
+        t = _tanh(k * (g + 0.044715 * g * g * g))
+        return 0.5 * g * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * k * (1.0 + 3 * 0.044715 * g * g)
+    else:  # gelu, erf form: Φ(g)·g; Φ(g) + g·φ(g)
+        cdf = 0.5 * (1.0 + tl.erf(g * 0.7071067811865476))
+        return g * cdf, cdf + g * tl.exp(-0.5 * g * g) * 0.3989422804014327
+
+
+@triton.jit
+def _low_rank_tile(XA, B, rows, cols, row_mask, col_mask, R, BLOCK_R: tl.constexpr, FP32_DOT: tl.constexpr):
+    """XA[rows, :]·B[cols, :]ᵀ: [BM, BI] fp32 (XA [N, R], B [I, R], both contiguous)."""
+    ranks = tl.arange(0, BLOCK_R)
+    xa = tl.load(XA + rows[:, None] * R + ranks[None, :], mask=row_mask[:, None] & (ranks < R)[None, :], other=0.0)
+    b = tl.load(B + cols[None, :] * R + ranks[:, None], mask=col_mask[None, :] & (ranks < R)[:, None], other=0.0)
+    if FP32_DOT:
+        return tl.dot(xa.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(xa.to(B.dtype.element_ty), b)
+
+
+@triton.jit
+def _lora_mlp_fwd_kernel(
+    G, U, XA_G, XA_U, B_G, B_U, A_D, H, HD,   # G, U [N, I] (row strides), XA_* [N, R_*], B_* [I, R_*],
+    N, I, R_G, R_U, R_D, STRIDE_G, STRIDE_U,  # A_D [R_D, I], H [N, I] contiguous, HD [N, R_D] contiguous
+    seed, p, scale,
+    ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BR_G: tl.constexpr, BR_U: tl.constexpr,
+    BR_D: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    ranks_d = tl.arange(0, BR_D)
+    pf = tl.cast(p, tl.float32)
+    acc = tl.zeros([BLOCK_M, BR_D], dtype=tl.float32)
+    for i0 in range(0, I, BLOCK_I):
+        cols = i0 + tl.arange(0, BLOCK_I).to(tl.int64)
+        col_mask = cols < I
+        mask = row_mask[:, None] & col_mask[None, :]
+        g = tl.load(G + rows[:, None] * STRIDE_G + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(U + rows[:, None] * STRIDE_U + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        g += _low_rank_tile(XA_G, B_G, rows, cols, row_mask, col_mask, R_G, BR_G, FP32_DOT)
+        u += _low_rank_tile(XA_U, B_U, rows, cols, row_mask, col_mask, R_U, BR_U, FP32_DOT)
+        a, _ = _act_and_grad(g, ACT)
+        h = round_to(a * u, H.dtype.element_ty)                               # [BM, BI]
+        tl.store(H + rows[:, None] * I + cols[None, :], h, mask=mask)
+        hm = tl.where(tl.rand(seed, rows[:, None] * I + cols[None, :]) >= pf, h.to(tl.float32), 0.0)
+        ad = tl.load(A_D + ranks_d[None, :] * I + cols[:, None], mask=(ranks_d < R_D)[None, :] & col_mask[:, None],
+                     other=0.0)                                               # [BI, BR_D]
+        if FP32_DOT:
+            acc += tl.dot(hm, ad.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(hm.to(A_D.dtype.element_ty), ad)
+    acc = acc * (tl.cast(scale, tl.float32) / (1.0 - pf))
+    tl.store(HD + rows[:, None] * R_D + ranks_d[None, :], round_to(acc, HD.dtype.element_ty),
+             mask=row_mask[:, None] & (ranks_d < R_D)[None, :])
+
+
+@triton.jit
+def _lora_mlp_bwd_kernel(
+    DH, DHD, G, U, XA_G, XA_U, B_G, B_U, A_D,   # DH [N, I] = dY·W_d (contiguous), DHD [N, R_D] = dY·B_d
+    DG, DU, HM, HF, DXA_G, DXA_U,              # DG, DU, HM, HF [N, I]; DXA_* [N, R_*] fp32
+    N, I, R_G, R_U, R_D, STRIDE_G, STRIDE_U,
+    seed, p, scale,
+    ACT: tl.constexpr, STORE_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr,
+    BR_G: tl.constexpr, BR_U: tl.constexpr, BR_D: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    ranks_g, ranks_u, ranks_d = tl.arange(0, BR_G), tl.arange(0, BR_U), tl.arange(0, BR_D)
+    pf = tl.cast(p, tl.float32)
+    inv_keep = 1.0 / (1.0 - pf)
+    dhd = tl.load(DHD + rows[:, None] * R_D + ranks_d[None, :], mask=row_mask[:, None] & (ranks_d < R_D)[None, :],
+                  other=0.0)                                                  # [BM, BR_D]
+    acc_g = tl.zeros([BLOCK_M, BR_G], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BR_U], dtype=tl.float32)
+    for i0 in range(0, I, BLOCK_I):
+        cols = i0 + tl.arange(0, BLOCK_I).to(tl.int64)
+        col_mask = cols < I
+        mask = row_mask[:, None] & col_mask[None, :]
+        g = tl.load(G + rows[:, None] * STRIDE_G + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(U + rows[:, None] * STRIDE_U + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        g += _low_rank_tile(XA_G, B_G, rows, cols, row_mask, col_mask, R_G, BR_G, FP32_DOT)
+        u += _low_rank_tile(XA_U, B_U, rows, cols, row_mask, col_mask, R_U, BR_U, FP32_DOT)
+        a, da = _act_and_grad(g, ACT)
+        h = round_to(a * u, HM.dtype.element_ty).to(tl.float32)
+        keep = tl.rand(seed, rows[:, None] * I + cols[None, :]) >= pf
+        ad = tl.load(A_D + ranks_d[:, None] * I + cols[None, :], mask=(ranks_d < R_D)[:, None] & col_mask[None, :],
+                     other=0.0)                                               # [BR_D, BI]
+        if FP32_DOT:
+            low = tl.dot(dhd.to(tl.float32), ad.to(tl.float32), input_precision="ieee")
+        else:
+            low = tl.dot(dhd.to(A_D.dtype.element_ty), ad)
+        dh = tl.load(DH + rows[:, None] * I + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dh += tl.where(keep, low * (tl.cast(scale, tl.float32) * inv_keep), 0.0)
+        dg = round_to(dh * u * da, DG.dtype.element_ty)
+        du = round_to(dh * a, DU.dtype.element_ty)
+        tl.store(DG + rows[:, None] * I + cols[None, :], dg, mask=mask)
+        tl.store(DU + rows[:, None] * I + cols[None, :], du, mask=mask)
+        tl.store(HM + rows[:, None] * I + cols[None, :], round_to(tl.where(keep, h * inv_keep, 0.0),
+                                                                   HM.dtype.element_ty), mask=mask)
+        if STORE_H:
+            tl.store(HF + rows[:, None] * I + cols[None, :], round_to(h, HF.dtype.element_ty), mask=mask)
+        bg = tl.load(B_G + cols[:, None] * R_G + ranks_g[None, :], mask=col_mask[:, None] & (ranks_g < R_G)[None, :],
+                     other=0.0)                                               # [BI, BR_G]
+        bu = tl.load(B_U + cols[:, None] * R_U + ranks_u[None, :], mask=col_mask[:, None] & (ranks_u < R_U)[None, :],
+                     other=0.0)
+        if FP32_DOT:
+            acc_g += tl.dot(dg.to(tl.float32), bg.to(tl.float32), input_precision="ieee")
+            acc_u += tl.dot(du.to(tl.float32), bu.to(tl.float32), input_precision="ieee")
+        else:
+            acc_g += tl.dot(dg.to(B_G.dtype.element_ty), bg)
+            acc_u += tl.dot(du.to(B_U.dtype.element_ty), bu)
+    tl.store(DXA_G + rows[:, None] * R_G + ranks_g[None, :], acc_g, mask=row_mask[:, None] & (ranks_g < R_G)[None, :])
+    tl.store(DXA_U + rows[:, None] * R_U + ranks_u[None, :], acc_u, mask=row_mask[:, None] & (ranks_u < R_U)[None, :])
+
+
+def _mlp_blocks(device: torch.device) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_I): big tiles under the interpreter; GPU tiles untuned until measured."""
+    if device.type != "cuda" and interpreting():
+        return 64, 128
+    return 64, 64
+
+
+def _br(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+# ------------------------------------------------------------------------------------------------
+# Autograd Function.
+# ------------------------------------------------------------------------------------------------
+class LoRAMLPFunction(torch.autograd.Function):
+    """Inputs: x, activation, dropout (3 floats), seeds (3 ints), scales (3 floats), then W, b, A, B
+    for gate, up and down (12 tensors). Saves x, g_base, u_base, xa_g, xa_u, hd (see docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, activation, dropout, seeds, scales, *params):
+        rows = _as_rows(x)
+        (wg, bg, ag, bmg), (wu, bu, au, bmu), (wd, bd, ad, bmd) = (params[0:4], params[4:8], params[8:12])
+        (pg, pu, pd), (sg, su, sd) = dropout, scales
+        n = rows.shape[0]
+        inter = wg.shape[0]
+        if pg == 0 and pu == 0 and ag.dtype == au.dtype:  # one read of x for both rank-r inputs
+            xa = torch.mm(rows.to(ag.dtype), torch.cat([ag * sg, au * su]).t())
+            xa_g, xa_u = xa[:, : ag.shape[0]].contiguous(), xa[:, ag.shape[0]:].contiguous()
+        else:
+            xa_g = lora_down(rows, ag, sg, pg, seeds[0])
+            xa_u = lora_down(rows, au, su, pu, seeds[1])
+        g = torch.mm(rows, wg.t()) if bg is None else torch.addmm(bg, rows, wg.t())     # [N, I]
+        u = torch.mm(rows, wu.t()) if bu is None else torch.addmm(bu, rows, wu.t())
+        h = torch.empty(n, inter, dtype=rows.dtype, device=rows.device)
+        hd = torch.empty(n, ad.shape[0], dtype=ad.dtype, device=rows.device)
+        bm_, bi = _mlp_blocks(rows.device)
+        bmg_c, bmu_c, ad_c = bmg.contiguous(), bmu.contiguous(), ad.contiguous()
+        fp32 = _fp32_dot(rows, ag, au, ad)
+        if n:
+            _lora_mlp_fwd_kernel[(triton.cdiv(n, bm_),)](
+                g, u, xa_g, xa_u, bmg_c, bmu_c, ad_c, h, hd, n, inter, ag.shape[0], au.shape[0], ad.shape[0],
+                g.stride(0), u.stride(0), seeds[2], float(pd), float(sd),
+                ACT=_ACT_ID[activation], BLOCK_M=bm_, BLOCK_I=bi, BR_G=_br(ag.shape[0]), BR_U=_br(au.shape[0]),
+                BR_D=_br(ad.shape[0]), FP32_DOT=fp32)
+        bdt = bmd.to(rows.dtype).t()
+        hdy = hd.to(rows.dtype)
+        y = torch.mm(hdy, bdt) if bd is None else torch.addmm(bd, hdy, bdt)             # [N, H]
+        y.addmm_(h, wd.t())                                                            # epilogue add
+        ctx.activation, ctx.dropout, ctx.seeds, ctx.scales, ctx.x_shape = activation, dropout, seeds, scales, x.shape
+        ctx.save_for_backward(rows, g, u, xa_g, xa_u, hd, *params)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        rows, g, u, xa_g, xa_u, hd, *params = ctx.saved_tensors
+        (wg, bg, ag, bmg), (wu, bu, au, bmu), (wd, bd, ad, bmd) = (params[0:4], params[4:8], params[8:12])
+        (pg, pu, pd), (sg, su, sd), seeds = ctx.dropout, ctx.scales, ctx.seeds
+        need = ctx.needs_input_grad[5:]
+        dy = _as_rows(dy)
+        n, inter = g.shape
+        grads = [None] * 12
+        # Down projection: its rank-r products, and dh's base part from cuBLAS.
+        dy_lr = dy.to(bmd.dtype)
+        dhd = torch.mm(dy_lr, bmd)                                                     # [N, r_d]
+        if need[11]:
+            grads[11] = torch.mm(dy_lr.t(), hd).to(bmd.dtype)
+        if bd is not None and need[9]:
+            grads[9] = dy.sum(0, dtype=torch.float32).to(bd.dtype)
+        dh = torch.mm(dy, wd.to(dy.dtype))                                             # [N, I]
+        dg, du, hm = torch.empty_like(dh), torch.empty_like(dh), torch.empty_like(dh)
+        store_h = need[8] and pd > 0
+        hf = torch.empty_like(dh) if store_h else hm
+        dxa_g = torch.empty(n, ag.shape[0], dtype=torch.float32, device=dy.device)
+        dxa_u = torch.empty(n, au.shape[0], dtype=torch.float32, device=dy.device)
+        bm_, bi = _mlp_blocks(dy.device)
+        if n:
+            _lora_mlp_bwd_kernel[(triton.cdiv(n, bm_),)](
+                dh, dhd.contiguous(), g, u, xa_g, xa_u, bmg.contiguous(), bmu.contiguous(), ad.contiguous(),
+                dg, du, hm, hf, dxa_g, dxa_u, n, inter, ag.shape[0], au.shape[0], ad.shape[0],
+                g.stride(0), u.stride(0), seeds[2], float(pd), float(sd),
+                ACT=_ACT_ID[ctx.activation], STORE_H=store_h, BLOCK_M=bm_, BLOCK_I=bi, BR_G=_br(ag.shape[0]),
+                BR_U=_br(au.shape[0]), BR_D=_br(ad.shape[0]), FP32_DOT=_fp32_dot(dy, ag, au, ad))
+        del dh
+        if need[10]:
+            grads[10] = torch.mm(dhd.t(), hm.to(dhd.dtype)).mul_(sd).to(ad.dtype)     # dA_d (hm = drop(h))
+        if need[8]:
+            grads[8] = torch.mm(dy.t(), hf if store_h else hm).to(wd.dtype)           # dW_d (hm = h when p_d = 0)
+        # Gate and up: rank-r grads from dxa and the saved xa, base grads if the base trains.
+        for (w, b, a, bm, xa, dxa, d, s, p, seed, k) in (
+                (wg, bg, ag, bmg, xa_g, dxa_g, dg, sg, pg, seeds[0], 0),
+                (wu, bu, au, bmu, xa_u, dxa_u, du, su, pu, seeds[1], 4)):
+            if need[k + 3]:
+                grads[k + 3] = torch.mm(d.t().to(xa.dtype), xa).to(bm.dtype)
+            if need[k + 2]:
+                grads[k + 2] = lora_grad_a(dxa.to(a.dtype), rows, s, p, seed, a.dtype)
+            if need[k]:
+                grads[k] = torch.mm(d.t(), rows).to(w.dtype)
+            if b is not None and need[k + 1]:
+                grads[k + 1] = d.sum(0, dtype=torch.float32).to(b.dtype)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            if pg == 0 and pu == 0:  # one rank-(r_g + r_u) GEMM writes the low-rank part of dX
+                dx = torch.mm(torch.cat([dxa_g, dxa_u], 1).to(ag.dtype), torch.cat([ag * sg, au * su])).to(rows.dtype)
+            else:
+                dx = lora_up_into(None, dxa_g.to(ag.dtype), ag, sg, pg, seeds[0], rows.dtype)
+                dx = lora_up_into(dx, dxa_u.to(au.dtype), au, su, pu, seeds[1], rows.dtype)
+            dx.addmm_(dg, wg.to(dx.dtype))
+            dx.addmm_(du, wu.to(dx.dtype))
+            dx = dx.view(ctx.x_shape)
+        return (dx, None, None, None, None, *grads)
+
+
+def lora_mlp(x: torch.Tensor, gate, up, down, activation: str = "silu", dropout=0.0, seeds=None) -> torch.Tensor:
+    """down(act(gate(x)) ⊙ up(x)) with a LoRA adapter on each projection, fused (module docstring).
+
+    gate, up, down: (W, b or None, A, B, scale) each, W in nn.Linear's [out, in] layout.
+    activation: "silu" (SwiGLU), "gelu_tanh" or "gelu" (GeGLU). dropout: one float or three (gate,
+    up, down); seeds: three ints, drawn from torch's generator in the order gate, up, down when None.
+    """
+    if activation not in _ACT_ID:
+        raise ValueError(f"lora_mlp: activation {activation!r} is not one of {ACTIVATIONS}")
+    drops = (float(dropout),) * 3 if isinstance(dropout, (int, float)) else tuple(float(p) for p in dropout)
+    if len(drops) != 3 or any(not 0.0 <= p < 1.0 for p in drops):
+        raise ValueError(f"lora_mlp: dropout {dropout} must be one value or three, each in [0, 1)")
+    if seeds is None:
+        seeds = tuple(draw_seed() if p > 0 else 0 for p in drops)
+    (wg, bg, ag, bmg, sg), (wu, bu, au, bmu, su), (wd, bd, ad, bmd, sd) = gate, up, down
+    _check(x, wg, ag, bmg, bg)
+    _check(x, wu, au, bmu, bu)
+    if wg.shape != wu.shape or wd.shape != (wg.shape[1], wg.shape[0]):
+        raise ValueError(f"lora_mlp: gate {tuple(wg.shape)}, up {tuple(wu.shape)} and down {tuple(wd.shape)} "
+                         "are not a gated MLP's [I, H], [I, H], [H, I]")
+    _check(x.new_empty(0, wd.shape[1]), wd, ad, bmd, bd)
+    tensors = [t for t in (wg, bg, ag, bmg, wu, bu, au, bmu, wd, bd, ad, bmd) if t is not None]
+    if not use_triton(x, *tensors):
+        return lora_mlp_reference(x, gate, up, down, activation, drops, seeds)
+    return LoRAMLPFunction.apply(x, activation, drops, tuple(int(s) for s in seeds),
+                                 (float(sg), float(su), float(sd)),
+                                 wg, bg, ag, bmg, wu, bu, au, bmu, wd, bd, ad, bmd)
