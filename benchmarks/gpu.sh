@@ -37,6 +37,7 @@ step bench_rms_norm 50 python3 -m benchmarks.kernels.rms_norm --out "$OUT"
 step bench_layer_norm 50 python3 -m benchmarks.kernels.layer_norm --out "$OUT"
 step bench_fused_linear_cross_entropy 120 python3 -m benchmarks.kernels.fused_linear_cross_entropy --out "$OUT"
 step bench_attention 30 python3 -m benchmarks.kernels.attention --out "$OUT"
+step bench_lora 120 python3 -m benchmarks.kernels.lora --out "$OUT"
 step report 30 python3 -m benchmarks.report "$OUT"
 cat "$OUT/report.log"
 exit $status
