@@ -3,7 +3,8 @@
     python -m benchmarks.report [RESULTS_DIR ...]   (default: benchmarks/results)
 
 Prints the tables and writes RESULTS_DIR/report.md. Only measured rows appear; smoke rows
-(tiny shapes, CPU) are left out unless --smoke is given.
+(tiny shapes, CPU) are left out unless --smoke is given. With --readme it also writes
+benchmarks/README.md and PNG plots (benchmarks/plots/) from benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -97,19 +98,144 @@ def targets(rows: list[dict]) -> list[str]:
     return out if len(out) > 1 else []
 
 
+E2E_PROVIDERS = ("hf", "liger", "fastft")
+
+
+def e2e_tables(rows: list[dict]) -> list[str]:
+    """Tokens/s, MFU, step time and memory per model, mode and provider, with fastft's ratios."""
+    rows = [r for r in rows if r["op"] == "e2e"]
+    if not rows:
+        return []
+    latest: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["model"], r["mode"], r["provider"], r.get("device"))
+        if key not in latest or r["date"] >= latest[key]["date"]:
+            latest[key] = r
+    out = ["\n## End-to-end training\n",
+           "Real tokens per second (padding excluded); MFU in fastft's convention, and in the 6N convention "
+           "for LoRA (fastft/flops.py); ratios are fastft's tokens/s over the peer's.\n"]
+    for mode in ("full", "lora"):
+        mode_rows = [r for r in latest.values() if r["mode"] == mode]
+        if not mode_rows:
+            continue
+        out += [f"\n### {'Full fine-tuning' if mode == 'full' else 'LoRA r=16, all linear layers'}\n",
+                "| model | layers | provider | tokens/s | MFU (6N) | step p50 / p90 ms | peak GiB | fastft / this |"
+                " device, date |", "|---|---|---|---|---|---|---|---|---|"]
+        for model in sorted({r["model"] for r in mode_rows}):
+            group = {r["provider"]: r for r in mode_rows if r["model"] == model}
+            ours = group.get("fastft")
+            for provider in E2E_PROVIDERS:
+                r = group.get(provider)
+                if r is None:
+                    continue
+                if r.get("error"):
+                    out.append(f"| {model} | {r['shape'].get('layers', '')} | {provider} | error: "
+                               f"{r['error'][:70]} | | | | | {r['device']}, {r['date'][:10]} |")
+                    continue
+                mfu = _fmt(r.get("mfu")) + (f" ({_fmt(r.get('mfu_6n'))})" if mode == "lora" else "")
+                ratio = (f"{ours['tokens_per_s'] / r['tokens_per_s']:.2f}x"
+                         if ours and ours.get("tokens_per_s") and provider != "fastft" else "")
+                out.append(f"| {model} | {r['shape'].get('layers', '')} | {provider} | {r['tokens_per_s']} | {mfu} | "
+                           f"{r['ms']} / {r['p90_ms']} | {_fmt(r.get('peak_gib'))} | {ratio} | "
+                           f"{r['device']}, {r['date'][:10]} |")
+    out += _e2e_targets(latest)
+    for r in rows:
+        if r["op"] == "e2e_max_context":
+            out.append(f"- longest LoRA context, {r['model']}, {r['provider']}: {r.get('max_seq')} tokens "
+                       f"({r['device']}, {r['date'][:10]})")
+    return out
+
+
+def _e2e_targets(latest: dict) -> list[str]:
+    """Issue 7's targets, judged from the rows (recorded, never asserted)."""
+    def get(model, mode, provider):
+        return next((r for r in latest.values() if r["model"] == model and r["mode"] == mode
+                     and r["provider"] == provider and r.get("tokens_per_s")), None)
+
+    out = []
+    ours, hf, liger = (get("Llama-3.2-1B", "full", p) for p in E2E_PROVIDERS[::-1])
+    if ours:
+        line = f"- Llama-3.2-1B full FT: {ours['tokens_per_s']} tokens/s"
+        if hf:
+            line += f"; {ours['tokens_per_s'] / hf['tokens_per_s']:.2f}x HF (target >= 1.5)"
+            if ours.get("peak_gib") and hf.get("peak_gib"):
+                line += f", peak memory {ours['peak_gib'] / hf['peak_gib']:.2f}x HF's (target <= 0.6)"
+        if liger:
+            line += f"; {ours['tokens_per_s'] / liger['tokens_per_s']:.2f}x Liger (target >= 1.15)"
+        out.append(line)
+    lora = get("Llama-3.1-8B", "lora", "fastft")
+    if lora:
+        out.append(f"- Llama-3.1-8B LoRA: {lora['tokens_per_s']} tokens/s (target >= 14,000; NeMo AutoModel "
+                   f"publishes 12,473), MFU {_fmt(lora.get('mfu'))} (LoRA convention), {_fmt(lora.get('mfu_6n'))} (6N)")
+    return ["\n### Targets (issue 7)\n", *out] if out else []
+
+
+def plots(rows: list[dict], directory: pathlib.Path) -> list[pathlib.Path]:
+    """tokens/s and peak memory per model and provider, one PNG per mode and metric (matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    e2e = [r for r in rows if r["op"] == "e2e" and not r.get("error")]
+    for mode in ("full", "lora"):
+        for metric, label in (("tokens_per_s", "tokens / s"), ("peak_gib", "peak memory, GiB")):
+            data = [r for r in e2e if r["mode"] == mode and r.get(metric) is not None]
+            if not data:
+                continue
+            models = sorted({r["model"] for r in data})
+            fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(models)), 4))
+            width = 0.8 / len(E2E_PROVIDERS)
+            for k, provider in enumerate(E2E_PROVIDERS):
+                values = [next((r[metric] for r in data if r["model"] == m and r["provider"] == provider), 0)
+                          for m in models]
+                ax.bar([i + k * width for i in range(len(models))], values, width, label=provider)
+            ax.set_xticks([i + width for i in range(len(models))], models, rotation=30, ha="right")
+            ax.set_ylabel(label)
+            ax.set_title(f"{mode}: {label} ({data[0]['device']})")
+            ax.legend()
+            fig.tight_layout()
+            path = directory / f"e2e_{mode}_{metric}.png"
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+            written.append(path)
+    return written
+
+
+def render(rows: list[dict]) -> str:
+    if not rows:
+        return "No measured results yet: not yet measured on GPU."
+    parts = []
+    kernel_rows = [r for r in rows if r["op"] not in ("e2e", "e2e_max_context") and ("ms" in r or "error" in r)]
+    if kernel_rows:
+        parts += ["## Kernel benchmarks", *kernel_tables(kernel_rows), *targets(rows)]
+    parts += e2e_tables(rows)
+    return "\n".join(parts)
+
+
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("dirs", nargs="*", type=pathlib.Path, default=[RESULTS_DIR])
     parser.add_argument("--smoke", action="store_true", help="report the smoke rows instead")
+    parser.add_argument("--readme", action="store_true",
+                        help="write benchmarks/README.md and benchmarks/plots/ from these results")
     args = parser.parse_args(argv)
     rows = load_rows(args.dirs, args.smoke)
-    if not rows:
-        text = "No measured results yet (not yet measured on GPU)."
-    else:
-        text = "\n".join(["## Kernel benchmarks", *kernel_tables([r for r in rows if "ms" in r or "error" in r]),
-                          *targets(rows)])
+    text = render(rows)
     print(text)
     (args.dirs[0] / "report.md").write_text(text + "\n")
+    if args.readme:
+        here = pathlib.Path(__file__).resolve().parent
+        (here / "plots").mkdir(exist_ok=True)
+        images = plots(rows, here / "plots")
+        header = ("# Benchmark results\n\nGenerated by `python -m benchmarks.report --readme` from the JSON lines in "
+                  "`benchmarks/results/` (each row names its device, versions, commit and date). How they are "
+                  "measured: `benchmarks/harness.py`, `benchmarks/e2e.py`; floors and misses: `NOTES.md`.\n\n")
+        pictures = "".join(f"\n![{p.stem}](plots/{p.name})\n" for p in images)
+        (here / "README.md").write_text(header + text + "\n" + pictures)
     return text
 
 

@@ -6,7 +6,8 @@
                                  a hub name when online, or a seed architecture's name such as
                                  "Gemma2"), built on the meta device: no weights are loaded
 
-`fastft train` and `fastft bench` arrive with the trainer and benchmark issues.
+    fastft bench [ARGS]          the end-to-end benchmark (benchmarks/e2e.py; --help for its options),
+                                 from a source checkout
 """
 
 from __future__ import annotations
@@ -106,6 +107,22 @@ def patch_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench(args: argparse.Namespace) -> int:
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "e2e.py").is_file():
+        print(f"fastft bench: benchmarks/ not found beside {root / 'fastft'}; it runs from a source checkout "
+              "(git clone, then pip install -e '.[bench]')", file=sys.stderr)
+        return 2
+    _prepare_device()
+    sys.path.insert(0, str(root))
+    from benchmarks import e2e
+
+    e2e.main(args.rest)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastft", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     p_report.add_argument("model", help="local folder or config.json, hub name, or a seed architecture's name")
     p_report.add_argument("--trust-remote-code", action="store_true")
     p_report.set_defaults(func=patch_report)
+    sub.add_parser("bench", help="end-to-end training benchmark (benchmarks/e2e.py; its own --help)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # everything after `bench` belongs to benchmarks/e2e.py
+        return bench(argparse.Namespace(rest=argv[1:]))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

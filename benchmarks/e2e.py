@@ -1,0 +1,240 @@
+"""End-to-end training throughput per architecture: HF eager (SDPA, padded) vs HF + Liger vs fastft.
+
+    python -m benchmarks.e2e [--smoke] [--models Llama-3.2-1B,Llama-3.1-8B] [--modes full,lora]
+                             [--part 1/3] [--max-context] [--out DIR]
+
+Each (model, mode, provider) builds a random-init model from the real shapes in
+benchmarks/e2e_configs.py (bf16 on the GPU), trains `--warmup` then `--steps` optimizer steps on
+the same synthetic documents (SQuAD-like: a 150-700-token prompt without loss, a 3-40-token
+answer with loss), and records real tokens per second (padding excluded), MFU (fastft/flops.py's
+convention; LoRA rows give both conventions), step time p50/p90 and peak memory.
+Providers, on the same documents:
+  hf       what a plain HF Trainer user gets: SDPA attention, one document per row, padded
+  liger    HF + Liger-Kernel applied to the instance, on the packed rows (when installed)
+  fastft   fastft.patch'ed model on the packed rows (varlen attention, fused kernels)
+Full fine-tuning trains every parameter with fused AdamW; LoRA is PEFT r=16 on all linear layers.
+`--max-context` finds, per provider, the longest single document that one LoRA step of
+Llama-3.1-8B fits in GPU memory. `--smoke` runs every model's architecture at a tiny size for one
+step on any device (the test suite runs it); its timings mean nothing.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import sys
+import time
+
+import torch
+
+from benchmarks import harness
+from benchmarks.e2e_configs import BY_NAME, MODELS
+from fastft.flops import mfu, training_flops
+
+PROVIDERS = ("hf", "liger", "fastft")
+
+
+def parse(argv):
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--out", default=str(harness.RESULTS_DIR))
+    parser.add_argument("--models", default="", help="comma-separated names from benchmarks/e2e_configs.py")
+    parser.add_argument("--modes", default="full,lora")
+    parser.add_argument("--providers", default=",".join(PROVIDERS))
+    parser.add_argument("--seq", type=int, default=4096, help="tokens per packed row")
+    parser.add_argument("--rows", type=int, default=1, help="packed rows per step")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--part", default="1/1", help="k/n: run the k-th of n slices of the model list")
+    parser.add_argument("--max-context", action="store_true")
+    args = parser.parse_args(argv)
+    names = [n for n in args.models.split(",") if n] or [m.name for m in MODELS]
+    unknown = [n for n in names if n not in BY_NAME]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {sorted(BY_NAME)}")
+    k, n = (int(x) for x in args.part.split("/"))
+    args.models = names[k - 1::n]
+    args.modes = [m for m in args.modes.split(",") if m]
+    args.providers = [p for p in args.providers.split(",") if p]
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.smoke:
+        args.seq, args.steps, args.warmup = 96, 1, 0
+    return args
+
+
+def documents(seq: int, rows: int, vocab: int, seed: int = 0) -> list[dict]:
+    """SQuAD-like examples filling about rows x seq tokens: prompt without loss, answer with loss."""
+    gen = torch.Generator().manual_seed(seed)
+    small = seq < 1024
+    docs, total = [], 0
+    while total < rows * seq:
+        prompt = int(torch.randint(20, 60, (1,), generator=gen)) if small else int(
+            torch.randint(150, 700, (1,), generator=gen))
+        answer = int(torch.randint(3, 40, (1,), generator=gen))
+        n = min(prompt + answer, seq)
+        ids = torch.randint(3, vocab, (n,), generator=gen).tolist()
+        labels = [-100] * (n - answer) + ids[n - answer:]
+        docs.append({"input_ids": ids, "labels": labels})
+        total += n
+    return docs
+
+
+def batches(docs: list[dict], provider: str, seq: int, rows: int) -> list[dict]:
+    """The packed micro-batches; for "hf" the same documents of each step, padded one per row."""
+    from fastft.data import PackedBatches, collate_padded
+
+    packer = PackedBatches(docs, pad_id=0, max_seq_len=seq, mode="packed", batch_size=rows, shuffle=False)
+    if provider != "hf":
+        return list(packer)
+    return [collate_padded([docs[i] for row in step for i in row], pad_id=0) for step in packer.plan()]
+
+
+def build(spec, mode: str, provider: str, device: str, smoke: bool):
+    from transformers import AutoModelForCausalLM
+
+    import fastft
+
+    if smoke:
+        from fastft.architectures import NATIVE
+
+        arch = next(a for a in NATIVE if a.model_type == spec.model_type)
+        config = arch.tiny_config()
+        dtype = torch.float32
+    else:
+        config = spec.config(mode)
+        dtype = torch.bfloat16
+    with torch.device(device):
+        try:  # what a plain HF user gets: SDPA where the architecture supports it, else its default
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        except ValueError:  # e.g. Gemma 2 (soft-capped attention scores)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
+    model.config.use_cache = False
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
+    if provider == "liger":
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=model.get_base_model() if mode == "lora" else model)
+    elif provider == "fastft":
+        fastft.patch(model)
+    model.train()
+    return model
+
+
+def train_steps(model, step_batches: list[dict], warmup: int, steps: int, device: str) -> list[float]:
+    from fastft.data import model_inputs
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device == "cuda")
+    times = []
+    for i in range(warmup + steps):
+        batch = step_batches[i % len(step_batches)]
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        total = batch.pop("num_target_tokens")
+        loss = model(**model_inputs(batch), num_items_in_batch=total).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss {loss.item()} at step {i}")
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def _free():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def run_one(rec, spec, mode, provider, args, docs):
+    shape = {"seq": args.seq, "rows": args.rows, "layers": spec.layers_note(mode)}
+    base = dict(op="e2e", model=spec.name, provider=provider, mode=mode, shape=shape,
+                dtype="float32" if args.smoke else "bfloat16")
+    model = None
+    try:
+        _free()
+        model = build(spec, mode, provider, args.device, args.smoke)
+        step_batches = batches(docs, provider, args.seq, args.rows)
+        times = train_steps(model, step_batches, args.warmup, args.steps, args.device)
+        attention = getattr(model.config, "_attn_implementation", None)
+        # FLOPs of an average step: all documents' work divided by the number of steps they fill.
+        n_steps = len(step_batches)
+        flops = {k: v / n_steps for k, v in
+                 training_flops(model, [len(d["input_ids"]) for d in docs], lora=mode == "lora").items()}
+    except Exception as exc:  # OOM or a provider that cannot run this model: recorded, not fatal
+        oom = isinstance(exc, torch.cuda.OutOfMemoryError)
+        return rec.add(**base, error=("OOM: " if oom else "") + f"{type(exc).__name__}: {exc}"[:400])
+    finally:
+        del model
+    real_tokens = sum(len(d["input_ids"]) for d in docs) / n_steps
+    p50 = statistics.median(times)
+    p90 = sorted(times)[min(len(times) - 1, int(0.9 * len(times)))]
+    row = rec.add(
+        **base, attention=attention, ms=round(p50 * 1e3, 2), p90_ms=round(p90 * 1e3, 2), tokens_per_s=round(real_tokens / p50),
+        slots_per_step=sum(b["input_ids"].numel() for b in step_batches) / n_steps,
+        real_tokens_per_step=round(real_tokens),
+        mfu=_round(mfu(flops["flops"], p50)), mfu_6n=_round(mfu(flops["flops_6n"], p50)),
+        peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if args.device == "cuda" else None,
+    )
+    return row
+
+
+def _round(x):
+    return None if x is None else round(x, 4)
+
+
+def max_context(rec, args):
+    """Longest single document one LoRA step of Llama-3.1-8B fits, per provider (doubling search)."""
+    spec = BY_NAME["Llama-3.1-8B"]
+    for provider in args.providers:
+        if provider == "liger" and not harness.liger_available():
+            continue
+        best, seq = None, 4096
+        while seq <= 262144:
+            docs = [{"input_ids": torch.randint(3, 1000, (seq,)).tolist(), "labels": torch.randint(3, 1000, (seq,)).tolist()}]
+            try:
+                _free()
+                model = build(spec, "lora", provider, args.device, False)
+                train_steps(model, batches(docs, provider, seq, 1), 0, 1, args.device)
+                best = seq
+            except torch.cuda.OutOfMemoryError:
+                break
+            finally:
+                model = None
+            seq *= 2
+        rec.add(op="e2e_max_context", model=spec.name, provider=provider, mode="lora", shape={"r": 16},
+                dtype="bfloat16", max_seq=best)
+
+
+def main(argv=None):
+    args = parse(argv)
+    rec = harness.Recorder("e2e", args)
+    if args.max_context and args.device == "cuda":
+        max_context(rec, args)
+    for name in args.models:
+        spec = BY_NAME[name]
+        vocab = 128 if args.smoke else spec.shape["vocab_size"]
+        docs = documents(args.seq, args.rows * (args.warmup + args.steps if args.smoke else 4), vocab)
+        for mode in args.modes:
+            for provider in args.providers:
+                if provider == "liger" and not harness.liger_available():
+                    continue
+                run_one(rec, spec, mode, provider, args, docs)
+    print(f"wrote {rec.save()}")
+    return rec.rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
