@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# One prepared GPU run: the test suite compiled on the GPU, then every kernel benchmark.
+# The prepared GPU run: the test suite compiled on the GPU, then the benchmarks.
 #
-#   bash benchmarks/gpu.sh RESULTS_DIR
+#   bash benchmarks/gpu.sh RESULTS_DIR [PART]
 #
-# For one H100 with no network, in under 8 minutes. Runs from the checkout (PYTHONPATH), with
-# the wheels the device lacks (liger-kernel, datasets) installed from ./.whl when carried
-# (../shared/tools/gpu-wheels.sh fetches them). Results: RESULTS_DIR/*.jsonl, logs, a summary.
+# PART "kernels" (default, under 8 minutes on one H100): tests, then every kernel benchmark.
+# PART "e2e" (under 10 minutes): the end-to-end benchmark's headline rows (Llama-3.2-1B full
+# fine-tuning, Llama-3.1-8B LoRA, all providers), then the other architectures while time lasts.
+# No network needed. Runs from the checkout (PYTHONPATH), with the wheels the device lacks
+# (liger-kernel, datasets) installed from ./.whl when carried (../shared/tools/gpu-wheels.sh).
+# Each step has its own limit and the whole run a deadline, so a hung step cannot eat the lease.
 set -uo pipefail
-OUT=${1:?usage: bash benchmarks/gpu.sh RESULTS_DIR}
+OUT=${1:?usage: bash benchmarks/gpu.sh RESULTS_DIR [kernels|e2e]}
+PART=${2:-kernels}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
@@ -20,9 +24,13 @@ fi
 export FASTFT_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 { nvidia-smi; python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"; } \
   > "$OUT/env.txt" 2>&1
+DEADLINE=$((SECONDS + ${FASTFT_GPU_SECONDS:-470}))
 status=0
-step() {  # step NAME SECONDS CMD...: run with a time limit, log to OUT/NAME.log, remember failures
+step() {  # step NAME SECONDS CMD...: run within min(SECONDS, time left), log to OUT/NAME.log
   local name=$1 limit=$2; shift 2
+  local left=$((DEADLINE - SECONDS))
+  if [ "$left" -lt 15 ]; then echo "== $name skipped: deadline"; status=1; return; fi
+  [ "$limit" -gt "$left" ] && limit=$left
   echo "== $name (limit ${limit}s)"
   local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
@@ -30,14 +38,22 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to OUT/NAME.log
   echo "   rc=$rc in $((SECONDS - t0))s; tail:"; tail -n 3 "$OUT/$name.log" | sed 's/^/   /'
   [ $rc -eq 0 ] || status=1
 }
-# The whole default suite, kernels compiled (the architecture matrix included); -x would hide
-# later failures, so it runs to the end within its limit.
-step tests 210 python3 -m pytest -q -p no:cacheprovider tests
-step bench_rms_norm 50 python3 -m benchmarks.kernels.rms_norm --out "$OUT"
-step bench_layer_norm 50 python3 -m benchmarks.kernels.layer_norm --out "$OUT"
-step bench_fused_linear_cross_entropy 120 python3 -m benchmarks.kernels.fused_linear_cross_entropy --out "$OUT"
-step bench_attention 30 python3 -m benchmarks.kernels.attention --out "$OUT"
-step bench_lora 120 python3 -m benchmarks.kernels.lora --out "$OUT"
+if [ "$PART" = kernels ]; then
+  # The default suite with kernels compiled (the architecture matrix and the varlen leak test
+  # included); not -x, so that one failure does not hide the others.
+  step tests 200 python3 -m pytest -q -p no:cacheprovider tests
+  step bench_rms_norm 45 python3 -m benchmarks.kernels.rms_norm --out "$OUT"
+  step bench_layer_norm 45 python3 -m benchmarks.kernels.layer_norm --out "$OUT"
+  step bench_fused_linear_cross_entropy 100 python3 -m benchmarks.kernels.fused_linear_cross_entropy --out "$OUT"
+  step bench_attention 30 python3 -m benchmarks.kernels.attention --out "$OUT"
+elif [ "$PART" = e2e ]; then
+  DEADLINE=$((SECONDS + ${FASTFT_GPU_SECONDS:-570}))
+  step e2e_llama1b_full 120 python3 -m benchmarks.e2e --models Llama-3.2-1B --modes full --out "$OUT"
+  step e2e_llama8b_lora 150 python3 -m benchmarks.e2e --models Llama-3.1-8B --modes lora --out "$OUT"
+  step e2e_others 300 python3 -m benchmarks.e2e --models Qwen3-0.6B,Gemma-3-1B,Qwen3-8B,Mistral-7B-v0.3,Gemma-2-2B,Phi-3-mini --out "$OUT"
+else
+  echo "unknown PART $PART (kernels or e2e)"; exit 2
+fi
 step report 30 python3 -m benchmarks.report "$OUT"
-cat "$OUT/report.log"
+cat "$OUT/report.md" 2>/dev/null | tail -n 60
 exit $status
