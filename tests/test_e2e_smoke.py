@@ -15,7 +15,7 @@ from benchmarks.e2e_configs import MODELS
     pytest.param("lora", marks=pytest.mark.slow),
 ])
 def test_e2e_smoke_every_architecture(tmp_path, modes):
-    e2e.main(["--smoke", "--out", str(tmp_path), "--modes", modes])
+    e2e.main(["--smoke", "--out", str(tmp_path), "--modes", modes, "--providers", "hf,fastft"])
     rows = [json.loads(line) for line in (tmp_path / "e2e_smoke.jsonl").read_text().splitlines()]
     errors = [(r["model"], r["provider"], r["mode"], r["error"]) for r in rows if r.get("error")]
     assert not errors, errors
@@ -34,7 +34,7 @@ def test_e2e_smoke_every_architecture(tmp_path, modes):
 
 
 def test_e2e_smoke_lora_one_model(tmp_path):
-    e2e.main(["--smoke", "--out", str(tmp_path), "--modes", "lora", "--models", "Llama-3.2-1B"])
+    e2e.main(["--smoke", "--out", str(tmp_path), "--modes", "lora", "--models", "Llama-3.2-1B", "--providers", "hf,fastft"])
     rows = [json.loads(line) for line in (tmp_path / "e2e_smoke.jsonl").read_text().splitlines()]
     assert {r["provider"] for r in rows} == {"hf", "fastft"} and not any(r.get("error") for r in rows)
 
