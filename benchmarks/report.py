@@ -226,8 +226,9 @@ def main(argv=None) -> str:
     rows = load_rows(args.dirs, args.smoke)
     text = render(rows)
     print(text)
-    (args.dirs[0] / "report.md").write_text(text + "\n")
-    if args.readme:
+    if not args.readme:
+        (args.dirs[0] / "report.md").write_text(text + "\n")
+    else:
         here = pathlib.Path(__file__).resolve().parent
         (here / "plots").mkdir(exist_ok=True)
         images = plots(rows, here / "plots")

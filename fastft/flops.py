@@ -5,9 +5,10 @@ Appendix B, for the attention term):
     matmuls:    6 · N    N = parameters that multiply activations: every Linear (the LM head
                          included, tied or not), experts counted at top_k / num_experts; the input
                          embedding is a lookup and is not counted
-    attention:  6 · L · d_attn · c    per token, c = the causal context (position + 1) averaged
-                         over the document: summed over a document of n tokens, n(n+1)/2 context
-                         positions; 6 = 2 (QKᵀ) + 2 (PV) forward, doubled for the backward
+    attention:  12 · L · d_attn per (query, key) pair that causal attention computes: a document
+                         of n tokens has n(n+1)/2 pairs; 4 FLOPs per pair and head dim forward
+                         (2 in QKᵀ, 2 in PV), 3x for forward + backward (the backward does twice
+                         the forward's work). So 6 · L · d_attn · Σ n(n+1) per step.
 LoRA (frozen base): the base still runs forward (2·N) and backward to the activations (2·N) but
 computes no weight gradient, so the matmul term is 4·N_base + 6·N_lora ("LoRA convention").
 The "6N convention" (what most papers and NeMo-style tables use) counts 6·N_base + 6·N_lora
@@ -77,13 +78,13 @@ def matmul_parameters(model: nn.Module) -> tuple[float, float]:
 
 
 def attention_flops(model: nn.Module, document_lengths: Iterable[int]) -> float:
-    """6 · L · d_attn · Σ_docs n(n+1)/2: causal attention, fwd + bwd, for these documents."""
+    """12 · L · d_attn · Σ_docs n(n+1)/2: causal attention, fwd + bwd, for these documents."""
     config = _config(model)
     layers = getattr(config, "num_hidden_layers", 0)
     heads = getattr(config, "num_attention_heads", 0)
     head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else 0)
     pairs = sum(n * (n + 1) / 2 for n in document_lengths)
-    return 6.0 * layers * heads * head_dim * pairs
+    return 12.0 * layers * heads * head_dim * pairs
 
 
 def training_flops(model: nn.Module, document_lengths: list[int], lora: bool | None = None) -> dict[str, float]:

@@ -52,7 +52,7 @@ def test_flops_convention():
     expected = layers * (2 * h * h + 2 * h * kv + 3 * h * i) + vocab * h  # q,o + k,v + mlp; head
     assert matmul_parameters(model) == (expected, 0)
     f = training_flops(model, [10, 20])
-    attention = 6 * layers * h * (10 * 11 / 2 + 20 * 21 / 2)
+    attention = 12 * layers * h * (10 * 11 / 2 + 20 * 21 / 2)
     assert f["flops"] == f["flops_6n"] == 6 * expected * 30 + attention
     from peft import LoraConfig, get_peft_model
 
