@@ -38,4 +38,8 @@ def __getattr__(name):
         from fastft import patching as _patching
 
         return getattr(_patching, name)
+    if name in ("finetune", "FinetuneConfig", "load_config"):  # the trainer (fastft/train.py, fastft/config.py)
+        from fastft import config as _config, train as _train
+
+        return getattr(_train if name == "finetune" else _config, name)
     raise AttributeError(f"module 'fastft' has no attribute {name!r}")

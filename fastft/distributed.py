@@ -1,0 +1,207 @@
+"""Parallelism, applied from outside the model in a fixed order (DESIGN.md; after torchtitan's
+`parallelize` and `apply_fsdp`, re-written here):
+
+    init()                          process group from torchrun's environment (none for one process)
+    apply_activation_checkpointing  per decoder block: "full" (every block) or "selective" (every n-th)
+    apply_compile                   torch.compile per decoder block (in place: parameter names kept)
+    apply_fsdp                      fully_shard per decoder block, then the root; MixedPrecisionPolicy
+                                    (bf16 params, fp32 reduce), reshard-after-forward, CPU offload
+
+The decoder blocks are found by structure, not by architecture: the largest nn.ModuleList of
+identical module classes (Llama's `model.layers`, GPT-2's `transformer.h`, a PEFT-wrapped model's
+the same list further down).
+
+One process without torchrun needs no process group: `init()` returns world_size 1 and the
+trainer skips FSDP (unless `distributed.fsdp=true`, which then starts a 1-process gloo/nccl group).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclasses.dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+    initialized_here: bool = False  # this module started the process group (and tears it down)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+def init(backend: str | None = None, *, force: bool = False, timeout_minutes: int = 30) -> DistEnv:
+    """The process group from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR...).
+
+    Without those variables and without `force`, nothing is started (one process). With `force`
+    and no torchrun, a 1-process group on a free local port is started (FSDP2 on one device).
+    """
+    cuda = torch.cuda.is_available()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    env = DistEnv(rank, world, local_rank, device)
+    if dist.is_initialized():
+        env.rank, env.world_size = dist.get_rank(), dist.get_world_size()
+        return env
+    if world == 1 and not force:
+        return env
+    if "MASTER_ADDR" not in os.environ:  # forced single process: a private rendezvous
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
+    backend = backend or ("nccl" if cuda else "gloo")
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes),
+                            device_id=device if cuda else None)
+    env.rank, env.world_size, env.initialized_here = dist.get_rank(), dist.get_world_size(), True
+    return env
+
+
+def shutdown(env: DistEnv) -> None:
+    if env.initialized_here and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def all_reduce_max(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        holder = [obj]
+        dist.broadcast_object_list(holder, src=src)
+        return holder[0]
+    return obj
+
+
+# -- finding the decoder blocks ----------------------------------------------------------------
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(name, list) of the repeated blocks: the longest ModuleList whose items share one class."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best[1])):
+                # Prefer blocks holding parameters (not lists of activations or dropouts).
+                if any(True for _ in module[0].parameters()):
+                    best = (name, module)
+    if best is None:
+        raise ValueError(f"{type(model).__name__}: no repeated decoder blocks (an nn.ModuleList of one module "
+                         "class) found; FSDP2 wrapping, activation checkpointing and compile work per block")
+    return best
+
+
+# -- activation checkpointing ------------------------------------------------------------------
+
+def _checkpointed_forward(block: nn.Module, original):
+    from torch.utils.checkpoint import checkpoint
+
+    def forward(*args, **kwargs):
+        return checkpoint(original, *args, use_reentrant=False, **kwargs)
+
+    return forward
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) -> int:
+    """Recompute blocks' activations in the backward. mode "full": every block; "selective":
+    every `every`-th block (torchtitan's layer-selective option: a memory/compute trade-off in
+    between). The block's forward is wrapped per instance, so parameter names (state dicts, PEFT,
+    save_pretrained) do not change. Returns the number of blocks wrapped."""
+    if mode == "none":
+        return 0
+    _, blocks = decoder_blocks(model)
+    wrapped = 0
+    for i, block in enumerate(blocks):
+        if mode == "full" or (mode == "selective" and i % every == 0):
+            block.forward = _checkpointed_forward(block, block.forward)
+            wrapped += 1
+    return wrapped
+
+
+# -- compile -----------------------------------------------------------------------------------
+
+def apply_compile(model: nn.Module) -> int:
+    """torch.compile each decoder block in place (`nn.Module.compile`: names unchanged). Blocks are
+    identical, so dynamo compiles one graph and reuses it."""
+    _, blocks = decoder_blocks(model)
+    for block in blocks:
+        block.compile(dynamic=False)
+    return len(blocks)
+
+
+# -- FSDP2 -------------------------------------------------------------------------------------
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def apply_fsdp(model: nn.Module, *, param_dtype: str = "bfloat16", reduce_dtype: str = "float32",
+               reshard_after_forward: bool = True, cpu_offload: bool = False) -> nn.Module:
+    """fully_shard every decoder block, then the root (torchtitan's order: the root's group holds
+    what is left, embeddings and head). The last block is not resharded after forward: its
+    backward starts right away and would all-gather it again.
+
+    Gradients: with the loss normalised by the global token count (see fastft/train.py), the
+    reduce-scatter must SUM over ranks, not average: the gradient divide factor is set to 1.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype], reduce_dtype=_DTYPES[reduce_dtype])
+    kwargs = dict(mp_policy=mp)
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    _, blocks = decoder_blocks(model)
+    for i, block in enumerate(blocks):
+        fully_shard(block, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1, **kwargs)
+    fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
+    for module in model.modules():
+        if hasattr(module, "set_gradient_divide_factor") and hasattr(module, "unshard"):
+            module.set_gradient_divide_factor(1.0)
+    return model
+
+
+def clip_grad_norm_(parameters, max_norm: float | None) -> torch.Tensor:
+    """The global L2 norm of the gradients (clipped to `max_norm` when given), for plain tensors
+    and for FSDP2's DTensor shards alike: the norm of sharded grads is a DTensor whose
+    `full_tensor()` all-reduces the partial sums (as torchtitan's clip_grad_norm_ does)."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in params]
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False, foreach=None)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    if max_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=None)
+    return total
