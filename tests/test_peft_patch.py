@@ -39,7 +39,9 @@ def _loss_and_grads(model, ids, labels, seed=0):
                          ids=["attention-lora", "lm-head-lora", "lm-head-lora-dropout"])
 def test_patched_peft_model_matches_peft(targets, dropout):
     patched, plain = _peft_pair(targets, dropout)
-    report = fastft.patch(patched)
+    # With dropout, the fused LoRA layers draw their own (seeded, exact) masks, not nn.Dropout's:
+    # keep them on PEFT here so that both sides draw the same masks; this test is about the loss.
+    report = fastft.patch(patched, lora=dropout == 0)
     assert report.count("cross_entropy") == 1 and report.count("rms_norm") == 5, str(report)
     patched.train()
     plain.train()
