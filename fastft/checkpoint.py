@@ -25,6 +25,7 @@ import pathlib
 import random
 import shutil
 import time
+import warnings
 
 import torch
 
@@ -67,7 +68,9 @@ def save(run_dir, step: int, model, optimizer, *, scheduler, data_state: dict, k
         tmp.mkdir()
     distributed.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
+    with warnings.catch_warnings():  # one process without a process group is intended here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
     torch.save({"scheduler": scheduler.state_dict(), "data": data_state, "rng": _rng_state()},
                tmp / f"trainer_rank{env.rank}.pt")
     distributed.barrier()
@@ -110,7 +113,9 @@ def load(path, model, optimizer, *, scheduler, env: distributed.DistEnv) -> dict
     meta = json.loads((path / "meta.json").read_text())
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=str(path))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rank_file = path / f"trainer_rank{env.rank}.pt"
     if not rank_file.is_file():

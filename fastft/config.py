@@ -67,7 +67,7 @@ class OptimConfig:
     eps: float = 1e-8
     fused: bool | None = None  # fused AdamW; None: on where torch supports it for these parameters
     schedule: str = "cosine"  # "cosine", "linear" or "constant", after the warm-up
-    warmup_steps: int = 20
+    warmup_steps: int | None = None  # None: 5% of train.max_steps
     min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
     grad_clip: float | None = 1.0  # max global L2 norm of the gradients; None: no clipping
 
@@ -165,6 +165,15 @@ def _section_type(section: str) -> type:
     return typing.get_type_hints(FinetuneConfig)[section]
 
 
+# Names people reach for from other trainers -> the field here.
+ALIASES = {"learning_rate": "optim.lr", "lr": "optim.lr", "steps": "train.max_steps", "num_steps": "train.max_steps",
+           "max_grad_norm": "optim.grad_clip", "clip_grad": "optim.grad_clip", "warmup": "optim.warmup_steps",
+           "micro_batch_size": "data.batch_size", "batch_size": "data.batch_size", "seq_len": "data.max_seq_len",
+           "lora_r": "lora.r", "rank": "lora.r", "lora_alpha": "lora.alpha", "output_dir": "logging.run_dir",
+           "gradient_accumulation_steps": "train.global_batch_rows (accumulation is derived from it)",
+           "gradient_checkpointing": "distributed.activation_checkpointing", "bf16": "train.precision"}
+
+
 def _unknown(section: str, name: str) -> ConfigError:
     where = f"{section}.{name}" if section else name
     if not section:
@@ -172,6 +181,8 @@ def _unknown(section: str, name: str) -> ConfigError:
         hint = f"did you mean {close[0]}?" if close else f"the sections are {', '.join(SECTIONS)}"
         return ConfigError(f"{where}: unknown section; {hint}")
     owners = _all_fields().get(name, [])
+    if not owners and name in ALIASES:
+        return ConfigError(f"{where}: unknown field; did you mean {ALIASES[name]}?")
     if owners:
         return ConfigError(f"{where}: unknown field; did you mean {owners[0]}.{name}?")
     names = [f.name for f in dataclasses.fields(_section_type(section))]
@@ -383,7 +394,7 @@ def validate(config: FinetuneConfig) -> FinetuneConfig:
         raise ConfigError(f"train.run_steps={t.run_steps}: must be >= 1, or null to run to train.max_steps")
     for key, value in {"train.eval_every": t.eval_every, "train.eval_batches": t.eval_batches,
                        "train.eval_generate": t.eval_generate, "checkpoint.every": c.every,
-                       "optim.warmup_steps": o.warmup_steps}.items():
+                       "optim.warmup_steps": o.warmup_steps or 0}.items():
         if value < 0:
             raise ConfigError(f"{key}={value}: must be >= 0")
     if o.lr <= 0:
@@ -392,7 +403,7 @@ def validate(config: FinetuneConfig) -> FinetuneConfig:
         raise ConfigError(f"optim.betas={o.betas}: two numbers in [0, 1), e.g. [0.9, 0.95]")
     if not 0 <= o.min_lr_ratio <= 1:
         raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio}: must be in [0, 1]")
-    if o.warmup_steps > t.max_steps:
+    if o.warmup_steps is not None and o.warmup_steps > t.max_steps:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} is more than train.max_steps={t.max_steps}: "
                           "lower the warm-up or train longer")
     if o.grad_clip is not None and o.grad_clip <= 0:

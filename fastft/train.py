@@ -55,6 +55,8 @@ class RunResult:
     checkpoint: str | None = None  # the newest complete checkpoint
     run_dir: str = ""
     plan: dict = dataclasses.field(default_factory=dict)  # the derived batch sizes
+    model: object = dataclasses.field(default=None, repr=False)  # the trained model (FSDP2-sharded under torchrun)
+    tokenizer: object = dataclasses.field(default=None, repr=False)
 
 
 # -- derived sizes -------------------------------------------------------------------------------
@@ -275,6 +277,7 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
     from fastft.data import DataConfig, build_eval_prompts, build_train_batches, model_inputs
 
     c, t, o, d = config, config.train, config.optim, config.distributed
+    warmup = o.warmup_steps if o.warmup_steps is not None else round(0.05 * t.max_steps)
     import datasets
 
     datasets.disable_progress_bars()  # the start-up report says what the data step did
@@ -339,7 +342,7 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
         [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(
-        s, warmup=o.warmup_steps, total=t.max_steps, schedule=o.schedule, min_ratio=o.min_lr_ratio))
+        s, warmup=warmup, total=t.max_steps, schedule=o.schedule, min_ratio=o.min_lr_ratio))
 
     # 6. resume ---------------------------------------------------------------------------------
     start_step, data_state = 0, {"epoch": 0, "consumed": 0}
@@ -374,12 +377,12 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
         + (f"FSDP2 params {param_dtype} / reduce {d.reduce_dtype}, reshard_after_forward={d.reshard_after_forward}"
            f", cpu_offload={d.cpu_offload}" if use_fsdp else ("bf16 autocast" if autocast_on else "no autocast"))
         + f"; activation checkpointing: {d.activation_checkpointing} ({n_ac} blocks); compile: {d.compile}")
-    log(f"optimizer: AdamW lr {o.lr} (fused={fused}), warm-up {o.warmup_steps} then {o.schedule} to "
+    log(f"optimizer: AdamW lr {o.lr} (fused={fused}), warm-up {warmup} steps then {o.schedule} to "
         f"{o.min_lr_ratio}x, clip {o.grad_clip}; MFU peak: "
         + (f"{peak / 1e12:.0f} TFLOP/s per device" if peak else "n/a on this device"))
 
     # 7. the loop -------------------------------------------------------------------------------
-    result = RunResult(steps=start_step, run_dir=run_dir, plan=plan)
+    result = RunResult(steps=start_step, run_dir=run_dir, plan=plan, model=model, tokenizer=tokenizer)
     mlog = metrics.MetricsLog(run_dir, enabled=env.is_main, tensorboard=c.logging.tensorboard,
                               append=resume_path is not None)
     mlog.write("start", start_step, plan=plan, world_size=env.world_size, n_train=n_train, n_frozen=n_frozen)

@@ -1,0 +1,183 @@
+"""The training loop on a tiny Llama (CPU): loss falls, patched == unpatched, accumulation
+equivalence, resume equivalence, export round trips, NaN and signal handling, the default run."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastft.config import load_config
+from fastft.train import TrainingDiverged, finetune
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY_LLAMA = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+
+
+def tiny(run_dir, **sections) -> dict:
+    """A recipe for a tiny run: 2-layer 32-wide Llama, rows of 128 bytes, no generation, quiet."""
+    recipe = {
+        "model": {"config": dict(TINY_LLAMA), "patch": False},
+        "data": {"max_seq_len": 128, "batch_size": 2},
+        "optim": {"lr": 3e-3, "warmup_steps": 2},
+        "train": {"max_steps": 6, "eval_every": 0, "eval_batches": 2, "eval_generate": 0, "eval_before": False},
+        "checkpoint": {"export": False},
+        "logging": {"run_dir": str(run_dir), "quiet": True, "progress_bar": False, "tensorboard": False},
+    }
+    for section, values in sections.items():
+        recipe.setdefault(section, {}).update(values)
+    return recipe
+
+
+def test_loss_decreases_and_metrics_are_written(tmp_path):
+    result = finetune(tiny(tmp_path, train={"max_steps": 30, "eval_before": True}))
+    assert result.status == "finished" and result.steps == 30
+    assert sum(result.losses[-5:]) / 5 < result.losses[0] - 0.5
+    assert result.eval_after["val_loss"] < result.eval_before["val_loss"] - 0.5
+    import json
+
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert len(train) == 30
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_memory_gib"):
+        assert key in train[-1]
+    assert train[-1]["mfu"] is None  # no peak FLOP/s for a CPU
+    assert (tmp_path / "config.yaml").is_file()
+
+
+def test_patched_matches_unpatched_with_the_kernels(tmp_path):
+    # Under TRITON_INTERPRET=1 (conftest) the patched model runs the real Triton kernels.
+    shape = {"max_seq_len": 64, "batch_size": 1}
+    model = {"config": dict(TINY_LLAMA, hidden_size=16, intermediate_size=32, num_hidden_layers=1)}
+    plain = finetune(tiny(tmp_path / "a", data=shape, model={**model, "patch": False}, train={"max_steps": 3}))
+    fused = finetune(tiny(tmp_path / "b", data=shape, model={**model, "patch": True}, train={"max_steps": 3}))
+    assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+    torch.testing.assert_close(torch.tensor(fused.losses), torch.tensor(plain.losses), rtol=1e-4, atol=1e-5)
+
+
+def test_accumulation_equals_a_bigger_batch(tmp_path):
+    # 1 micro-batch of 4 rows == 4 micro-batches of 1 row: the same rows (the packing plan is
+    # seeded), the loss divided by the step's total target tokens in both cases.
+    big = finetune(tiny(tmp_path / "big", data={"batch_size": 4}, train={"global_batch_rows": 4, "max_steps": 4}))
+    acc = finetune(tiny(tmp_path / "acc", data={"batch_size": 1}, train={"global_batch_rows": 4, "max_steps": 4}))
+    assert big.plan["accumulation"] == 1 and acc.plan["accumulation"] == 4
+    torch.testing.assert_close(torch.tensor(acc.losses), torch.tensor(big.losses), rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(big.model.named_parameters(), acc.model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_resume_continues_exactly(tmp_path):
+    full = finetune(tiny(tmp_path / "full", train={"max_steps": 6}))
+    run = tmp_path / "resumed"
+    first = finetune(tiny(run, train={"max_steps": 6, "run_steps": 3}, checkpoint={"every": 2, "export": False}))
+    assert first.status == "stopped" and first.checkpoint.endswith("step_00000003")
+    # A half-written checkpoint (no COMPLETE marker) is never resumed from.
+    (run / "checkpoints" / "step_00000005.tmp").mkdir()
+    (run / "checkpoints" / "step_00000004").mkdir()
+    second = finetune(tiny(run, train={"max_steps": 6}, checkpoint={"resume": True}))
+    assert second.steps == 6
+    torch.testing.assert_close(torch.tensor(first.losses + second.losses), torch.tensor(full.losses),
+                               rtol=0, atol=0)
+
+
+def _logits(model, ids):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def test_export_full_and_lora_load_with_transformers_and_peft(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    full = finetune(tiny(tmp_path / "full", model={"patch": True}, train={"max_steps": 2},
+                         data={"max_seq_len": 64, "batch_size": 1}, checkpoint={"export": True}))
+    export = pathlib.Path(full.export_dir)
+    assert (export / "model.safetensors").is_file() and (export / "config.json").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(export)
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    ids = torch.tensor([tokenizer("Where was Ada born?")["input_ids"]])
+    import fastft
+
+    fastft.unpatch(full.model)
+    torch.testing.assert_close(_logits(loaded, ids), _logits(full.model, ids))
+
+    # LoRA on top of that exported model: the adapter folder loads with peft alone.
+    lora = finetune(tiny(tmp_path / "lora", model={"name": str(export), "config": None, "patch": False},
+                         lora={"enabled": True, "r": 4, "alpha": 8}, train={"max_steps": 2},
+                         data={"max_seq_len": 64, "batch_size": 1}, checkpoint={"export": True}))
+    adapter = pathlib.Path(lora.export_dir)
+    assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "model.safetensors").exists()
+    base = AutoModelForCausalLM.from_pretrained(export)
+    restored = PeftModel.from_pretrained(base, adapter)
+    torch.testing.assert_close(_logits(restored, ids), _logits(lora.model, ids))
+    assert not torch.allclose(_logits(restored, ids), _logits(loaded, ids))  # the adapter changed something
+
+
+def _on_call(model_builder, n, action):
+    """Wrap fastft.train.build_model so that `action(output)` runs from the n-th forward on."""
+    def build(*args, **kwargs):
+        model, report = model_builder(*args, **kwargs)
+        calls = {"n": 0}
+
+        def hook(module, inputs, output):
+            calls["n"] += 1
+            if module.training and calls["n"] >= n:
+                return action(output)
+        model.register_forward_hook(hook)
+        return model, report
+    return build
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import fastft.train as train
+
+    def poison(output):
+        output.loss = output.loss * float("nan")
+        return output
+    monkeypatch.setattr(train, "build_model", _on_call(train.build_model, 5, poison))
+    with pytest.raises(TrainingDiverged, match=r"step 5: the loss is nan.*step_00000004"):
+        finetune(tiny(tmp_path, checkpoint={"every": 2}))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path, monkeypatch):
+    import fastft.train as train
+
+    def terminate(output):
+        os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(train, "build_model", _on_call(train.build_model, 3, terminate))
+    result = finetune(tiny(tmp_path, train={"max_steps": 10}))
+    assert result.status == "interrupted" and result.steps == 3
+    assert (tmp_path / "checkpoints" / "step_00000003" / "COMPLETE").is_file()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+
+def test_default_run_starts_and_reports(tmp_path):
+    """`fastft train` with no recipe (shortened here; the full default run is the slow test below),
+    as a user runs it: no TRITON_INTERPRET, so on a CPU the kernels' torch references run."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "fastft.cli", "train", "--train.max_steps=8", "--train.eval_generate=4",
+         "--train.eval_batches=1", f"--logging.run_dir={tmp_path}", "--logging.progress_bar=false"],
+        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for text in ("batch: micro-batch 8 rows (4096 tokens) x accumulation 1", "before training: val loss",
+                 "val after : val loss", "SQuAD EM", "F1", "train loss:", "patched:"):
+        assert text in out.stdout, out.stdout
+    assert (tmp_path / "export" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_full_default_run(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run([sys.executable, "-m", "fastft.cli", "train", f"--logging.run_dir={tmp_path}"],
+                         env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "val after" in out.stdout
