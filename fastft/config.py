@@ -83,7 +83,7 @@ class TrainConfig:
     precision: str = "auto"  # "auto" (bf16 autocast/params on CUDA, fp32 on CPU), "bf16", "fp32"
     seed: int = 0
     eval_every: int = 100  # steps between evaluations (0: only before and after training)
-    eval_batches: int = 8  # validation micro-batches for the val loss (per rank)
+    eval_batches: int = 8  # validation micro-batches for the val loss (in all, shared by the ranks)
     eval_generate: int = 32  # questions answered by greedy generation for EM/F1 (0: no generation)
     eval_before: bool = True  # evaluate once before the first step
 

@@ -172,8 +172,10 @@ def apply_fsdp(model: nn.Module, *, param_dtype: str = "bfloat16", reduce_dtype:
     what is left, embeddings and head). The last block is not resharded after forward: its
     backward starts right away and would all-gather it again.
 
-    Gradients: with the loss normalised by the global token count (see fastft/train.py), the
-    reduce-scatter must SUM over ranks, not average: the gradient divide factor is set to 1.
+    Gradients: FSDP2's reduce-scatter averages over ranks (divides by the world size). The loop
+    normalises the loss by the global token count and multiplies it by the world size before
+    backward (fastft/train.py), so the average is the global per-token mean. (Setting the
+    gradient divide factor to 1 instead would need ReduceOp.PREMUL_SUM, which gloo lacks.)
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
@@ -185,9 +187,6 @@ def apply_fsdp(model: nn.Module, *, param_dtype: str = "bfloat16", reduce_dtype:
     for i, block in enumerate(blocks):
         fully_shard(block, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1, **kwargs)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
-    for module in model.modules():
-        if hasattr(module, "set_gradient_divide_factor") and hasattr(module, "unshard"):
-            module.set_gradient_divide_factor(1.0)
     return model
 
 

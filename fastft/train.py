@@ -19,9 +19,11 @@ Loss normalisation (gradient accumulation and data parallelism):
   N = the all-reduced number of target tokens of the step. Each micro-batch calls the model with
   `num_items_in_batch=N` (Hugging Face's convention, also the fused loss's): the model returns its
   summed token loss / N, and the micro-batch losses' backward passes simply add up. Under FSDP2
-  the reduce-scatter would average over ranks (divide by world size); fastft sets the gradient
-  divide factor to 1 (fastft/distributed.py) so it sums, and the gradient is exactly the global
-  per-token mean: batch 16 x accumulation 1 == batch 1 x accumulation 16 == 2 ranks x 8.
+  the gradient reduce-scatter averages over ranks (divides by the world size W), so each rank
+  back-propagates W x its loss: the average of W x (rank sums / N) is the global sum / N, exactly
+  the global per-token mean (logged losses are not scaled). So batch 16 x accumulation 1 ==
+  batch 1 x accumulation 16 == 2 ranks x 8 rows. (FSDP2's gradient divide factor set to 1 would
+  do the same, but needs ReduceOp.PREMUL_SUM, which gloo does not have.)
 """
 
 from __future__ import annotations
@@ -316,8 +318,12 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
     train_batches, data_report = build_train_batches(c.data, tokenizer, rank=env.rank, world_size=env.world_size)
     eval_data = dataclasses.replace(c.data, source=c.data.eval_source or c.data.source,
                                     train_split=c.data.eval_split, streaming=False)
-    val_source, _ = build_train_batches(eval_data, tokenizer, rank=env.rank, world_size=env.world_size)
-    val_batches = [b for _, b in zip(range(t.eval_batches), val_source)]
+    # The first eval_batches micro-batches of the one-process plan (rounded up to a multiple of the
+    # world size: under FSDP2 every rank must run as many forwards), dealt to the ranks: the val
+    # loss does not depend on the number of processes.
+    val_source, _ = build_train_batches(eval_data, tokenizer, rank=0, world_size=1)
+    n_val = -(-t.eval_batches // env.world_size) * env.world_size
+    val_batches = [b for _, b in zip(range(n_val), val_source)][env.rank :: env.world_size]
     prompts, golds = [], {}
     if t.eval_generate:
         prompts, golds = build_eval_prompts(dataclasses.replace(c.data, eval_examples=t.eval_generate), tokenizer)
@@ -399,6 +405,7 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
         bar = tqdm(total=t.max_steps, initial=start_step, desc="train", dynamic_ncols=True)
     last_step = t.max_steps if t.run_steps is None else min(t.max_steps, start_step + t.run_steps)
     step = start_step
+    loss_scale = float(env.world_size) if use_fsdp else 1.0
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     with StopFlag() as stop:
@@ -418,7 +425,7 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
                 batch = _to_device(batch, device)
                 with autocast():
                     out = model(**model_inputs(batch), num_items_in_batch=targets)
-                out.loss.backward()
+                (out.loss * loss_scale).backward()  # loss_scale = W under FSDP2 (see the module docstring)
                 loss_sum += out.loss.detach().float()
             loss = distributed.all_reduce_sum(loss_sum).item()
             if not math.isfinite(loss):
