@@ -216,7 +216,7 @@ def evaluate(model, tokenizer, val_batches, prompts, golds, *, config, device, a
             answers = generate_answers(model, tokenizer, prompts, max_new_tokens=config.data.eval_max_new_tokens,
                                        batch_size=config.data.eval_batch_size)
         result.update(squad_metrics(answers, golds, unanswerable_answer=config.data.unanswerable_answer))
-        result["sample"] = next(iter(answers.items())) if answers else None
+        result["sample"] = [(qid, answer, list(golds[qid])) for qid, answer in list(answers.items())[:3]]
     model.train(was_training)
     return result
 
@@ -521,8 +521,7 @@ def _summary(log, result: RunResult) -> None:
         if after["exact_match"] == 0.0:
             log("EM is still 0: the model has not learned to copy exact answer spans yet (a tiny model and a few "
                 "hundred steps); F1 counts partial overlaps. Longer runs or a pretrained model do better.")
-        if after.get("sample"):
-            qid, answer = after["sample"]
-            log(f"sample answer ({qid}): {answer!r}")
+        for qid, answer, gold in after.get("sample") or []:
+            log(f"  {qid}: answered {answer!r}, gold {gold}")
     if result.export_dir:
         log(f"exported to {result.export_dir}")

@@ -45,12 +45,20 @@ def test_fsdp2_two_processes_match_one_process(tmp_path):
     common = dict(train={"global_batch_rows": 4, "max_steps": 4, "eval_generate": 2, "eval_batches": 2},
                   data={"batch_size": 2, "max_seq_len": 128, "eval_max_new_tokens": 4})
     single = finetune(tiny(tmp_path / "one", **common))
-    # Activation checkpointing recomputes exactly the same values: it is on for the sharded run.
-    sharded = torchrun(tmp_path, tiny(tmp_path / "two", checkpoint={"export": True, "every": 2},
-                                      distributed={"activation_checkpointing": "full"}, **common))
-    assert single.plan["accumulation"] == 2 and sharded["plan"]["accumulation"] == 1
-    torch.testing.assert_close(torch.tensor(sharded["losses"]), torch.tensor(single.losses), rtol=1e-5, atol=1e-6)
-    assert abs(sharded["eval"]["val_loss"] - single.eval_after["val_loss"]) < 1e-4
-    # The sharded checkpoint and the consolidated export are there.
-    assert (tmp_path / "two" / "checkpoints" / "step_00000004" / "COMPLETE").is_file()
-    assert (pathlib.Path(sharded["export"]) / "model.safetensors").is_file()
+    # Activation checkpointing recomputes exactly the same values: it is on for the sharded run,
+    # which also stops after 2 steps (sharded checkpoint) and is resumed to 4 by a second torchrun.
+    sharded_recipe = tiny(tmp_path / "two", distributed={"activation_checkpointing": "full"}, **common)
+    sharded_recipe["train"]["run_steps"] = 2
+    first = torchrun(tmp_path, sharded_recipe)
+    assert first["status"] == "stopped"
+    assert (tmp_path / "two" / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
+    sharded_recipe["train"]["run_steps"] = None
+    sharded_recipe["checkpoint"].update(resume=True, export=True)
+    second = torchrun(tmp_path, sharded_recipe)
+    assert single.plan["accumulation"] == 2 and second["plan"]["accumulation"] == 1
+    torch.testing.assert_close(torch.tensor(first["losses"] + second["losses"]), torch.tensor(single.losses),
+                               rtol=1e-5, atol=1e-6)
+    assert abs(second["eval"]["val_loss"] - single.eval_after["val_loss"]) < 1e-4
+    assert second["eval"]["count"] == 2  # EM/F1 by generation ran under FSDP2
+    # The consolidated export is a plain HF folder.
+    assert (pathlib.Path(second["export"]) / "model.safetensors").is_file()
