@@ -148,6 +148,26 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0 if result.status in ("finished", "stopped") else 130
 
 
+def _train_args(argv: list[str], parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, list[str]]:
+    recipe, resume, overrides = None, False, []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--resume":
+            resume = True
+        elif arg.startswith("--"):
+            overrides.append(arg)
+            if "=" not in arg and i + 1 < len(argv):
+                overrides.append(argv[i + 1])
+                i += 1
+        elif recipe is None:
+            recipe = arg
+        else:
+            parser.error(f"one recipe at most: got {recipe!r} and {arg!r}")
+        i += 1
+    return argparse.Namespace(recipe=recipe, resume=resume), overrides
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastft", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -170,11 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("recipe", nargs="?", default=None, help="a YAML recipe (see examples/)")
     p_train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p_train.set_defaults(func=train)
-    args, rest = parser.parse_known_args(argv)
-    if getattr(args, "func", None) is train:
-        return train(args, rest)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv):
+        # Overrides are split here, not by argparse (which takes "--a.b={x: 1, y: 2}" for a
+        # positional because of the spaces).
+        return train(*_train_args(argv[1:], p_train))
+    args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -17,6 +17,7 @@ trainer skips FSDP (unless `distributed.fsdp=true`, which then starts a 1-proces
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -188,6 +189,23 @@ def apply_fsdp(model: nn.Module, *, param_dtype: str = "bfloat16", reduce_dtype:
         fully_shard(block, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1, **kwargs)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
     return model
+
+
+@contextlib.contextmanager
+def root_unsharded(model: nn.Module):
+    """Keep the FSDP2 root's own parameters (embeddings, final norm, head) gathered. For
+    `generate` through a wrapper (PEFT's PeftModel.generate calls the inner model's generate, so
+    the root's forward hooks never run); the blocks still gather and free through their own hooks."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 def clip_grad_norm_(parameters, max_norm: float | None) -> torch.Tensor:

@@ -212,7 +212,7 @@ def evaluate(model, tokenizer, val_batches, prompts, golds, *, config, device, a
     distributed.all_reduce_sum(total)
     result = {"val_loss": (total[0] / total[1].clamp(min=1)).item(), "val_tokens": int(total[1].item())}
     if prompts:
-        with autocast():
+        with autocast(), distributed.root_unsharded(model):
             answers = generate_answers(model, tokenizer, prompts, max_new_tokens=config.data.eval_max_new_tokens,
                                        batch_size=config.data.eval_batch_size)
         result.update(squad_metrics(answers, golds, unanswerable_answer=config.data.unanswerable_answer))
@@ -519,8 +519,9 @@ def _summary(log, result: RunResult) -> None:
     after = result.eval_after or {}
     if "exact_match" in after:
         if after["exact_match"] == 0.0:
-            log("EM is still 0: the model has not learned to copy exact answer spans yet (a tiny model and a few "
-                "hundred steps); F1 counts partial overlaps. Longer runs or a pretrained model do better.")
+            log("EM is 0: no answer matched a gold span exactly (F1 counts partial word overlaps). A tiny model "
+                "trained from scratch for a few hundred steps learns the answer format before it learns to copy "
+                "the span; longer runs or a pretrained model do better.")
         for qid, answer, gold in after.get("sample") or []:
             log(f"  {qid}: answered {answer!r}, gold {gold}")
     if result.export_dir:

@@ -62,3 +62,16 @@ def test_fsdp2_two_processes_match_one_process(tmp_path):
     assert second["eval"]["count"] == 2  # EM/F1 by generation ran under FSDP2
     # The consolidated export is a plain HF folder.
     assert (pathlib.Path(second["export"]) / "model.safetensors").is_file()
+
+
+def test_fsdp2_lora_two_processes_match_one_process(tmp_path):
+    # PEFT under FSDP2: the adapters train sharded; PeftModel.generate bypasses the FSDP root's
+    # hooks, which fastft covers by gathering the root for generation.
+    common = dict(train={"global_batch_rows": 4, "max_steps": 3, "eval_generate": 2, "eval_batches": 2},
+                  data={"batch_size": 2, "max_seq_len": 128, "eval_max_new_tokens": 4},
+                  lora={"enabled": True, "r": 4, "alpha": 8}, optim={"lr": 1e-2, "warmup_steps": 0})
+    single = finetune(tiny(tmp_path / "one", **common))
+    sharded = torchrun(tmp_path, tiny(tmp_path / "two", checkpoint={"export": True}, **common))
+    torch.testing.assert_close(torch.tensor(sharded["losses"]), torch.tensor(single.losses), rtol=1e-5, atol=1e-6)
+    assert sharded["eval"]["count"] == 2
+    assert (pathlib.Path(sharded["export"]) / "adapter_model.safetensors").is_file()
