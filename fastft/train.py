@@ -276,12 +276,12 @@ def finetune(config: FinetuneConfig | dict | str | None = None) -> RunResult:
 
 
 def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
-    from fastft.data import DataConfig, build_eval_prompts, build_train_batches, model_inputs
+    import datasets
+
+    from fastft.data import build_eval_prompts, build_train_batches, model_inputs
 
     c, t, o, d = config, config.train, config.optim, config.distributed
     warmup = o.warmup_steps if o.warmup_steps is not None else round(0.05 * t.max_steps)
-    import datasets
-
     datasets.disable_progress_bars()  # the start-up report says what the data step did
     log = print if env.is_main and not c.logging.quiet else (lambda *a, **k: None)
     device = env.device

@@ -10,7 +10,6 @@ import sys
 import pytest
 import torch
 
-from fastft.config import load_config
 from fastft.train import TrainingDiverged, finetune
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
