@@ -137,6 +137,11 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
     except ConfigError as exc:
         print(f"fastft train: bad config: {exc}", file=sys.stderr)
         return 2
+    if args.print_config:
+        from fastft.config import to_yaml
+
+        print(to_yaml(config), end="")
+        return 0
     try:
         result = finetune(config)
     except ConfigError as exc:
@@ -149,12 +154,14 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _train_args(argv: list[str], parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, list[str]]:
-    recipe, resume, overrides = None, False, []
+    recipe, resume, show, overrides = None, False, False, []
     i = 0
     while i < len(argv):
         arg = argv[i]
         if arg == "--resume":
             resume = True
+        elif arg == "--print-config":
+            show = True
         elif arg.startswith("--"):
             overrides.append(arg)
             if "=" not in arg and i + 1 < len(argv):
@@ -165,7 +172,7 @@ def _train_args(argv: list[str], parser: argparse.ArgumentParser) -> tuple[argpa
         else:
             parser.error(f"one recipe at most: got {recipe!r} and {arg!r}")
         i += 1
-    return argparse.Namespace(recipe=recipe, resume=resume), overrides
+    return argparse.Namespace(recipe=recipe, resume=resume, print_config=show), overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                                          "distributed, checkpoint, logging).")
     p_train.add_argument("recipe", nargs="?", default=None, help="a YAML recipe (see examples/)")
     p_train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p_train.add_argument("--print-config", action="store_true", help="print the checked config as YAML and exit")
     p_train.set_defaults(func=train)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv):

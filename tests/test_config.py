@@ -75,3 +75,13 @@ def test_cli_bad_config_fails_before_any_work(capsys):
 def test_parse_overrides_values_are_yaml():
     assert parse_overrides(["--a.b=1", "--a.c=[1, 2]", "--d.e=null", "--d.f=hello"]) == {
         "a": {"b": 1, "c": [1, 2]}, "d": {"e": None, "f": "hello"}}
+
+
+def test_cli_print_config_shows_the_merged_recipe(capsys):
+    import pathlib
+
+    recipe = pathlib.Path(__file__).resolve().parents[1] / "examples" / "squad_llama3.2_1b_lora.yaml"
+    assert main(["train", str(recipe), "--optim.lr=5e-5", "--model.config={model_type: llama, hidden_size: 8}",
+                 "--model.name=null", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 5.0e-05" in out and "hidden_size: 8" in out and "enabled: true" in out
