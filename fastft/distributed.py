@@ -183,7 +183,7 @@ def apply_fsdp(model: nn.Module, *, param_dtype: str = "bfloat16", reduce_dtype:
     mp = MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype], reduce_dtype=_DTYPES[reduce_dtype])
     kwargs = dict(mp_policy=mp)
     if cpu_offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())  # pinning needs a GPU
     _, blocks = decoder_blocks(model)
     for i, block in enumerate(blocks):
         fully_shard(block, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1, **kwargs)

@@ -71,7 +71,10 @@ def test_fsdp2_lora_two_processes_match_one_process(tmp_path):
                   data={"batch_size": 2, "max_seq_len": 128, "eval_max_new_tokens": 4},
                   lora={"enabled": True, "r": 4, "alpha": 8}, optim={"lr": 1e-2, "warmup_steps": 0})
     single = finetune(tiny(tmp_path / "one", **common))
-    sharded = torchrun(tmp_path, tiny(tmp_path / "two", checkpoint={"export": True}, **common))
+    # The other FSDP2 options change where and when, not what: CPU offload, no resharding after
+    # forward, selective activation checkpointing.
+    options = {"cpu_offload": True, "reshard_after_forward": False, "activation_checkpointing": "selective"}
+    sharded = torchrun(tmp_path, tiny(tmp_path / "two", checkpoint={"export": True}, distributed=options, **common))
     torch.testing.assert_close(torch.tensor(sharded["losses"]), torch.tensor(single.losses), rtol=1e-5, atol=1e-6)
     assert sharded["eval"]["count"] == 2
     assert (pathlib.Path(sharded["export"]) / "adapter_model.safetensors").is_file()
