@@ -193,10 +193,11 @@ def build_model(config: FinetuneConfig, tokenizer, dtype: torch.dtype):
 # -- evaluation ----------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model, tokenizer, val_batches, prompts, golds, *, config, device, autocast) -> dict:
+def evaluate(model, tokenizer, val_batches, prompts, golds, *, config, device, autocast, weight=1.0) -> dict:
     """Val loss (per target token, over the val batches of all ranks) and SQuAD EM/F1 by greedy
     generation. Every rank generates the same prompts: under FSDP2 each forward is collective, so
-    all ranks must run the same number of them; identical inputs give identical stops."""
+    all ranks must run the same number of them (so the val batches are split evenly, and `weight`
+    0 marks a rank that runs a batch only to keep in step); identical inputs give identical stops."""
     from fastft.data import generate_answers, model_inputs, squad_metrics
 
     was_training = model.training
@@ -207,8 +208,8 @@ def evaluate(model, tokenizer, val_batches, prompts, golds, *, config, device, a
         batch = _to_device(batch, device)
         with autocast():
             out = model(**model_inputs(batch), num_items_in_batch=one)  # the summed token loss
-        total[0] += out.loss.double()
-        total[1] += batch["num_target_tokens"].double()
+        total[0] += weight * out.loss.double()
+        total[1] += weight * batch["num_target_tokens"].double()
     distributed.all_reduce_sum(total)
     result = {"val_loss": (total[0] / total[1].clamp(min=1)).item(), "val_tokens": int(total[1].item())}
     if prompts:
@@ -323,7 +324,15 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
     # loss does not depend on the number of processes.
     val_source, _ = build_train_batches(eval_data, tokenizer, rank=0, world_size=1)
     n_val = -(-t.eval_batches // env.world_size) * env.world_size
-    val_batches = [b for _, b in zip(range(n_val), val_source)][env.rank :: env.world_size]
+    val_all = [b for _, b in zip(range(n_val), val_source)]
+    usable = len(val_all) - len(val_all) % env.world_size
+    if val_all and usable == 0:  # fewer val batches than ranks: all run the first, rank 0 counts it
+        val_batches, val_weight = val_all[:1], 1.0 if env.is_main else 0.0
+    else:
+        val_batches, val_weight = val_all[:usable][env.rank :: env.world_size], 1.0
+    if getattr(train_batches, "map_style", False) and len(train_batches) == 0:
+        raise ConfigError(f"data: no training micro-batches for rank {env.rank} of {env.world_size} (the data makes "
+                          f"{train_batches.stats.micro_batches}); use more data, or a smaller data.batch_size")
     prompts, golds = [], {}
     if t.eval_generate:
         prompts, golds = build_eval_prompts(dataclasses.replace(c.data, eval_examples=t.eval_generate), tokenizer)
@@ -393,7 +402,7 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
                               append=resume_path is not None)
     mlog.write("start", start_step, plan=plan, world_size=env.world_size, n_train=n_train, n_frozen=n_frozen)
     evaluate_now = lambda: evaluate(model, tokenizer, val_batches, prompts, golds, config=c, device=device,  # noqa: E731
-                                    autocast=autocast)
+                                    autocast=autocast, weight=val_weight)
     if t.eval_before and start_step == 0:
         result.eval_before = evaluate_now()
         mlog.write("eval", 0, **{k: v for k, v in result.eval_before.items() if k != "sample"})

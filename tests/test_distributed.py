@@ -78,3 +78,17 @@ def test_fsdp2_lora_two_processes_match_one_process(tmp_path):
     torch.testing.assert_close(torch.tensor(sharded["losses"]), torch.tensor(single.losses), rtol=1e-5, atol=1e-6)
     assert sharded["eval"]["count"] == 2
     assert (pathlib.Path(sharded["export"]) / "adapter_model.safetensors").is_file()
+
+
+def test_fsdp2_patched_model_with_the_kernels_matches_one_process(tmp_path):
+    # The fused kernels (interpreter on a CPU) under FSDP2. Rows of 64 bytes keep few documents, so
+    # the val split has fewer micro-batches than ranks: every rank must still run as many forwards.
+    common = dict(train={"global_batch_rows": 4, "max_steps": 2, "eval_generate": 1, "eval_batches": 2},
+                  data={"batch_size": 2, "max_seq_len": 64, "eval_max_new_tokens": 3},
+                  model={"patch": True, "config": dict(model_type="llama", hidden_size=16, intermediate_size=32,
+                                                       num_hidden_layers=2, num_attention_heads=2,
+                                                       num_key_value_heads=2)})
+    single = finetune(tiny(tmp_path / "one", **common))
+    sharded = torchrun(tmp_path, tiny(tmp_path / "two", **common))
+    torch.testing.assert_close(torch.tensor(sharded["losses"]), torch.tensor(single.losses), rtol=1e-5, atol=1e-6)
+    assert abs(sharded["eval"]["val_loss"] - single.eval_after["val_loss"]) < 1e-4
