@@ -211,7 +211,8 @@ def evaluate(model, tokenizer, val_batches, prompts, golds, *, config, device, a
         total[0] += weight * out.loss.double()
         total[1] += weight * batch["num_target_tokens"].double()
     distributed.all_reduce_sum(total)
-    result = {"val_loss": (total[0] / total[1].clamp(min=1)).item(), "val_tokens": int(total[1].item())}
+    tokens = int(total[1].item())
+    result = {"val_loss": (total[0] / tokens).item() if tokens else None, "val_tokens": tokens}
     if prompts:
         with autocast(), distributed.root_unsharded(model):
             answers = generate_answers(model, tokenizer, prompts, max_new_tokens=config.data.eval_max_new_tokens,
@@ -225,7 +226,7 @@ def evaluate(model, tokenizer, val_batches, prompts, golds, *, config, device, a
 def _eval_line(name: str, result: dict | None) -> str:
     if result is None:
         return f"{name}: (not evaluated)"
-    line = f"{name}: val loss {result['val_loss']:.4f}"
+    line = f"{name}: val loss " + ("n/a (no val batches)" if result["val_loss"] is None else f"{result['val_loss']:.4f}")
     if "exact_match" in result:
         line += f", SQuAD EM {result['exact_match']:.1f} F1 {result['f1']:.1f} on {result['count']} questions"
     return line
