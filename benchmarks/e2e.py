@@ -172,7 +172,7 @@ def run_one(rec, spec, mode, provider, args, docs):
         # FLOPs of an average step: all documents' work divided by the number of steps they fill.
         n_steps = len(step_batches)
         flops = {k: v / n_steps for k, v in
-                 training_flops(model, [len(d["input_ids"]) for d in docs], lora=mode == "lora").items()}
+                 training_flops(model, [len(d["input_ids"]) for d in docs]).items()}
     except Exception as exc:  # OOM or a provider that cannot run this model: recorded, not fatal
         oom = isinstance(exc, torch.cuda.OutOfMemoryError)
         return rec.add(**base, error=("OOM: " if oom else "") + f"{type(exc).__name__}: {exc}"[:400])

@@ -38,7 +38,7 @@ import time
 import torch
 
 from fastft import checkpoint as ckpt
-from fastft import distributed, metrics
+from fastft import distributed, flops, metrics
 from fastft.config import ConfigError, FinetuneConfig, load_config, to_yaml, validate
 
 
@@ -312,9 +312,8 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
     torch.manual_seed(t.seed)  # the same random init on every rank (FSDP2 shards what each rank holds)
     tokenizer = load_tokenizer(config)
     model, patch_report = build_model(config, tokenizer, weight_dtype)
-    n_train, n_frozen = metrics.matmul_params(model)
-    hf_config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
-    layers, d_attn = metrics.attention_dims(hf_config)
+    n_trained, n_frozen = flops.matmul_parameters(model)
+    layers, d_attn = flops.attention_dims(flops.text_config(model))
 
     # 3. data -----------------------------------------------------------------------------------
     train_batches, data_report = build_train_batches(c.data, tokenizer, rank=env.rank, world_size=env.world_size)
@@ -372,7 +371,6 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
             data_state = state["data"]
         log(f"resume: {resume_path} (step {start_step})")
     stream = BatchStream(train_batches, **data_state)
-    peak = metrics.peak_flops(device)
 
     # The start-up report: everything derived, printed once.
     log(f"fastft train: {env.world_size} process(es) on {device.type}"
@@ -381,7 +379,7 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
     kernels = ("compiled Triton kernels" if cuda else "Triton interpreter" if os.environ.get("TRITON_INTERPRET") == "1"
                else "kernels' torch reference fallback (set TRITON_INTERPRET=1 for the Triton kernels)")
     log(f"model: {c.model.name or 'random init from config ' + str(c.model.config.get('model_type'))}, "
-        f"{n_train + n_frozen:,} matmul params ({n_train:,} trained)"
+        f"{n_trained + n_frozen:,.0f} matmul params ({n_trained:,.0f} trained)"
         + (f", LoRA r={c.lora.r}" if c.lora.enabled else ", full fine-tuning")
         + (f"; patched: {len(patch_report.patched())} modules, {kernels}" if patch_report is not None else "; not patched"))
     for line in data_report.lines:
@@ -393,6 +391,7 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
         + (f"FSDP2 params {param_dtype} / reduce {d.reduce_dtype}, reshard_after_forward={d.reshard_after_forward}"
            f", cpu_offload={d.cpu_offload}" if use_fsdp else ("bf16 autocast" if autocast_on else "no autocast"))
         + f"; activation checkpointing: {d.activation_checkpointing} ({n_ac} blocks); compile: {d.compile}")
+    peak = flops.peak_flops(device)
     log(f"optimizer: AdamW lr {o.lr} (fused={fused}), warm-up {warmup} steps then {o.schedule} to "
         f"{o.min_lr_ratio}x, clip {o.grad_clip}; MFU peak: "
         + (f"{peak / 1e12:.0f} TFLOP/s per device" if peak else "n/a on this device"))
@@ -401,7 +400,7 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
     result = RunResult(steps=start_step, run_dir=run_dir, plan=plan, model=model, tokenizer=tokenizer)
     mlog = metrics.MetricsLog(run_dir, enabled=env.is_main, tensorboard=c.logging.tensorboard,
                               append=resume_path is not None)
-    mlog.write("start", start_step, plan=plan, world_size=env.world_size, n_train=n_train, n_frozen=n_frozen)
+    mlog.write("start", start_step, plan=plan, world_size=env.world_size, n_trained=n_trained, n_frozen=n_frozen)
     evaluate_now = lambda: evaluate(model, tokenizer, val_batches, prompts, golds, config=c, device=device,  # noqa: E731
                                     autocast=autocast, weight=val_weight)
     if t.eval_before and start_step == 0:
@@ -426,12 +425,12 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
             targets = torch.stack([b["num_target_tokens"] for b in micro_batches]).sum().to(device)
             targets = distributed.all_reduce_sum(targets).clamp(min=1)
             loss_sum = torch.zeros((), device=device)
-            sum_l2 = tokens = 0
+            pairs = tokens = 0.0
             for i, batch in enumerate(micro_batches):
                 if use_fsdp:  # reduce-scatter the gradients once, after the last micro-batch
                     model.set_requires_gradient_sync(i == len(micro_batches) - 1)
-                tokens += batch["input_ids"].numel()
-                sum_l2 += metrics.document_lengths_squared(batch)
+                tokens += float(batch["document_lengths"].sum())  # real tokens, padding excluded
+                pairs += flops.causal_pairs(batch["document_lengths"])
                 batch = _to_device(batch, device)
                 with autocast():
                     out = model(**model_inputs(batch), num_items_in_batch=targets)
@@ -457,12 +456,13 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
             if cuda:
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - step_start
-            counts = distributed.all_reduce_sum(torch.tensor([tokens, sum_l2], dtype=torch.float64, device=device))
-            flops = metrics.step_flops(n_train, n_frozen, int(counts[0]), layers, d_attn, int(counts[1]))
-            mfu = flops / seconds / (peak * env.world_size) if peak else None
+            counts = distributed.all_reduce_sum(torch.tensor([tokens, pairs], dtype=torch.float64, device=device))
+            work = flops.step_flops(n_trained, n_frozen, counts[0].item(), layers, d_attn, counts[1].item())
+            mfu = flops.mfu(work["flops"], seconds, device, env.world_size)
             memory, memory_kind = metrics.peak_memory_gib(device)
             record = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": counts[0].item() / seconds,
-                      "mfu": mfu, "step_s": seconds, "peak_memory_gib": memory, "memory_kind": memory_kind,
+                      "mfu": mfu, "mfu_6n": flops.mfu(work["flops_6n"], seconds, device, env.world_size),
+                      "step_s": seconds, "peak_memory_gib": memory, "memory_kind": memory_kind,
                       "target_tokens": int(targets.item()), "epoch": stream.epoch}
             if step % c.logging.log_every == 0 or step == last_step:
                 mlog.write("train", step, **record)

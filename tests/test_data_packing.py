@@ -87,6 +87,7 @@ def check_packed_batch(batch: dict, rows: list[list[dict]], row_len: int | None)
             assert (batch["labels"][r, offset:] == IGNORE).all()
     assert k == len(seg)
     assert int(batch["num_target_tokens"]) == int((batch["labels"][:, 1:] != IGNORE).sum())
+    assert batch["document_lengths"].tolist() == [len(d["input_ids"]) for docs in rows for d in docs]
 
 
 def test_collate_packed_layout():
@@ -114,6 +115,8 @@ def test_collate_padded_layout():
     assert batch["labels"].tolist() == [[IGNORE, 2, 3, IGNORE], [IGNORE] * 4]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
     assert int(batch["num_target_tokens"]) == 2 and "cu_seq_lens_q" not in batch
+    assert batch["document_lengths"].tolist() == [3, 1]
+    assert set(model_inputs(batch)) == {"input_ids", "labels", "position_ids", "attention_mask", "use_cache"}
 
 
 # -- the batcher ---------------------------------------------------------------------------------

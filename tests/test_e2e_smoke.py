@@ -57,7 +57,7 @@ def test_flops_convention():
     from peft import LoraConfig, get_peft_model
 
     lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
-    base, adapters = matmul_parameters(lora)
+    adapters, base = matmul_parameters(lora)  # (trained, frozen)
     assert base == expected and adapters == layers * 4 * (h + h)
     f = training_flops(lora, [30])
     assert f["flops"] < f["flops_6n"]

@@ -7,6 +7,9 @@ Every batch:
   position_ids   [B, T] int64, restarting at 0 for every document
   num_target_tokens  0-dim int64: labels != -100 after the causal shift (labels[:, 1:]), for
                  normalising a loss summed over micro-batches
+  document_lengths   [docs] int64: the real documents' lengths (padding excluded), for counting
+                 tokens and attention FLOPs (fastft/flops.py)
+These two are bookkeeping, not model inputs: `model_inputs(batch)` drops them.
 Padded batches (`collate_padded`, one example per row, right padding) add
   attention_mask [B, T] int64, 1 on real tokens
 Packed batches (`collate_packed`, several documents per row) add, instead of a mask,
@@ -62,6 +65,7 @@ def collate_padded(examples: Sequence[dict], *, pad_id: int, pad_to_multiple_of:
         "position_ids": position_ids,
         "attention_mask": attention_mask,
         "num_target_tokens": _num_targets(labels),
+        "document_lengths": torch.tensor([len(e["input_ids"]) for e in examples], dtype=torch.long),
     }
 
 
@@ -79,6 +83,7 @@ def collate_packed(rows: Sequence[Sequence[dict]], *, pad_id: int, row_len: int 
     labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((batch, width), dtype=torch.long)
     segment_lengths: list[int] = []
+    document_lengths: list[int] = []
     for row, docs in enumerate(rows):
         offset = 0
         for doc in docs:
@@ -88,6 +93,7 @@ def collate_packed(rows: Sequence[Sequence[dict]], *, pad_id: int, row_len: int 
             labels[row, offset] = IGNORE_INDEX  # nothing may predict a document's first token
             position_ids[row, offset : offset + n] = torch.arange(n)
             segment_lengths.append(n)
+            document_lengths.append(n)
             offset += n
         if offset < width:  # the tail: its own segment, never attended by real tokens
             position_ids[row, offset:] = torch.arange(width - offset)
@@ -104,18 +110,22 @@ def collate_packed(rows: Sequence[Sequence[dict]], *, pad_id: int, row_len: int 
         "max_length_q": max_length,
         "max_length_k": max_length,
         "num_target_tokens": _num_targets(labels),
+        "document_lengths": torch.tensor(document_lengths, dtype=torch.long),
     }
+
+
+BOOKKEEPING_KEYS = ("num_target_tokens", "document_lengths")
 
 
 def model_inputs(batch: dict) -> dict:
     """The keyword arguments for a Hugging Face causal LM's forward: the batch minus the trainer's
-    bookkeeping (`num_target_tokens`), plus `use_cache=False`.
+    bookkeeping (BOOKKEEPING_KEYS), plus `use_cache=False`.
 
     use_cache=False matters for packed batches with the stock sdpa/eager attention: transformers
     (checked on 5.24) builds the block-diagonal mask from restarting position_ids only when there
     is no attention_mask and no cache, and a causal LM whose config has use_cache=True creates a
     cache even in training. With a cache, packed documents would attend to each other.
     """
-    inputs = {k: v for k, v in batch.items() if k != "num_target_tokens"}
+    inputs = {k: v for k, v in batch.items() if k not in BOOKKEEPING_KEYS}
     inputs["use_cache"] = False
     return inputs
