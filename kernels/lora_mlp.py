@@ -111,6 +111,18 @@ def _low_rank_tile(XA, B, rows, cols, row_mask, col_mask, R, BLOCK_R: tl.constex
 
 
 @triton.jit
+def _gate_up_tile(G, U, XA_G, XA_U, B_G, B_U, rows, cols, row_mask, col_mask, mask, STRIDE_G, STRIDE_U, R_G, R_U,
+                  BR_G: tl.constexpr, BR_U: tl.constexpr, FP32_DOT: tl.constexpr):
+    """The gate and up pre-activations of one [BM, BI] tile, fp32: the base GEMMs' outputs G, U
+    plus their low-rank terms (recomputed in the backward rather than saved)."""
+    g = tl.load(G + rows[:, None] * STRIDE_G + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + rows[:, None] * STRIDE_U + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    g += _low_rank_tile(XA_G, B_G, rows, cols, row_mask, col_mask, R_G, BR_G, FP32_DOT)
+    u += _low_rank_tile(XA_U, B_U, rows, cols, row_mask, col_mask, R_U, BR_U, FP32_DOT)
+    return g, u
+
+
+@triton.jit
 def _lora_mlp_fwd_kernel(
     G, U, XA_G, XA_U, B_G, B_U, A_D, H, HD,   # G, U [N, I] (row strides), XA_* [N, R_*], B_* [I, R_*],
     N, I, R_G, R_U, R_D, STRIDE_G, STRIDE_U,  # A_D [R_D, I], H [N, I] contiguous, HD [N, R_D] contiguous
@@ -127,10 +139,8 @@ def _lora_mlp_fwd_kernel(
         cols = i0 + tl.arange(0, BLOCK_I).to(tl.int64)
         col_mask = cols < I
         mask = row_mask[:, None] & col_mask[None, :]
-        g = tl.load(G + rows[:, None] * STRIDE_G + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(U + rows[:, None] * STRIDE_U + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        g += _low_rank_tile(XA_G, B_G, rows, cols, row_mask, col_mask, R_G, BR_G, FP32_DOT)
-        u += _low_rank_tile(XA_U, B_U, rows, cols, row_mask, col_mask, R_U, BR_U, FP32_DOT)
+        g, u = _gate_up_tile(G, U, XA_G, XA_U, B_G, B_U, rows, cols, row_mask, col_mask, mask, STRIDE_G, STRIDE_U,
+                             R_G, R_U, BR_G, BR_U, FP32_DOT)
         a, _ = _act_and_grad(g, ACT)
         h = round_to(a * u, H.dtype.element_ty)                               # [BM, BI]
         tl.store(H + rows[:, None] * I + cols[None, :], h, mask=mask)
@@ -168,10 +178,8 @@ def _lora_mlp_bwd_kernel(
         cols = i0 + tl.arange(0, BLOCK_I).to(tl.int64)
         col_mask = cols < I
         mask = row_mask[:, None] & col_mask[None, :]
-        g = tl.load(G + rows[:, None] * STRIDE_G + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(U + rows[:, None] * STRIDE_U + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        g += _low_rank_tile(XA_G, B_G, rows, cols, row_mask, col_mask, R_G, BR_G, FP32_DOT)
-        u += _low_rank_tile(XA_U, B_U, rows, cols, row_mask, col_mask, R_U, BR_U, FP32_DOT)
+        g, u = _gate_up_tile(G, U, XA_G, XA_U, B_G, B_U, rows, cols, row_mask, col_mask, mask, STRIDE_G, STRIDE_U,
+                             R_G, R_U, BR_G, BR_U, FP32_DOT)
         a, da = _act_and_grad(g, ACT)
         h = round_to(a * u, HM.dtype.element_ty).to(tl.float32)
         keep = tl.rand(seed, rows[:, None] * I + cols[None, :]) >= pf
