@@ -81,7 +81,14 @@ def row_block(n_cols: int) -> tuple[int, int]:
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
-    """View x as [rows, last dim] with unit stride along the last dim (copies only if it must)."""
+    """View x as [rows, last dim] with unit stride along the last dim (copies only if it must).
+
+    The ops' autograd Functions take x as given, work on these rows and return fresh [rows, ...]
+    outputs; the functional APIs restore the caller's leading shape outside the Function. A view
+    returned from inside a custom Function may not be modified in place by the caller (autograd
+    refuses it, since its view+inplace handling would bypass the custom backward), and models do
+    write into projection outputs in place (Falcon's attention does).
+    """
     rows = x.reshape(-1, x.shape[-1])
     if rows.stride(-1) != 1:
         rows = rows.contiguous()

@@ -144,7 +144,7 @@ class LayerNormFunction(torch.autograd.Function):
         y, rows, mean, rstd = layer_norm_forward(x, weight, bias, eps, offset)
         ctx.save_for_backward(rows, weight, bias, mean, rstd)
         ctx.offset, ctx.x_shape = offset, x.shape
-        return y.view(x.shape)
+        return y  # [rows, H]: never a view (kernels/_common.py, as_rows)
 
     @staticmethod
     def backward(ctx, dy):
@@ -164,4 +164,4 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     check_row_op_inputs("layer_norm", x, weight=weight, bias=bias)
     if not use_triton(x, weight, bias):
         return layer_norm_reference(x, weight, bias, eps, offset)
-    return LayerNormFunction.apply(x, weight, bias, float(eps), float(offset))
+    return LayerNormFunction.apply(x, weight, bias, float(eps), float(offset)).view(x.shape)

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETER, interpreting, round_to, use_triton
+from ._common import INTERPRETER, as_rows, interpreting, round_to, use_triton
 
 
 # ------------------------------------------------------------------------------------------------
@@ -311,11 +311,6 @@ class Adapter:
     seed: int = 0
 
 
-def _as_rows(x: torch.Tensor) -> torch.Tensor:
-    rows = x.reshape(-1, x.shape[-1])
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
-
-
 def _plain_group(adapters, params) -> bool:
     """Several projections, no dropout, one adapter dtype: their rank-r products can be stacked."""
     return len(adapters) > 1 and all(ad.dropout == 0 for ad in adapters) and \
@@ -351,13 +346,13 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, adapters, *params):
-        rows = _as_rows(x)
+        rows = as_rows(x)
         outs, us = [], []
         stacked = _stacked_down(rows, adapters, params)
         for i, ad in enumerate(adapters):
             w, b, a, bm = params[4 * i: 4 * i + 4]
             y, u = _forward_one(rows, w, b, a, bm, ad, None if stacked is None else stacked[i])
-            outs.append(y.view(*x.shape[:-1], y.shape[-1]))
+            outs.append(y)  # [rows, out]: never a view (kernels/_common.py, as_rows)
             us.append(u)
         ctx.adapters, ctx.x_shape = adapters, x.shape
         ctx.save_for_backward(rows, *params, *us)
@@ -380,7 +375,7 @@ class LoRALinearFunction(torch.autograd.Function):
             dy = dys[i]
             if dy is None:
                 continue
-            dy = _as_rows(dy)
+            dy = as_rows(dy)
             lr = a.dtype
             dy_lr = dy.to(lr)
             du = torch.mm(dy_lr, bm)                                            # [N, r]
@@ -441,7 +436,8 @@ def lora_linear_many(x: torch.Tensor, layers, dropout=0.0, seeds=None) -> tuple[
                      for (w, b, a, bm, s), p, seed in zip(layers, drops, seeds))
     adapters = tuple(Adapter(float(s), p, int(seed)) for (*_, s), p, seed in zip(layers, drops, seeds))
     params = [t for (w, b, a, bm, _) in layers for t in (w, b, a, bm)]
-    return LoRALinearFunction.apply(x, adapters, *params)
+    outs = LoRALinearFunction.apply(x, adapters, *params)
+    return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outs)
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,

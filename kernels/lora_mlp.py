@@ -47,8 +47,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETER, interpreting, round_to, use_triton
-from .lora import (_as_rows, _check, _fp32_dot, draw_seed, lora_down, lora_dropout, lora_grad_a,
+from ._common import INTERPRETER, as_rows, interpreting, round_to, use_triton
+from .lora import (_check, _fp32_dot, draw_seed, lora_down, lora_dropout, lora_grad_a,
                    lora_linear_reference, lora_up_into)
 
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
@@ -233,7 +233,7 @@ class LoRAMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, activation, dropout, seeds, scales, *params):
-        rows = _as_rows(x)
+        rows = as_rows(x)
         (wg, bg, ag, bmg), (wu, bu, au, bmu), (wd, bd, ad, bmd) = (params[0:4], params[4:8], params[8:12])
         (pg, pu, pd), (sg, su, sd) = dropout, scales
         n = rows.shape[0]
@@ -263,7 +263,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         y.addmm_(h, wd.t())                                                            # epilogue add
         ctx.activation, ctx.dropout, ctx.seeds, ctx.scales, ctx.x_shape = activation, dropout, seeds, scales, x.shape
         ctx.save_for_backward(rows, g, u, xa_g, xa_u, hd, *params)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y  # [rows, H]: never a view (kernels/_common.py, as_rows)
 
     @staticmethod
     def backward(ctx, dy):
@@ -271,7 +271,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         (wg, bg, ag, bmg), (wu, bu, au, bmu), (wd, bd, ad, bmd) = (params[0:4], params[4:8], params[8:12])
         (pg, pu, pd), (sg, su, sd), seeds = ctx.dropout, ctx.scales, ctx.seeds
         need = ctx.needs_input_grad[5:]
-        dy = _as_rows(dy)
+        dy = as_rows(dy)
         n, inter = g.shape
         grads = [None] * 12
         # Down projection: its rank-r products, and dh's base part from cuBLAS.
@@ -349,6 +349,7 @@ def lora_mlp(x: torch.Tensor, gate, up, down, activation: str = "silu", dropout=
     tensors = [t for t in (wg, bg, ag, bmg, wu, bu, au, bmu, wd, bd, ad, bmd) if t is not None]
     if not use_triton(x, *tensors):
         return lora_mlp_reference(x, gate, up, down, activation, drops, seeds)
-    return LoRAMLPFunction.apply(x, activation, drops, tuple(int(s) for s in seeds),
-                                 (float(sg), float(su), float(sd)),
-                                 wg, bg, ag, bmg, wu, bu, au, bmu, wd, bd, ad, bmd)
+    y = LoRAMLPFunction.apply(x, activation, drops, tuple(int(s) for s in seeds),
+                              (float(sg), float(su), float(sd)),
+                              wg, bg, ag, bmg, wu, bu, au, bmu, wd, bd, ad, bmd)
+    return y.view(*x.shape[:-1], y.shape[-1])

@@ -173,7 +173,7 @@ class RMSNormFunction(torch.autograd.Function):
         y, rows, rstd = rms_norm_forward(x, weight, eps, offset, casting)
         ctx.save_for_backward(rows, weight, rstd)
         ctx.offset, ctx.casting, ctx.x_shape = offset, casting, x.shape
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y  # [rows, H]: never a view (kernels/_common.py, as_rows)
 
     @staticmethod
     def backward(ctx, dy):
@@ -193,4 +193,4 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: f
     check_row_op_inputs("rms_norm", x, weight=weight)
     if not use_triton(x, weight):
         return rms_norm_reference(x, weight, eps, offset, casting)
-    return RMSNormFunction.apply(x, weight, float(eps), float(offset), casting)
+    return RMSNormFunction.apply(x, weight, float(eps), float(offset), casting).view(x.shape)

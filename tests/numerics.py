@@ -92,3 +92,11 @@ def check_against_reference(kernel_fn, reference_fn, inputs: dict, dtype: torch.
         assert_within_eager(f"d{k}", kernel_in[k].grad, eager_in[k].grad, truth_in[k].grad, dtype, factor)
     for k, v in before.items():
         assert torch.equal(kernel_in[k].detach(), v), f"the kernel modified its input {k}"
+
+
+def producer(y):
+    """The autograd node that computed y, looking through the view that restores its shape."""
+    node = y.grad_fn
+    while node is not None and type(node).__name__.startswith("ViewBackward"):
+        node = node.next_functions[0][0]
+    return type(node).__name__

@@ -93,6 +93,46 @@ def test_lora_linear_functional_leading_dims_and_seed(device):
     assert abs(keep - 0.7) < 0.02
 
 
+@pytest.mark.parametrize("op", ["lora_linear", "lora_linear_many", "lora_mlp"])
+def test_outputs_can_be_modified_in_place(op, device):
+    """Falcon writes into its fused QKV projection's output in place; a view returned from inside
+    an autograd Function would make autograd refuse that (kernels/_common.py, as_rows)."""
+    from fastft.kernels import lora_mlp, lora_mlp_reference
+
+    g = torch.Generator().manual_seed(0)
+
+    def layer(o, i, r=4):
+        return [torch.randn(o, i, generator=g).to(device) / i**0.5, None,
+                torch.randn(r, i, generator=g).to(device) / i**0.5, torch.randn(o, r, generator=g).to(device), 0.5]
+
+    x = torch.randn(2, 3, 32, generator=g).to(device).requires_grad_()
+    layers = {"lora_linear": [layer(16, 32)], "lora_linear_many": [layer(16, 32), layer(8, 32)],
+              "lora_mlp": [layer(24, 32), layer(24, 32), layer(32, 24)]}[op]
+    for layer_ in layers:
+        layer_[2].requires_grad_()
+
+    def run(fused):
+        if op == "lora_linear":
+            w, b, a, bb, s = layers[0]
+            outs = [lora_linear(x, w, a, bb, s) if fused else lora_linear_reference(x, w, a, bb, s)]
+        elif op == "lora_linear_many":
+            outs = list(lora_linear_many(x, layers) if fused else
+                        [lora_linear_reference(x, w, a, bb, s, b) for w, b, a, bb, s in layers])
+        else:
+            outs = [(lora_mlp if fused else lora_mlp_reference)(x, *layers, "silu")]
+        for y in outs:
+            y.mul_(2.0).add_(1.0)
+        sum((y * y).sum() for y in outs).backward()
+        grads = [x.grad.clone()] + [layer_[2].grad.clone() for layer_ in layers]
+        x.grad = None
+        for layer_ in layers:
+            layer_[2].grad = None
+        return grads
+
+    for got, want in zip(run(True), run(False)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("drops", [(0.0, 0.25, 0.1), (0.0, 0.0, 0.0)], ids=["dropout", "stacked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_lora_linear_many_matches_separate_layers(dtype, drops, device):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastft.kernels import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
-from numerics import check_against_reference
+from numerics import check_against_reference, producer
 
 DTYPES = [torch.float32, torch.bfloat16]
 # Leading shapes include a single row; hidden sizes include non powers of two and the extremes
@@ -120,8 +120,26 @@ def test_kernels_take_the_triton_path(device):
 
     assert use_triton(torch.ones(1, device=device))
     x = torch.randn(2, 64, device=device, requires_grad=True)
-    assert "RMSNormFunction" in type(rms_norm(x, torch.ones(64, device=device)).grad_fn).__name__
-    assert "LayerNormFunction" in type(layer_norm(x, torch.ones(64, device=device)).grad_fn).__name__
+    assert "RMSNormFunction" in producer(rms_norm(x, torch.ones(64, device=device)))
+    assert "LayerNormFunction" in producer(layer_norm(x, torch.ones(64, device=device)))
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "layer_norm"])
+def test_output_can_be_modified_in_place(op, device):
+    """Models write into these outputs in place; a view returned from inside an autograd Function
+    would make autograd refuse that (kernels/_common.py, as_rows)."""
+    fn, ref = (rms_norm, rms_norm_reference) if op == "rms_norm" else (layer_norm, layer_norm_reference)
+    x = torch.randn(2, 3, 64, device=device, requires_grad=True)
+    w = torch.randn(64, device=device, requires_grad=True)
+    grads = []
+    for f in (fn, ref):
+        y = f(x, w)
+        y.mul_(2.0).add_(1.0)
+        (y * y).sum().backward()
+        grads.append((x.grad.clone(), w.grad.clone()))
+        x.grad = w.grad = None
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_inputs_name_the_value_and_fix():
