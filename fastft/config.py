@@ -99,6 +99,10 @@ class DistributedConfig:
     checkpoint_every: int = 2  # selective: recompute every n-th block only
     compile: bool = False  # torch.compile each decoder block (not under the Triton interpreter)
     backend: str | None = None  # process-group backend; None: nccl on CUDA, gloo on CPU
+    # Under FSDP2 with several processes: "rank0" (rank 0 alone loads or builds the full model on
+    # its CPU, the others build it on the meta device, and the weights are broadcast into the
+    # shards after fully_shard: one host copy per node) or "every_rank" (each rank loads it whole).
+    load: str = "rank0"
     timeout_minutes: int = 30
 
 
@@ -147,6 +151,7 @@ CHOICES = {
     "distributed.param_dtype": ("auto", "float32", "bfloat16"),
     "distributed.reduce_dtype": ("float32", "bfloat16"),
     "distributed.activation_checkpointing": ("none", "full", "selective"),
+    "distributed.load": ("rank0", "every_rank"),
 }
 
 

@@ -6,6 +6,8 @@
     apply_compile                   torch.compile per decoder block (in place: parameter names kept)
     apply_fsdp                      fully_shard per decoder block, then the root; MixedPrecisionPolicy
                                     (bf16 params, fp32 reduce), reshard-after-forward, CPU offload
+    load_from_rank0                 for a model built on the meta device and sharded: allocate the
+                                    shards, then broadcast rank 0's full weights into them
 
 The decoder blocks are found by structure, not by architecture: the largest nn.ModuleList of
 identical module classes (Llama's `model.layers`, GPT-2's `transformer.h`, a PEFT-wrapped model's
@@ -191,9 +193,37 @@ def apply_fsdp(model: nn.Module, *, param_dtype: str = "bfloat16", reduce_dtype:
     return model
 
 
+def load_from_rank0(model: nn.Module, full: nn.Module | None, device: torch.device, cpu_offload: bool = False) -> None:
+    """Give a meta-device model that apply_fsdp has sharded the weights of `full`, a model of the
+    same structure that only rank 0 holds (None elsewhere), on its CPU: the shards are allocated
+    (on the CPU under CPU offload, else on `device`) and filled by broadcasting rank 0's tensors
+    (each rank keeps its slice), so no rank other than 0 ever holds the whole model. Buffers,
+    persistent or not (rotary inverse frequencies), are broadcast too and live on `device`.
+    After torchtitan's meta-device initialisation and torch.distributed.checkpoint's
+    `broadcast_from_rank0` state-dict option."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device=torch.device("cpu") if cpu_offload else device)
+    state = full.state_dict() if full is not None else {}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():
+        for module_name, module in model.named_modules():
+            for name, buffer in module._buffers.items():
+                if buffer is None:
+                    continue
+                if full is not None:
+                    value = full.get_submodule(module_name)._buffers[name].to(device=device, dtype=buffer.dtype)
+                else:
+                    value = torch.empty(buffer.shape, dtype=buffer.dtype, device=device)
+                dist.broadcast(value, src=0)
+                module._buffers[name] = value
+
+
 @contextlib.contextmanager
 def root_unsharded(model: nn.Module):
-    """Keep the FSDP2 root's own parameters (embeddings, final norm, head) gathered. For
+    """Keep the FSDP2 root's own parameters (embeddings, final norm, head) gathered, and leave
+    every module resharded at the end. For
+    fastft.patching.verify_loaded's probe (a forward, then the head's weight read), and for
     `generate` through a wrapper (PEFT's PeftModel.generate calls the inner model's generate, so
     the root's forward hooks never run); the blocks still gather and free through their own hooks."""
     from torch.distributed.fsdp import FSDPModule
@@ -201,11 +231,22 @@ def root_unsharded(model: nn.Module):
     if not isinstance(model, FSDPModule):
         yield
         return
+    # A forward of the root itself inside the block would reshard it at its end (its
+    # reshard_after_forward): keep it gathered until the block ends, then restore the setting.
+    group = model._get_fsdp_state()._fsdp_param_group
+    reshard = group is not None and group.post_forward_mesh_info is not None
+    model.set_reshard_after_forward(False, recurse=False)
     model.unshard()
     try:
         yield
     finally:
-        model.reshard()
+        model.set_reshard_after_forward(reshard, recurse=False)
+        # A forward also leaves the last block gathered (apply_fsdp does not reshard it after
+        # forward): reshard every module, so that only the sharded parameters are registered
+        # (an optimizer built next must see those).
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
 
 def clip_grad_norm_(parameters, max_norm: float | None) -> torch.Tensor:

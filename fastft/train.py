@@ -154,27 +154,32 @@ def load_tokenizer(config: FinetuneConfig):
     return tokenizer
 
 
-def build_model(config: FinetuneConfig, tokenizer, dtype: torch.dtype):
-    """The transformers model (pretrained or random), LoRA applied, fastft-patched."""
+def build_model(config: FinetuneConfig, tokenizer, dtype: torch.dtype, *, meta: bool = False, patch: bool = True):
+    """The transformers model (pretrained or random), LoRA applied, fastft-patched. meta=True
+    builds the same structure on the meta device (no weights: the FSDP2 rank-0 load)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     m = config.model
     kwargs = {"dtype": dtype, "trust_remote_code": m.trust_remote_code}
     if m.attn_implementation:
         kwargs["attn_implementation"] = m.attn_implementation
-    if m.name is not None:
+    if m.name is not None and not meta:
         model = AutoModelForCausalLM.from_pretrained(m.name, **kwargs)
     else:
-        fields = dict(m.config)
-        model_type = fields.pop("model_type")
-        fields.setdefault("vocab_size", len(tokenizer))
-        if fields["vocab_size"] < len(tokenizer):
-            raise ConfigError(f"model.config.vocab_size={fields['vocab_size']} is smaller than the tokenizer "
-                              f"({len(tokenizer)} tokens); leave it out to use the tokenizer's size")
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            fields.setdefault(name, getattr(tokenizer, name))
-        hf_config = AutoConfig.for_model(model_type, **fields)
-        model = AutoModelForCausalLM.from_config(hf_config, **kwargs)
+        if m.name is not None:
+            hf_config = AutoConfig.from_pretrained(m.name, trust_remote_code=m.trust_remote_code)
+        else:
+            fields = dict(m.config)
+            model_type = fields.pop("model_type")
+            fields.setdefault("vocab_size", len(tokenizer))
+            if fields["vocab_size"] < len(tokenizer):
+                raise ConfigError(f"model.config.vocab_size={fields['vocab_size']} is smaller than the tokenizer "
+                                  f"({len(tokenizer)} tokens); leave it out to use the tokenizer's size")
+            for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                fields.setdefault(name, getattr(tokenizer, name))
+            hf_config = AutoConfig.for_model(model_type, **fields)
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            model = AutoModelForCausalLM.from_config(hf_config, **kwargs)
     if config.lora.enabled:
         from peft import LoraConfig, get_peft_model
 
@@ -183,7 +188,7 @@ def build_model(config: FinetuneConfig, tokenizer, dtype: torch.dtype):
             r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
             modules_to_save=lc.modules_to_save, task_type="CAUSAL_LM"))
     report = None
-    if m.patch:
+    if m.patch and patch:
         import fastft
 
         report = fastft.patch(model, **m.patch_options)
@@ -311,7 +316,15 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
     # 2. tokenizer and model --------------------------------------------------------------------
     torch.manual_seed(t.seed)  # the same random init on every rank (FSDP2 shards what each rank holds)
     tokenizer = load_tokenizer(config)
-    model, patch_report = build_model(config, tokenizer, weight_dtype)
+    rank0_load = use_fsdp and env.world_size > 1 and d.load == "rank0"
+    full_model = None
+    if rank0_load:  # the full weights on rank 0's CPU only; every rank builds and patches on meta
+        if env.is_main:
+            full_model, _ = build_model(config, tokenizer, weight_dtype, patch=False)
+        model, patch_report = build_model(config, tokenizer, weight_dtype, meta=True)
+    else:
+        model, patch_report = build_model(config, tokenizer, weight_dtype)
+    torch.manual_seed(t.seed + 1)  # what follows draws the same, however the model was built
     n_trained, n_frozen = flops.matmul_parameters(model)
     layers, d_attn = flops.attention_dims(flops.text_config(model))
 
@@ -338,7 +351,7 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
         prompts, golds = build_eval_prompts(dataclasses.replace(c.data, eval_examples=t.eval_generate), tokenizer)
 
     # 4. parallelism, from outside the model: activation checkpointing -> compile -> FSDP2 ----------
-    if not (use_fsdp and d.cpu_offload):
+    if not (use_fsdp and d.cpu_offload) and not rank0_load:
         model.to(device)
     n_ac = distributed.apply_activation_checkpointing(model, d.activation_checkpointing, d.checkpoint_every)
     if d.compile:
@@ -346,6 +359,16 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
     if use_fsdp:
         distributed.apply_fsdp(model, param_dtype=param_dtype, reduce_dtype=d.reduce_dtype,
                                reshard_after_forward=d.reshard_after_forward, cpu_offload=d.cpu_offload)
+    if rank0_load:
+        distributed.load_from_rank0(model, full_model, device, cpu_offload=d.cpu_offload)
+        del full_model
+        if patch_report is not None:  # what only a forward with weights can check (the loss's logit map)
+            import fastft.patching
+
+            with distributed.root_unsharded(model):
+                verified = fastft.patching.verify_loaded(model)
+            if verified:
+                log(f"patch, with the weights loaded: {verified}")
     model.train()
 
     # 5. optimizer and schedule -----------------------------------------------------------------

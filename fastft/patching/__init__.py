@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from fastft.patching import lora as lora_patch
@@ -109,6 +108,31 @@ def patch(model: nn.Module, **options: bool) -> PatchReport:
     object.__setattr__(model, STATE, state)
     model.fastft_report = report
     return report
+
+
+def verify_loaded(model: nn.Module) -> str | None:
+    """Finish patching a model that was patched on the meta device and has its weights now (the
+    FSDP2 rank-0 load in fastft/train.py): the LM head's logit map, which only a forward with
+    weights can check, is probed and the fused loss re-installed with it, or removed (the model's
+    own loss then runs) if the probe refuses it. Under FSDP2 every rank must call this (the probe
+    is a forward) with the root's parameters gathered (fastft.distributed.root_unsharded).
+    Returns what it concluded, or None when there was nothing to check."""
+    state = getattr(model, STATE, None)
+    hf = _hf_model(model)
+    spec = loss_patch.installed_spec(hf) if state and state["loss"] else None
+    if spec is None or spec.verified:
+        return None
+    head = hf.get_output_embeddings()
+    loss_patch.uninstall(hf)
+    spec = loss_patch.detect(hf, head)
+    entry = next(e for e in model.fastft_report.entries if e.kind == "cross_entropy" and e.replacement)
+    if isinstance(spec, str):
+        state["loss"] = False
+        entry.replacement, entry.reason = "", spec
+        return f"LM head loss: {spec}"
+    loss_patch.install(hf, head, spec)
+    entry.reason = spec.describe()
+    return f"LM head loss: fused_linear_cross_entropy, logit map verified ({spec.describe() or 'plain'})"
 
 
 def unpatch(model: nn.Module) -> nn.Module:

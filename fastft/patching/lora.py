@@ -20,8 +20,9 @@ are fusable LoRA layers: a module whose direct children include exactly three su
 [H -> I] and one [I -> H], is probed once per (class, shapes) on random inputs (eval mode, no
 grad) against the reference act(gate(x))·up(x) -> down for both gate/up assignments and each
 activation (silu, gelu tanh, gelu erf); the match found becomes the block's instance forward.
-Anything else (non-gated MLPs, fused gate_up_proj layouts, a probe without a match, meta device)
-keeps the per-layer lora_linear path, and the report says which. At call time the block falls
+A block on the meta device is probed as a CPU copy with random weights (what it computes does
+not depend on their values). Anything else (non-gated MLPs, fused gate_up_proj layouts, a probe
+without a match) keeps the per-layer lora_linear path, and the report says which. At call time the block falls
 back to the module's own forward (whose layers are still fused one by one) whenever one of its
 layers is not in a fusable state.
 
@@ -189,8 +190,8 @@ def _layer_tuple(layer: nn.Module, x: torch.Tensor):
 
 def _probe_mlp(module: nn.Module, names: tuple[str, str, str]) -> tuple[str, str, str, str] | str:
     w = getattr(module, names[0]).base_layer.weight
-    if w.is_meta:
-        return "meta device: cannot probe the MLP (per-layer lora_linear)"
+    if w.is_meta:  # what the block computes does not depend on its values: probe a random CPU copy
+        return _probe_mlp(_random_copy(module), names)
     modes = {m: m.training for m in module.modules()}
     module.eval()
     try:
@@ -215,6 +216,22 @@ def _probe_mlp(module: nn.Module, names: tuple[str, str, str]) -> tuple[str, str
         for m, training in modes.items():
             m.training = training
     return "forward is not down(act(gate(x))·up(x)) for silu/gelu: per-layer lora_linear"
+
+
+def _random_copy(module: nn.Module) -> nn.Module:
+    """A CPU copy of a meta-device module with random parameters (LoRA B included, so that the
+    adapters' terms take part in the probe)."""
+    import copy
+
+    clone = copy.deepcopy(module).to_empty(device="cpu")
+    for m in clone.modules():  # instance forwards (fused layers) would still call the originals
+        m.__dict__.pop("forward", None)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in clone.parameters():
+            fan_in = p.shape[-1] if p.dim() > 1 else 1
+            p.copy_(torch.randn(p.shape, generator=generator) / fan_in ** 0.5)
+    return clone
 
 
 def _mlp_forward(module: nn.Module, spec: tuple[str, str, str, str], original):
@@ -248,8 +265,7 @@ def install_mlps(model: nn.Module, report) -> list[str]:
         spec = _PROBED.get(key)
         if spec is None or isinstance(spec, str):
             spec = _probe_mlp(module, names)
-            if not isinstance(spec, str) or "meta" not in spec:
-                _PROBED[key] = spec
+            _PROBED[key] = spec
         if isinstance(spec, str):
             report.add("lora", name, type(module).__name__, reason=spec)
             continue

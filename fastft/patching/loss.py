@@ -253,14 +253,19 @@ def install(model: nn.Module, head: nn.Module, spec: HeadSpec) -> None:
     forward.__signature__ = signature
     forward.__wrapped__ = original
     model.forward = forward
-    setattr(model, FORWARD, (head, tap))
+    setattr(model, FORWARD, (head, tap, spec))
+
+
+def installed_spec(model: nn.Module) -> HeadSpec | None:
+    state = model.__dict__.get(FORWARD)
+    return None if state is None else state[2]
 
 
 def uninstall(model: nn.Module) -> bool:
     state = model.__dict__.pop(FORWARD, None)
     if state is None:
         return False
-    head, _ = state
+    head = state[0]
     model.__dict__.pop("forward", None)
     head.__dict__.pop("forward", None)
     return True
