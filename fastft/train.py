@@ -321,7 +321,14 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
     if rank0_load:  # the full weights on rank 0's CPU only; every rank builds and patches on meta
         if env.is_main:
             full_model, _ = build_model(config, tokenizer, weight_dtype, patch=False)
-        model, patch_report = build_model(config, tokenizer, weight_dtype, meta=True)
+        try:
+            model, patch_report = build_model(config, tokenizer, weight_dtype, meta=True)
+        except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"distributed.load=rank0: this model cannot be built on the meta device "
+                              f"({type(exc).__name__}: {str(exc)[:200]}); use --distributed.load=every_rank "
+                              "(each rank then loads the whole model before sharding)") from exc
     else:
         model, patch_report = build_model(config, tokenizer, weight_dtype)
     torch.manual_seed(t.seed + 1)  # what follows draws the same, however the model was built
