@@ -22,9 +22,9 @@ grad) against the reference act(gate(x))·up(x) -> down for both gate/up assignm
 activation (silu, gelu tanh, gelu erf); the match found becomes the block's instance forward.
 A block on the meta device is probed as a CPU copy with random weights (what it computes does
 not depend on their values). Anything else (non-gated MLPs, fused gate_up_proj layouts, a probe
-without a match) keeps the per-layer lora_linear path, and the report says which. At call time the block falls
-back to the module's own forward (whose layers are still fused one by one) whenever one of its
-layers is not in a fusable state.
+without a match) keeps the per-layer lora_linear path, and the report says which. At call time
+the block falls back to the module's own forward (whose layers are still fused one by one)
+whenever one of its layers is not in a fusable state.
 
 Under FSDP2 the block reads the gate/up/down weights directly, so it must run inside a module
 that FSDP unshards as a unit: the decoder block that contains the MLP (how fastft.distributed
