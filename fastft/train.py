@@ -180,6 +180,11 @@ def build_model(config: FinetuneConfig, tokenizer, dtype: torch.dtype, *, meta: 
             hf_config = AutoConfig.for_model(model_type, **fields)
         with torch.device("meta") if meta else contextlib.nullcontext():
             model = AutoModelForCausalLM.from_config(hf_config, **kwargs)
+        if m.name is not None:  # what from_pretrained would also read: eos ids etc. for generation and export
+            from transformers import GenerationConfig
+
+            with contextlib.suppress(OSError):
+                model.generation_config = GenerationConfig.from_pretrained(m.name)
     if config.lora.enabled:
         from peft import LoraConfig, get_peft_model
 

@@ -100,3 +100,30 @@ def test_fsdp2_patched_model_with_the_kernels_matches_one_process(tmp_path):
     sharded = torchrun(tmp_path, tiny(tmp_path / "two", **common))
     torch.testing.assert_close(torch.tensor(sharded["losses"]), torch.tensor(single.losses), rtol=1e-5, atol=1e-6)
     assert abs(sharded["eval"]["val_loss"] - single.eval_after["val_loss"]) < 1e-4
+
+
+STORIES = ROOT.parent / "shared" / "assets" / "models" / "stories260K"
+SQUAD_V11 = ROOT.parent / "shared" / "assets" / "squad" / "squad_v1.1_xquad_en.json"
+
+
+@pytest.mark.skipif(not (STORIES.is_dir() and SQUAD_V11.is_file()), reason="shared assets (stories260K, SQuAD) not present")
+def test_fsdp2_rank0_load_of_a_pretrained_checkpoint(tmp_path):
+    # A real checkpoint: rank 0 reads it with from_pretrained, rank 1 builds the model from its
+    # config on the meta device, and the broadcast weights train as one process does, with the
+    # checkpoint's generation config on both paths.
+    model = tmp_path / "stories260K"  # with a generation config that its model config does not imply
+    shutil.copytree(STORIES, model)
+    generation = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**generation, "max_length": 77}))
+    common = dict(model={"name": str(model), "config": None, "patch": False},
+                  data={"source": str(SQUAD_V11), "max_seq_len": 256, "batch_size": 2, "eval_max_new_tokens": 4},
+                  train={"global_batch_rows": 4, "max_steps": 2, "eval_generate": 2, "eval_batches": 2},
+                  checkpoint={"export": True})
+    single = finetune(tiny(tmp_path / "one", **common))
+    sharded = torchrun(tmp_path, tiny(tmp_path / "two", **common))
+    torch.testing.assert_close(torch.tensor(sharded["losses"]), torch.tensor(single.losses), rtol=1e-5, atol=1e-6)
+    assert abs(sharded["eval"]["val_loss"] - single.eval_after["val_loss"]) < 1e-4
+    assert sharded["eval"]["count"] == 2
+    exported = json.loads((pathlib.Path(sharded["export"]) / "generation_config.json").read_text())
+    assert exported["max_length"] == 77
+    assert exported == json.loads((pathlib.Path(single.export_dir) / "generation_config.json").read_text())
