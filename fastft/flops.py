@@ -49,18 +49,17 @@ PEAK_BF16_FLOPS = [
 ]
 
 
-def peak_flops_of(device_name: str) -> float | None:
-    """Peak dense bf16 FLOP/s for a device name as torch.cuda.get_device_name prints it."""
-    return next((value for key, value in PEAK_BF16_FLOPS if key in device_name), None)
-
-
 def peak_flops(device: torch.device | str | None = None) -> float | None:
     """Peak dense bf16 FLOP/s of a device (default: the current CUDA device); None on a CPU."""
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    return peak_flops_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((value for key, value in PEAK_BF16_FLOPS if key in name), None)
 
 
 def text_config(model: nn.Module):
+    """The transformers config of the language model (inside a PEFT wrapper, or a multimodal config's text part)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
     if config is not None and hasattr(config, "get_text_config"):

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastft.flops import text_config
 from fastft.kernels import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
 
 TAP = "_fastft_head_tap"
@@ -78,11 +79,6 @@ class _HeadTap:
             self.inputs.append(hidden)
             self.outputs.append(out)
         return out
-
-
-def _text_config(model: nn.Module):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def _candidate_maps(config) -> list[tuple[float, float | None]]:
@@ -149,7 +145,7 @@ def detect(model: nn.Module, head: nn.Module) -> HeadSpec | str:
     weight = getattr(head if parts is None else parts[0], "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         return f"LM head {type(head).__name__} has no 2-D weight"
-    config = _text_config(model)
+    config = text_config(model)
     maps = _candidate_maps(config)
     if weight.is_meta:  # no weights to probe with: assume a plain head, verify when loaded for real
         if not isinstance(head if parts is None else parts[0], nn.Linear):
@@ -224,7 +220,7 @@ def install(model: nn.Module, head: nn.Module, spec: HeadSpec) -> None:
     head.forward = tap
     original = model.forward
     signature = inspect.signature(original)
-    config = _text_config(model)
+    config = text_config(model)
 
     def forward(*args, **kwargs):
         arguments = _as_keywords(signature, args, kwargs)
