@@ -30,7 +30,7 @@ Where the work goes (b = bytes per element; per token at Llama-3.1-8B, H = 4096,
   dA_d; h itself too when W_d trains) and accumulates dxa_g = dg·B_g and dxa_u = du·B_u from the
   tiles in registers (no extra read of dg or du).
 
-Saved for backward by LoRAMLPFunction: x, g_base, u_base (the pre-activations without the LoRA
+Saved for backward by the lora_mlp op: x, g_base, u_base (the pre-activations without the LoRA
 terms, which are recomputed from xa·Bᵀ), xa_g, xa_u and hd [N, r], the parameters and three
 seeds: (H + 2·I)·b + 3·r·b' bytes a token (b' the adapter's element size), 65.6 KB at Llama-8B
 shapes, rank 16, bf16. h = act(g)·u is not saved: the backward recomputes it. PEFT's eager MLP
@@ -47,8 +47,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETER, as_rows, interpreting, round_to, use_triton
-from .lora import (_check, _fp32_dot, draw_seed, lora_down, lora_dropout, lora_grad_a,
+from torch import Tensor
+
+from ._common import absent, as_rows, capability_of, kernel_op, launch, register_autograd, round_to, use_triton
+from .lora import (_check, _fp32_dot, _projections, _seed_tensor, draw_seed, lora_down, lora_grad_a,
                    lora_linear_reference, lora_up_into)
 
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
@@ -213,9 +215,10 @@ def _lora_mlp_bwd_kernel(
     tl.store(DXA_U + rows[:, None] * R_U + ranks_u[None, :], acc_u, mask=row_mask[:, None] & (ranks_u < R_U)[None, :])
 
 
-def _mlp_blocks(device: torch.device) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_I): big tiles under the interpreter; GPU tiles untuned until measured."""
-    if device.type != "cuda" and interpreting():
+def _mlp_blocks(capability: tuple[int, int] | None) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_I): big tiles under the interpreter (capability None); GPU tiles untuned
+    until measured."""
+    if capability is None:
         return 64, 128
     return 64, 64
 
@@ -225,104 +228,151 @@ def _br(r: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
-# Autograd Function.
+# The custom ops (kernels/_common.py): the forward returns y and what the backward needs (g_base,
+# u_base, xa_g, xa_u, hd); the backward op returns dX and the parameters' gradients. params holds
+# gate's, up's and down's W, b, A, B in turn, each b left out where has_bias says so (lora.py).
 # ------------------------------------------------------------------------------------------------
-class LoRAMLPFunction(torch.autograd.Function):
-    """Inputs: x, activation, dropout (3 floats), seeds (3 ints), scales (3 floats), then W, b, A, B
-    for gate, up and down (12 tensors). Saves x, g_base, u_base, xa_g, xa_u, hd (see docstring)."""
+def _mlp_forward(x: Tensor, params: list[Tensor], has_bias: list[bool], activation: str, dropouts: list[float],
+                 seeds: Tensor, scales: list[float]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y [rows, H], g_base, u_base [rows, I], xa_g, xa_u, hd [rows, r])."""
+    rows = as_rows(x)
+    (wg, bg, ag, bmg), (wu, bu, au, bmu), (wd, bd, ad, bmd) = _projections(params, has_bias)
+    (pg, pu, pd), (sg, su, sd), seeds = dropouts, scales, seeds.tolist()
+    n = rows.shape[0]
+    inter = wg.shape[0]
+    if pg == 0 and pu == 0 and ag.dtype == au.dtype:  # one read of x for both rank-r inputs
+        xa = torch.mm(rows.to(ag.dtype), torch.cat([ag * sg, au * su]).t())
+        xa_g, xa_u = xa[:, : ag.shape[0]].contiguous(), xa[:, ag.shape[0]:].contiguous()
+    else:
+        xa_g = lora_down(rows, ag, sg, pg, seeds[0])
+        xa_u = lora_down(rows, au, su, pu, seeds[1])
+    g = torch.mm(rows, wg.t()) if bg is None else torch.addmm(bg, rows, wg.t())     # [N, I]
+    u = torch.mm(rows, wu.t()) if bu is None else torch.addmm(bu, rows, wu.t())
+    h = torch.empty(n, inter, dtype=rows.dtype, device=rows.device)
+    hd = torch.empty(n, ad.shape[0], dtype=ad.dtype, device=rows.device)
+    capability = capability_of(rows.device)
+    bm_, bi = _mlp_blocks(capability)
+    if n:
+        launch(_lora_mlp_fwd_kernel, (triton.cdiv(n, bm_),),
+               g, u, xa_g, xa_u, bmg.contiguous(), bmu.contiguous(), ad.contiguous(), h, hd, n, inter, ag.shape[0],
+               au.shape[0], ad.shape[0], g.stride(0), u.stride(0), seeds[2], float(pd), float(sd),
+               ACT=_ACT_ID[activation], BLOCK_M=bm_, BLOCK_I=bi, BR_G=_br(ag.shape[0]), BR_U=_br(au.shape[0]),
+               BR_D=_br(ad.shape[0]), FP32_DOT=_fp32_dot(capability, rows, ag, au, ad))
+    bdt = bmd.to(rows.dtype).t()
+    hdy = hd.to(rows.dtype)
+    y = torch.mm(hdy, bdt) if bd is None else torch.addmm(bd, hdy, bdt)             # [N, H]
+    y.addmm_(h, wd.t())                                                            # epilogue add
+    return y, g, u, xa_g, xa_u, hd  # y [rows, H]: never a view (kernels/_common.py, as_rows)
 
-    @staticmethod
-    def forward(ctx, x, activation, dropout, seeds, scales, *params):
-        rows = as_rows(x)
-        (wg, bg, ag, bmg), (wu, bu, au, bmu), (wd, bd, ad, bmd) = (params[0:4], params[4:8], params[8:12])
-        (pg, pu, pd), (sg, su, sd) = dropout, scales
-        n = rows.shape[0]
-        inter = wg.shape[0]
-        if pg == 0 and pu == 0 and ag.dtype == au.dtype:  # one read of x for both rank-r inputs
-            xa = torch.mm(rows.to(ag.dtype), torch.cat([ag * sg, au * su]).t())
-            xa_g, xa_u = xa[:, : ag.shape[0]].contiguous(), xa[:, ag.shape[0]:].contiguous()
+
+def _mlp_backward(dy: Tensor, x: Tensor, g: Tensor, u: Tensor, xa_g: Tensor, xa_u: Tensor, hd: Tensor,
+                  params: list[Tensor], has_bias: list[bool], activation: str, dropouts: list[float],
+                  seeds: Tensor, scales: list[float], needs: list[bool]) -> tuple[Tensor, list[Tensor]]:
+    """(dX shaped like x, the gradients of params in their order); needs: x's, then W, b, A, B of
+    gate, up and down; absent() for what it does not ask."""
+    rows = as_rows(x)
+    projections = _projections(params, has_bias)
+    (wg, bg, ag, bmg), (wu, bu, au, bmu), (wd, bd, ad, bmd) = projections
+    (pg, pu, pd), (sg, su, sd), seeds = dropouts, scales, seeds.tolist()
+    need = needs[1:]
+    dy = as_rows(dy)
+    n, inter = g.shape
+    grads = [absent(x) for _ in range(12)]
+    # Down projection: its rank-r products, and dh's base part from cuBLAS.
+    dy_lr = dy.to(bmd.dtype)
+    dhd = torch.mm(dy_lr, bmd)                                                     # [N, r_d]
+    if need[11]:
+        grads[11] = torch.mm(dy_lr.t(), hd).to(bmd.dtype)
+    if bd is not None and need[9]:
+        grads[9] = dy.sum(0, dtype=torch.float32).to(bd.dtype)
+    dh = torch.mm(dy, wd.to(dy.dtype))                                             # [N, I]
+    dg, du, hm = torch.empty_like(dh), torch.empty_like(dh), torch.empty_like(dh)
+    store_h = need[8] and pd > 0
+    hf = torch.empty_like(dh) if store_h else hm
+    dxa_g = torch.empty(n, ag.shape[0], dtype=torch.float32, device=dy.device)
+    dxa_u = torch.empty(n, au.shape[0], dtype=torch.float32, device=dy.device)
+    capability = capability_of(dy.device)
+    bm_, bi = _mlp_blocks(capability)
+    if n:
+        launch(_lora_mlp_bwd_kernel, (triton.cdiv(n, bm_),),
+               dh, dhd.contiguous(), g, u, xa_g, xa_u, bmg.contiguous(), bmu.contiguous(), ad.contiguous(),
+               dg, du, hm, hf, dxa_g, dxa_u, n, inter, ag.shape[0], au.shape[0], ad.shape[0],
+               g.stride(0), u.stride(0), seeds[2], float(pd), float(sd),
+               ACT=_ACT_ID[activation], STORE_H=store_h, BLOCK_M=bm_, BLOCK_I=bi, BR_G=_br(ag.shape[0]),
+               BR_U=_br(au.shape[0]), BR_D=_br(ad.shape[0]), FP32_DOT=_fp32_dot(capability, dy, ag, au, ad))
+    del dh
+    if need[10]:
+        grads[10] = torch.mm(dhd.t(), hm.to(dhd.dtype)).mul_(sd).to(ad.dtype)     # dA_d (hm = drop(h))
+    if need[8]:
+        grads[8] = torch.mm(dy.t(), hf if store_h else hm).to(wd.dtype)           # dW_d (hm = h when p_d = 0)
+    # Gate and up: rank-r grads from dxa and the saved xa, base grads if the base trains.
+    for (w, b, a, bm, xa, dxa, d, s, p, seed, k) in (
+            (wg, bg, ag, bmg, xa_g, dxa_g, dg, sg, pg, seeds[0], 0),
+            (wu, bu, au, bmu, xa_u, dxa_u, du, su, pu, seeds[1], 4)):
+        if need[k + 3]:
+            grads[k + 3] = torch.mm(d.t().to(xa.dtype), xa).to(bm.dtype)
+        if need[k + 2]:
+            grads[k + 2] = lora_grad_a(dxa.to(a.dtype), rows, s, p, seed, a.dtype)
+        if need[k]:
+            grads[k] = torch.mm(d.t(), rows).to(w.dtype)
+        if b is not None and need[k + 1]:
+            grads[k + 1] = d.sum(0, dtype=torch.float32).to(b.dtype)
+    dx = absent(x)
+    if needs[0]:
+        if pg == 0 and pu == 0:  # one rank-(r_g + r_u) GEMM writes the low-rank part of dX
+            dx = torch.mm(torch.cat([dxa_g, dxa_u], 1).to(ag.dtype), torch.cat([ag * sg, au * su])).to(rows.dtype)
         else:
-            xa_g = lora_down(rows, ag, sg, pg, seeds[0])
-            xa_u = lora_down(rows, au, su, pu, seeds[1])
-        g = torch.mm(rows, wg.t()) if bg is None else torch.addmm(bg, rows, wg.t())     # [N, I]
-        u = torch.mm(rows, wu.t()) if bu is None else torch.addmm(bu, rows, wu.t())
-        h = torch.empty(n, inter, dtype=rows.dtype, device=rows.device)
-        hd = torch.empty(n, ad.shape[0], dtype=ad.dtype, device=rows.device)
-        bm_, bi = _mlp_blocks(rows.device)
-        bmg_c, bmu_c, ad_c = bmg.contiguous(), bmu.contiguous(), ad.contiguous()
-        fp32 = _fp32_dot(rows, ag, au, ad)
-        if n:
-            _lora_mlp_fwd_kernel[(triton.cdiv(n, bm_),)](
-                g, u, xa_g, xa_u, bmg_c, bmu_c, ad_c, h, hd, n, inter, ag.shape[0], au.shape[0], ad.shape[0],
-                g.stride(0), u.stride(0), seeds[2], float(pd), float(sd),
-                ACT=_ACT_ID[activation], BLOCK_M=bm_, BLOCK_I=bi, BR_G=_br(ag.shape[0]), BR_U=_br(au.shape[0]),
-                BR_D=_br(ad.shape[0]), FP32_DOT=fp32)
-        bdt = bmd.to(rows.dtype).t()
-        hdy = hd.to(rows.dtype)
-        y = torch.mm(hdy, bdt) if bd is None else torch.addmm(bd, hdy, bdt)             # [N, H]
-        y.addmm_(h, wd.t())                                                            # epilogue add
-        ctx.activation, ctx.dropout, ctx.seeds, ctx.scales, ctx.x_shape = activation, dropout, seeds, scales, x.shape
-        ctx.save_for_backward(rows, g, u, xa_g, xa_u, hd, *params)
-        return y  # [rows, H]: never a view (kernels/_common.py, as_rows)
+            dx = lora_up_into(None, dxa_g.to(ag.dtype), ag, sg, pg, seeds[0], rows.dtype)
+            dx = lora_up_into(dx, dxa_u.to(au.dtype), au, su, pu, seeds[1], rows.dtype)
+        dx.addmm_(dg, wg.to(dx.dtype))
+        dx.addmm_(du, wu.to(dx.dtype))
+        dx = dx.view(x.shape)
+    return dx, [t for t, pr in zip(grads, (t for pr in projections for t in pr)) if pr is not None]
 
-    @staticmethod
-    def backward(ctx, dy):
-        rows, g, u, xa_g, xa_u, hd, *params = ctx.saved_tensors
-        (wg, bg, ag, bmg), (wu, bu, au, bmu), (wd, bd, ad, bmd) = (params[0:4], params[4:8], params[8:12])
-        (pg, pu, pd), (sg, su, sd), seeds = ctx.dropout, ctx.scales, ctx.seeds
-        need = ctx.needs_input_grad[5:]
-        dy = as_rows(dy)
-        n, inter = g.shape
-        grads = [None] * 12
-        # Down projection: its rank-r products, and dh's base part from cuBLAS.
-        dy_lr = dy.to(bmd.dtype)
-        dhd = torch.mm(dy_lr, bmd)                                                     # [N, r_d]
-        if need[11]:
-            grads[11] = torch.mm(dy_lr.t(), hd).to(bmd.dtype)
-        if bd is not None and need[9]:
-            grads[9] = dy.sum(0, dtype=torch.float32).to(bd.dtype)
-        dh = torch.mm(dy, wd.to(dy.dtype))                                             # [N, I]
-        dg, du, hm = torch.empty_like(dh), torch.empty_like(dh), torch.empty_like(dh)
-        store_h = need[8] and pd > 0
-        hf = torch.empty_like(dh) if store_h else hm
-        dxa_g = torch.empty(n, ag.shape[0], dtype=torch.float32, device=dy.device)
-        dxa_u = torch.empty(n, au.shape[0], dtype=torch.float32, device=dy.device)
-        bm_, bi = _mlp_blocks(dy.device)
-        if n:
-            _lora_mlp_bwd_kernel[(triton.cdiv(n, bm_),)](
-                dh, dhd.contiguous(), g, u, xa_g, xa_u, bmg.contiguous(), bmu.contiguous(), ad.contiguous(),
-                dg, du, hm, hf, dxa_g, dxa_u, n, inter, ag.shape[0], au.shape[0], ad.shape[0],
-                g.stride(0), u.stride(0), seeds[2], float(pd), float(sd),
-                ACT=_ACT_ID[ctx.activation], STORE_H=store_h, BLOCK_M=bm_, BLOCK_I=bi, BR_G=_br(ag.shape[0]),
-                BR_U=_br(au.shape[0]), BR_D=_br(ad.shape[0]), FP32_DOT=_fp32_dot(dy, ag, au, ad))
-        del dh
-        if need[10]:
-            grads[10] = torch.mm(dhd.t(), hm.to(dhd.dtype)).mul_(sd).to(ad.dtype)     # dA_d (hm = drop(h))
-        if need[8]:
-            grads[8] = torch.mm(dy.t(), hf if store_h else hm).to(wd.dtype)           # dW_d (hm = h when p_d = 0)
-        # Gate and up: rank-r grads from dxa and the saved xa, base grads if the base trains.
-        for (w, b, a, bm, xa, dxa, d, s, p, seed, k) in (
-                (wg, bg, ag, bmg, xa_g, dxa_g, dg, sg, pg, seeds[0], 0),
-                (wu, bu, au, bmu, xa_u, dxa_u, du, su, pu, seeds[1], 4)):
-            if need[k + 3]:
-                grads[k + 3] = torch.mm(d.t().to(xa.dtype), xa).to(bm.dtype)
-            if need[k + 2]:
-                grads[k + 2] = lora_grad_a(dxa.to(a.dtype), rows, s, p, seed, a.dtype)
-            if need[k]:
-                grads[k] = torch.mm(d.t(), rows).to(w.dtype)
-            if b is not None and need[k + 1]:
-                grads[k + 1] = d.sum(0, dtype=torch.float32).to(b.dtype)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            if pg == 0 and pu == 0:  # one rank-(r_g + r_u) GEMM writes the low-rank part of dX
-                dx = torch.mm(torch.cat([dxa_g, dxa_u], 1).to(ag.dtype), torch.cat([ag * sg, au * su])).to(rows.dtype)
-            else:
-                dx = lora_up_into(None, dxa_g.to(ag.dtype), ag, sg, pg, seeds[0], rows.dtype)
-                dx = lora_up_into(dx, dxa_u.to(au.dtype), au, su, pu, seeds[1], rows.dtype)
-            dx.addmm_(dg, wg.to(dx.dtype))
-            dx.addmm_(du, wu.to(dx.dtype))
-            dx = dx.view(ctx.x_shape)
-        return (dx, None, None, None, None, *grads)
+
+def _mlp_forward_fake(x, params, has_bias, activation, dropouts, seeds, scales):
+    (wg, _, ag, _), (_, _, au, _), (_, _, ad, _) = _projections(params, has_bias)
+    n = x.numel() // x.shape[-1]
+    return (x.new_empty(n, x.shape[-1]), x.new_empty(n, wg.shape[0]), x.new_empty(n, wg.shape[0]),
+            x.new_empty(n, ag.shape[0], dtype=ag.dtype), x.new_empty(n, au.shape[0], dtype=au.dtype),
+            x.new_empty(n, ad.shape[0], dtype=ad.dtype))
+
+
+def _mlp_backward_fake(dy, x, g, u, xa_g, xa_u, hd, params, has_bias, activation, dropouts, seeds, scales, needs):
+    flat = [t for pr in _projections(params, has_bias) for t in pr]
+    grads = [torch.empty_like(t) if needed else absent(x) for t, needed in zip(flat, needs[1:]) if t is not None]
+    return torch.empty_like(x, memory_format=torch.contiguous_format) if needs[0] else absent(x), grads
+
+
+lora_mlp_fwd = kernel_op("lora_mlp", fake=_mlp_forward_fake)(_mlp_forward)
+lora_mlp_bwd = kernel_op("lora_mlp_bwd", fake=_mlp_backward_fake)(_mlp_backward)
+
+
+def _save(ctx, inputs, output):
+    x, params, has_bias, activation, dropouts, seeds, scales = inputs
+    _, *saved = output
+    ctx.save_for_backward(x, seeds, *saved, *params)
+    ctx.has_bias, ctx.activation, ctx.dropouts, ctx.scales = has_bias, activation, dropouts, scales
+    ctx.mark_non_differentiable(*saved)
+
+
+def _backward(ctx, dy, *_):
+    x, seeds, g, u, xa_g, xa_u, hd, *params = ctx.saved_tensors
+    if dy is None:
+        return None, None, None, None, None, None, None
+    need_params = list(ctx.needs_input_grad[1])
+    per_layer = iter(need_params)  # needs for W, b, A, B of gate, up, down (False for an absent b)
+    needs = [bool(ctx.needs_input_grad[0])]
+    for bias in ctx.has_bias:
+        w, b = next(per_layer), next(per_layer) if bias else False
+        needs += [w, b, next(per_layer), next(per_layer)]
+    dx, grads = lora_mlp_bwd(dy, x, g, u, xa_g, xa_u, hd, list(params), ctx.has_bias, ctx.activation, ctx.dropouts,
+                             seeds, ctx.scales, needs)
+    return (dx if needs[0] else None, [t if n else None for t, n in zip(grads, need_params)],
+            None, None, None, None, None)
+
+
+register_autograd(lora_mlp_fwd, backward=_backward, save=_save)
 
 
 def lora_mlp(x: torch.Tensor, gate, up, down, activation: str = "silu", dropout=0.0, seeds=None) -> torch.Tensor:
@@ -330,7 +380,8 @@ def lora_mlp(x: torch.Tensor, gate, up, down, activation: str = "silu", dropout=
 
     gate, up, down: (W, b or None, A, B, scale) each, W in nn.Linear's [out, in] layout.
     activation: "silu" (SwiGLU), "gelu_tanh" or "gelu" (GeGLU). dropout: one float or three (gate,
-    up, down); seeds: three ints, drawn from torch's generator in the order gate, up, down when None.
+    up, down); seeds: three (ints or draw_seed() tensors), drawn from torch's generator in the order
+    gate, up, down when None.
     """
     if activation not in _ACT_ID:
         raise ValueError(f"lora_mlp: activation {activation!r} is not one of {ACTIVATIONS}")
@@ -349,7 +400,6 @@ def lora_mlp(x: torch.Tensor, gate, up, down, activation: str = "silu", dropout=
     tensors = [t for t in (wg, bg, ag, bmg, wu, bu, au, bmu, wd, bd, ad, bmd) if t is not None]
     if not use_triton(x, *tensors):
         return lora_mlp_reference(x, gate, up, down, activation, drops, seeds)
-    y = LoRAMLPFunction.apply(x, activation, drops, tuple(int(s) for s in seeds),
-                              (float(sg), float(su), float(sd)),
-                              wg, bg, ag, bmg, wu, bu, au, bmu, wd, bd, ad, bmd)
+    y, *_ = lora_mlp_fwd(x, tensors, [bg is not None, bu is not None, bd is not None], activation, list(drops),
+                         _seed_tensor(seeds), [float(sg), float(su), float(sd)])
     return y.view(*x.shape[:-1], y.shape[-1])

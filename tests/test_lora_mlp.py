@@ -82,7 +82,7 @@ def test_fused_mlp_block_matches_peft_mlp(case, dtype, device):
         return fn
 
     out = call(fused)(inputs["x"].to(device).requires_grad_(), **{k: v.to(device) for k, v in inputs.items() if k != "x"})
-    assert "LoRAMLP" in producer(out)
+    assert "fastft_lora_mlp" in producer(out)
     check_against_reference(call(fused), call(reference), inputs, dtype, device, grad_names=grads)
 
 
