@@ -38,7 +38,7 @@ Dtypes: y has x's dtype. The rank-r path runs in the adapter's dtype; when that 
 costs an extra pass over each: keep adapters in the model dtype for the fast path.
 
 `lora_linear_many` runs several adapted projections of one input (the attention's q/k/v) as one
-Function: one saved x, one GEMM x·[A_q; A_k; A_v]ᵀ for all rank-r inputs when dropout is off,
+op: one saved x, one GEMM x·[A_q; A_k; A_v]ᵀ for all rank-r inputs when dropout is off,
 and dX accumulated from all of them with one rank-(sum of r) GEMM plus one addmm_ per base.
 """
 

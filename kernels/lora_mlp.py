@@ -40,8 +40,6 @@ saves x, g (after the LoRA add), act(g), u and h: (H + 4·I)·b plus the rank-r 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 import triton
