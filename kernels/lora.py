@@ -78,7 +78,7 @@ def _keep(seed, rows, cols, K, p):
     return tl.rand(seed, offsets) >= p
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "seed"])
 def _lora_dropout_kernel(
     X, Y,                      # X [N, K] (row stride STRIDE_X), Y [N, K] contiguous
     N, K, STRIDE_X, seed, p,
@@ -93,7 +93,7 @@ def _lora_dropout_kernel(
     tl.store(Y + rows[:, None] * K + cols[None, :], round_to(y, Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "seed"])
 def _lora_down_kernel(
     X, A, U,                   # X [N, K] (row stride STRIDE_X), A [R, K] contiguous, U [N, R] contiguous
     N, K, R, STRIDE_X, seed, p, scale,
@@ -122,7 +122,7 @@ def _lora_down_kernel(
              mask=row_mask[:, None] & (ranks < R)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "seed"])
 def _lora_up_kernel(
     DU, A, DX,                 # DU [N, R] contiguous, A [R, K] contiguous, DX [N, K] contiguous
     N, K, R, seed, p, scale,
@@ -148,7 +148,7 @@ def _lora_up_kernel(
     tl.store(DX + rows[:, None] * K + cols[None, :], round_to(t, DX.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "seed"])
 def _lora_grad_a_kernel(
     DU, X, PARTIAL,            # DU [N, R] contiguous, X [N, K] (row stride STRIDE_X), PARTIAL [SPLIT, R, K] fp32
     N, K, R, STRIDE_X, seed, p,

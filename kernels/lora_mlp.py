@@ -122,7 +122,7 @@ def _gate_up_tile(G, U, XA_G, XA_U, B_G, B_U, rows, cols, row_mask, col_mask, ma
     return g, u
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "seed"])
 def _lora_mlp_fwd_kernel(
     G, U, XA_G, XA_U, B_G, B_U, A_D, H, HD,   # G, U [N, I] (row strides), XA_* [N, R_*], B_* [I, R_*],
     N, I, R_G, R_U, R_D, STRIDE_G, STRIDE_U,  # A_D [R_D, I], H [N, I] contiguous, HD [N, R_D] contiguous
@@ -156,7 +156,7 @@ def _lora_mlp_fwd_kernel(
              mask=row_mask[:, None] & (ranks_d < R_D)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "seed"])
 def _lora_mlp_bwd_kernel(
     DH, DHD, G, U, XA_G, XA_U, B_G, B_U, A_D,   # DH [N, I] = dY·W_d (contiguous), DHD [N, R_D] = dY·B_d
     DG, DU, HM, HF, DXA_G, DXA_U,              # DG, DU, HM, HF [N, I]; DXA_* [N, R_*] fp32
