@@ -465,7 +465,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
             hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, softcap,
             logit_scale, z_loss, normalizer, chunk_size)
     device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         # As autocast runs nn.Linear: the LM head in the autocast dtype (fp32 master weights
         # get a low-precision copy; the cast's backward brings dW back to fp32).
         dtype = torch.get_autocast_dtype(device_type)
