@@ -205,12 +205,18 @@ def row_block(capability: tuple[int, int] | None, n_cols: int) -> tuple[int, int
     return block, num_warps
 
 
-def wide_row(block: int, num_warps: int) -> bool:
-    """Whether a row norm's backward is too wide to keep a dW accumulator in registers beside the
-    row: at 16 elements per thread and more (BLOCK 16384 at 32 warps), x, dy, the weight and one
-    accumulator exceed the 64 registers a 1024-thread program gets and ptxas spills (measured:
-    benchmarks/NOTES.md). Such rows get dX from the row kernel and dW from `_norm_param_grad_kernel`."""
-    return block // (32 * num_warps) >= 16
+WIDE_CHUNK = (4096, 16)  # (columns, warps) of a wide row's chunk on a GPU: 8 elements a thread
+
+
+def wide_row(block: int, num_warps: int, accumulators: int = 1) -> bool:
+    """Whether a row norm's backward row is too wide to keep its dW (and dB) accumulators in
+    registers beside x, dy and the weight: more than 32 such fp32 values a thread. Measured
+    (compile report, benchmarks/NOTES.md): at BLOCK 16384 on 32 warps (16 elements a thread)
+    RMSNorm spilled 44-52 B and LayerNorm 96-280 B on sm_90, and LayerNorm with dW and dB spilled
+    at BLOCK 8192 on sm_100. Wide rows get dX from a kernel that streams each row in chunks of
+    WIDE_CHUNK columns twice (`_rms_norm_dx_wide_kernel`, `_layer_norm_dx_wide_kernel`) and
+    dW/dB from `_norm_param_grad_kernel`."""
+    return block // (32 * num_warps) * (3 + accumulators) > 32
 
 
 @triton.jit(do_not_specialize=["ROWS"])
