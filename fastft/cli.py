@@ -8,6 +8,9 @@
 
     fastft bench [ARGS]          the end-to-end benchmark (benchmarks/e2e.py; --help for its options),
                                  from a source checkout
+    fastft bench --compile-report [ARGS]
+                                 every kernel compiled for sm_80/sm_90/sm_100 without a GPU: registers,
+                                 spills, shared memory, occupancy (benchmarks/compile_report.py)
 """
 
 from __future__ import annotations
@@ -115,8 +118,12 @@ def bench(args: argparse.Namespace) -> int:
         print(f"fastft bench: benchmarks/ not found beside {root / 'fastft'}; it runs from a source checkout "
               "(git clone, then pip install -e '.[bench]')", file=sys.stderr)
         return 2
-    _prepare_device()
     sys.path.insert(0, str(root))
+    if args.rest[:1] == ["--compile-report"]:  # compiles for GPU targets: never under the interpreter
+        from benchmarks import compile_report
+
+        return compile_report.main(args.rest[1:])
+    _prepare_device()
     from benchmarks import e2e
 
     e2e.main(args.rest)

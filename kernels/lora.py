@@ -199,13 +199,14 @@ def _blocks(capability: tuple[int, int] | None, rank: int, fp32_dot: bool) -> Ti
     96-192 registers with bf16 and spilled with fp32 adapters (fp32 dots run on the FMA units
     with whole operand tiles in registers: 255 registers and up to 5 KB of spills at rank 128).
     32x64 at 8 warps keeps every bf16 rank and fp32 up to rank 32 at 36-123 registers, no
-    spills; larger fp32 ranks take 16x32 tiles (32-128 registers). Speed is untuned until measured.
+    spills; larger fp32 ranks take 16x16 tiles (34-96 registers; 16x32 still spilled 16 B on
+    sm_100). Speed is untuned until measured.
     """
     block_r = max(16, triton.next_power_of_2(rank))
     if capability is None:
         return Tiles(64, 128, block_r, 4)
     if fp32_dot and block_r > 32:
-        return Tiles(16, 32, block_r, 8)
+        return Tiles(16, 16, block_r, 8)
     return Tiles(32, 64, block_r, 8)
 
 

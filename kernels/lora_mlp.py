@@ -223,19 +223,21 @@ class MLPTiles(NamedTuple):
     num_stages: int
 
 
-def _mlp_blocks(capability: tuple[int, int] | None, rank: int, fp32_dot: bool) -> MLPTiles:
-    """Tiles for the activation kernels (rank: the largest of gate's, up's and down's).
+def _mlp_blocks(capability: tuple[int, int] | None, ranks: tuple[int, ...], fp32_dot: bool) -> MLPTiles:
+    """Tiles for the activation kernels (ranks: gate's, up's and down's).
 
-    The interpreter (capability None) gets big tiles. On a GPU, from the compile report (sm_90,
-    benchmarks/NOTES.md): 64x64 tiles at 4 warps and 3 stages spilled (48-680 B) and at rank 128
-    needed 250-390 KB of shared memory (pipeline buffers for six dot operands); one stage and
-    32x32 tiles at 8 warps fit every bf16 rank to 128 and fp32 ranks to 32 without spills, and
-    16x16 tiles fp32 rank 64. Larger fp32 ranks do not fit at all (`_fused_fits`)."""
+    The interpreter (capability None) gets big tiles. On a GPU, from the compile report (sm_80,
+    sm_90, sm_100; benchmarks/NOTES.md): 64x64 tiles at 4 warps and 3 stages spilled (48-680 B)
+    and at rank 128 needed 250-390 KB of shared memory (pipeline buffers for six dot operands);
+    one stage and 32x32 tiles at 8 warps fit every bf16 rank to 128 and fp32 ranks to 32, except
+    ranks that are not multiples of 16 (their rows load unvectorised: 4 B of spills on sm_100 at
+    rank 8), which take 32x16; fp32 rank 64 takes 16x16. Larger fp32 ranks do not fit
+    (`_fused_fits`)."""
     if capability is None:
         return MLPTiles(64, 128, 4, 1)
-    if fp32_dot and _br(rank) > 32:
+    if fp32_dot and _br(max(ranks)) > 32:
         return MLPTiles(16, 16, 8, 1)
-    return MLPTiles(32, 32, 8, 1)
+    return MLPTiles(32, 32 if all(r % 16 == 0 for r in ranks) else 16, 8, 1)
 
 
 def _fused_fits(x: Tensor, *adapters: Tensor) -> bool:
@@ -277,7 +279,7 @@ def _mlp_forward(x: Tensor, params: list[Tensor], has_bias: list[bool], activati
     hd = torch.empty(n, ad.shape[0], dtype=ad.dtype, device=rows.device)
     capability = capability_of(rows.device)
     fp32 = _fp32_dot(capability, rows, ag, au, ad)
-    t = _mlp_blocks(capability, max(ag.shape[0], au.shape[0], ad.shape[0]), fp32)
+    t = _mlp_blocks(capability, (ag.shape[0], au.shape[0], ad.shape[0]), fp32)
     if n:
         launch(_lora_mlp_fwd_kernel, (triton.cdiv(n, t.block_m),),
                g, u, xa_g, xa_u, bmg.contiguous(), bmu.contiguous(), ad.contiguous(), h, hd, n, inter, ag.shape[0],
@@ -319,7 +321,7 @@ def _mlp_backward(dy: Tensor, x: Tensor, g: Tensor, u: Tensor, xa_g: Tensor, xa_
     dxa_u = torch.empty(n, au.shape[0], dtype=torch.float32, device=dy.device)
     capability = capability_of(dy.device)
     fp32 = _fp32_dot(capability, dy, ag, au, ad)
-    t = _mlp_blocks(capability, max(ag.shape[0], au.shape[0], ad.shape[0]), fp32)
+    t = _mlp_blocks(capability, (ag.shape[0], au.shape[0], ad.shape[0]), fp32)
     if n:
         launch(_lora_mlp_bwd_kernel, (triton.cdiv(n, t.block_m),),
                dh, dhd.contiguous(), g, u, xa_g, xa_u, bmg.contiguous(), bmu.contiguous(), ad.contiguous(),

@@ -106,3 +106,13 @@ def test_every_op_has_cases_at_the_benchmark_shapes():
     assert norm_h == set(report.NORM_HIDDEN)
     assert {dict(c.label)["V"] for c in cases if c.op == "fused_linear_cross_entropy"} == set(report.FLCE_VOCAB)
     assert {dict(c.label)["r"] for c in cases if c.op == "lora_mlp"} == set(report.LORA_RANKS)
+
+
+def test_cli_refuses_to_compile_under_the_interpreter(capsys):
+    """`fastft bench --compile-report` reaches the report, which will not build the kernels for
+    the interpreter this test process runs them in."""
+    from fastft.cli import main
+
+    assert os.environ.get("TRITON_INTERPRET") == "1" or pytest.skip("needs the interpreter set (conftest)")
+    assert main(["bench", "--compile-report", "--targets", "90", "--out", ""]) == 2
+    assert "TRITON_INTERPRET" in capsys.readouterr().err
