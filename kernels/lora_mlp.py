@@ -130,7 +130,7 @@ def _lora_mlp_fwd_kernel(
     N, I, R_G, R_U, R_D, STRIDE_G, STRIDE_U,  # A_D [R_D, I], H [N, I] contiguous, HD [N, R_D] contiguous
     seed, p, scale,
     ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BR_G: tl.constexpr, BR_U: tl.constexpr,
-    BR_D: tl.constexpr, FP32_DOT: tl.constexpr,
+    BR_D: tl.constexpr, FP32_DOT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
@@ -146,7 +146,10 @@ def _lora_mlp_fwd_kernel(
         a, _ = _act_and_grad(g, ACT)
         h = round_to(a * u, H.dtype.element_ty)                               # [BM, BI]
         tl.store(H + rows[:, None] * I + cols[None, :], h, mask=mask)
-        hm = tl.where(tl.rand(seed, rows[:, None] * I + cols[None, :]) >= pf, h.to(tl.float32), 0.0)
+        if HAS_DROPOUT:
+            hm = tl.where(tl.rand(seed, rows[:, None] * I + cols[None, :]) >= pf, h.to(tl.float32), 0.0)
+        else:  # no Philox stream to generate (about 80 integer ops an element)
+            hm = h.to(tl.float32)
         ad = tl.load(A_D + ranks_d[None, :] * I + cols[:, None], mask=(ranks_d < R_D)[None, :] & col_mask[:, None],
                      other=0.0)                                               # [BI, BR_D]
         if FP32_DOT:
@@ -165,7 +168,7 @@ def _lora_mlp_bwd_kernel(
     N, I, R_G, R_U, R_D, STRIDE_G, STRIDE_U,
     seed, p, scale,
     ACT: tl.constexpr, STORE_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr,
-    BR_G: tl.constexpr, BR_U: tl.constexpr, BR_D: tl.constexpr, FP32_DOT: tl.constexpr,
+    BR_G: tl.constexpr, BR_U: tl.constexpr, BR_D: tl.constexpr, FP32_DOT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
@@ -184,7 +187,10 @@ def _lora_mlp_bwd_kernel(
                              R_G, R_U, BR_G, BR_U, FP32_DOT)
         a, da = _act_and_grad(g, ACT)
         h = round_to(a * u, HM.dtype.element_ty).to(tl.float32)
-        keep = tl.rand(seed, rows[:, None] * I + cols[None, :]) >= pf
+        if HAS_DROPOUT:
+            keep = tl.rand(seed, rows[:, None] * I + cols[None, :]) >= pf
+        else:
+            keep = tl.full([BLOCK_M, BLOCK_I], 1, tl.int1)
         ad = tl.load(A_D + ranks_d[:, None] * I + cols[None, :], mask=(ranks_d < R_D)[:, None] & col_mask[None, :],
                      other=0.0)                                               # [BR_D, BI]
         if FP32_DOT:
@@ -285,7 +291,8 @@ def _mlp_forward(x: Tensor, params: list[Tensor], has_bias: list[bool], activati
                g, u, xa_g, xa_u, bmg.contiguous(), bmu.contiguous(), ad.contiguous(), h, hd, n, inter, ag.shape[0],
                au.shape[0], ad.shape[0], g.stride(0), u.stride(0), seeds[2], float(pd), float(sd),
                ACT=_ACT_ID[activation], BLOCK_M=t.block_m, BLOCK_I=t.block_i, BR_G=_br(ag.shape[0]),
-               BR_U=_br(au.shape[0]), BR_D=_br(ad.shape[0]), FP32_DOT=fp32, num_warps=t.num_warps, num_stages=t.num_stages)
+               BR_U=_br(au.shape[0]), BR_D=_br(ad.shape[0]), FP32_DOT=fp32, HAS_DROPOUT=pd > 0,
+               num_warps=t.num_warps, num_stages=t.num_stages)
     bdt = bmd.to(rows.dtype).t()
     hdy = hd.to(rows.dtype)
     y = torch.mm(hdy, bdt) if bd is None else torch.addmm(bd, hdy, bdt)             # [N, H]
@@ -329,7 +336,7 @@ def _mlp_backward(dy: Tensor, x: Tensor, g: Tensor, u: Tensor, xa_g: Tensor, xa_
                g.stride(0), u.stride(0), seeds[2], float(pd), float(sd),
                ACT=_ACT_ID[activation], STORE_H=store_h, BLOCK_M=t.block_m, BLOCK_I=t.block_i,
                BR_G=_br(ag.shape[0]), BR_U=_br(au.shape[0]), BR_D=_br(ad.shape[0]), FP32_DOT=fp32,
-               num_warps=t.num_warps, num_stages=t.num_stages)
+               HAS_DROPOUT=pd > 0, num_warps=t.num_warps, num_stages=t.num_stages)
     del dh
     if need[10]:
         grads[10] = torch.mm(dhd.t(), hm.to(dhd.dtype)).mul_(sd).to(ad.dtype)     # dA_d (hm = drop(h))
