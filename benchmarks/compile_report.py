@@ -336,8 +336,10 @@ def _tool(name: str) -> str:
     return getattr(knobs.nvidia, name).path
 
 
-def compile_spec(spec: dict) -> dict:
-    """Compile one spec; registers, spills, stack, shared memory and load widths, or the error."""
+def compile_spec(spec: dict, on_device: bool = False) -> dict:
+    """Compile one spec; registers, spills, stack, shared memory and load widths, or the error.
+    on_device: also load it on this machine's GPU and add what the driver says (device_regs,
+    device_spills), or the error it gives (out of resources, say) as device_error."""
     import importlib
 
     import triton
@@ -375,7 +377,14 @@ def compile_spec(spec: dict) -> dict:
     if spill is None or resources is None:
         return {"error": f"could not read the resources: ptxas said {ptxas[-500:]!r}, cuobjdump {usage[-500:]!r}"}
     regs, stack, shared, local = (int(v) for v in resources.groups())
-    return {
+    device = {}
+    if on_device:
+        try:
+            compiled._init_handles()  # cuModuleLoad + the function's attributes, as a first launch does
+            device = {"device_regs": compiled.n_regs, "device_spills": compiled.n_spills}
+        except Exception as exc:  # the report said it fits and the GPU says otherwise: a bug in this check
+            device = {"device_error": f"{type(exc).__name__}: {exc}"[:500]}
+    return {**device,
         "regs": regs, "regs_ptxas": int(regs_ptxas.group(1)) if regs_ptxas else None, "stack": stack,
         "local": local, "spill_stores": int(spill.group(2)), "spill_loads": int(spill.group(3)),
         "shared_static": shared, "shared_dynamic": int(compiled.metadata.shared),
@@ -400,10 +409,15 @@ def vector_share(loads: dict) -> float | None:
 
 
 def problems(result: dict, arch: Arch) -> list[str]:
-    """What --check fails on: a compile error, any spill, shared memory over the block limit."""
+    """What --check fails on: a compile error, any spill, shared memory over the block limit (and,
+    --on-device, the GPU refusing to load it or reporting spills)."""
     if "error" in result:
         return [f"compile error: {result['error'][:300]}"]
     out = []
+    if "device_error" in result:
+        out.append(f"the GPU refused it: {result['device_error'][:300]}")
+    if result.get("device_spills"):
+        out.append(f"the GPU reports {result['device_spills']} spilled registers")
     if result["spill_stores"] or result["spill_loads"]:
         out.append(f"spills {result['spill_stores']} B stores / {result['spill_loads']} B loads")
     smem = result["shared_static"] + result["shared_dynamic"]
@@ -418,12 +432,12 @@ def _cache_key(spec: dict) -> str:
     return hashlib.sha256((json.dumps(spec, sort_keys=True) + triton.__version__).encode()).hexdigest()[:24]
 
 
-def _cached_compile(item: tuple[dict, str]) -> dict:
-    spec, cache = item
-    path = pathlib.Path(cache) / f"{_cache_key(spec)}.json"
+def _cached_compile(item: tuple[dict, str, bool]) -> dict:
+    spec, cache, on_device = item
+    path = pathlib.Path(cache) / f"{_cache_key(spec)}{'.device' if on_device else ''}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    result = compile_spec(spec)
+    result = compile_spec(spec, on_device)
     if "error" not in result:  # errors are recomputed: they may come from a broken toolchain
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -480,14 +494,16 @@ def collect(targets: list[int], quick: bool = False) -> tuple[list[dict], dict[s
     return list(rows.values()), specs
 
 
-def run(targets: list[int], jobs: int, cache: pathlib.Path, quick: bool = False) -> list[dict]:
+def run(targets: list[int], jobs: int, cache: pathlib.Path, quick: bool = False, on_device: bool = False) -> list[dict]:
     rows, specs = collect(targets, quick)
     keys = sorted(specs)
-    todo = [(specs[k], str(cache)) for k in keys]
+    todo = [(specs[k], str(cache), on_device) for k in keys]
     if jobs > 1 and len(todo) > 1:
         import multiprocessing
 
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+        # fork is quick; a process that will touch the GPU is spawned (CUDA does not survive a fork)
+        context = multiprocessing.get_context("spawn" if on_device else "fork")
+        with ProcessPoolExecutor(jobs, mp_context=context) as pool:
             results = dict(zip(keys, pool.map(_cached_compile, todo, chunksize=4)))
     else:
         results = {k: _cached_compile(item) for k, item in zip(keys, todo)}
@@ -635,7 +651,16 @@ def parse(argv):
                                                         "configurations (all of them, sm_90) and kernel sources, and "
                                                         "no problems")
     parser.add_argument("--quick", action="store_true", help="the norms in bf16 only (the default test's set)")
+    parser.add_argument("--on-device", action="store_true", help="on a GPU machine: also load every configuration "
+                        "and record the driver's registers and spills (--targets defaults to this GPU's)")
     args = parser.parse_args(argv)
+    if args.on_device and args.targets == parser.get_default("targets"):
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--on-device needs a CUDA GPU")
+        major, minor = torch.cuda.get_device_capability()
+        args.targets = f"{major}{minor}"
     try:
         args.targets = [int(t) for t in args.targets.split(",") if t]
     except ValueError:
@@ -658,7 +683,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     start = time.perf_counter()
-    rows = run(args.targets, args.jobs, pathlib.Path(args.cache), args.quick)
+    rows = run(args.targets, args.jobs, pathlib.Path(args.cache), args.quick, args.on_device)
     text = markdown(rows, args.targets)
     if args.out:
         pathlib.Path(args.out).write_text(text)

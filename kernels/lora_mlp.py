@@ -227,33 +227,38 @@ class MLPTiles(NamedTuple):
     block_i: int
     num_warps: int
     num_stages: int
+    maxnreg: int | None = None
+
+    def options(self) -> dict:
+        """The launch options (maxnreg only when set: the interpreter takes no such option)."""
+        return dict(num_warps=self.num_warps, num_stages=self.num_stages,
+                    **({"maxnreg": self.maxnreg} if self.maxnreg else {}))
 
 
 def _mlp_blocks(capability: tuple[int, int] | None, ranks: tuple[int, ...], fp32_dot: bool) -> MLPTiles:
     """Tiles for the activation kernels (ranks: gate's, up's and down's).
 
     The interpreter (capability None) gets big tiles. On a GPU, from the compile report (sm_80,
-    sm_90, sm_100; benchmarks/NOTES.md): 64x64 tiles at 4 warps and 3 stages spilled (48-680 B)
-    and at rank 128 needed 250-390 KB of shared memory (pipeline buffers for six dot operands);
-    one stage and 32x32 tiles at 8 warps fit every bf16 rank to 128 and fp32 ranks to 32, except
-    ranks that are not multiples of 16 (their rows load unvectorised: 4 B of spills on sm_100 at
-    rank 8), which take 32x16; fp32 rank 64 takes 16x16. Larger fp32 ranks do not fit
-    (`_fused_fits`)."""
+    sm_90, sm_100, with triton 3.8 and 3.6; benchmarks/NOTES.md): 64x64 tiles at 4 warps and 3
+    stages spilled (48-680 B) and at rank 128 needed 250-390 KB of shared memory (pipeline buffers
+    for six dot operands). One stage and 32x32 tiles at 8 warps fit, with maxnreg=255: left to
+    itself ptxas held some of these 256-thread programs to 128 registers and spilled 16-40 B.
+    Ranks that are not multiples of 16 load their rows unvectorised and take 32x16 tiles (4 B of
+    spills on sm_100 at rank 8 otherwise). fp32 dots above rank 32 do not fit (`_fused_fits`)."""
     if capability is None:
         return MLPTiles(64, 128, 4, 1)
-    if fp32_dot and _br(max(ranks)) > 32:
-        return MLPTiles(16, 16, 8, 1)
-    return MLPTiles(32, 32 if all(r % 16 == 0 for r in ranks) else 16, 8, 1)
+    return MLPTiles(32, 32 if all(r % 16 == 0 for r in ranks) else 16, 8, 1, maxnreg=255)
 
 
 def _fused_fits(x: Tensor, *adapters: Tensor) -> bool:
     """Whether the fused activation kernels compile without spills for these ranks and dtypes on a
-    GPU (bf16 adapters to rank 128, fp32 or mixed-dtype ones to rank 64: fp32 dots run on the FMA
-    units with their operand tiles in registers). Decided from the dtypes alone, so that the meta
-    device and FakeTensorMode take the path a GPU takes; beyond it, lora_mlp composes three
-    lora_linear ops and the eager activation, which compute the same thing."""
+    GPU: bf16 adapters to rank 128, fp32 or mixed-dtype ones to rank 32 (fp32 dots run on the FMA
+    units with their operand tiles in registers; rank 64 still spilled at 16x16 tiles). Decided
+    from the dtypes alone, so that the meta device and FakeTensorMode take the path a GPU takes;
+    beyond it, lora_mlp composes three lora_linear ops and the eager activation, which compute the
+    same thing."""
     br = max(_br(a.shape[0]) for a in adapters)
-    return br <= 128 and (br <= 64 or not _fp32_dot((9, 0), x, *adapters))
+    return br <= 128 and (br <= 32 or not _fp32_dot((9, 0), x, *adapters))
 
 
 def _br(r: int) -> int:
@@ -292,7 +297,7 @@ def _mlp_forward(x: Tensor, params: list[Tensor], has_bias: list[bool], activati
                au.shape[0], ad.shape[0], g.stride(0), u.stride(0), seeds[2], float(pd), float(sd),
                ACT=_ACT_ID[activation], BLOCK_M=t.block_m, BLOCK_I=t.block_i, BR_G=_br(ag.shape[0]),
                BR_U=_br(au.shape[0]), BR_D=_br(ad.shape[0]), FP32_DOT=fp32, HAS_DROPOUT=pd > 0,
-               num_warps=t.num_warps, num_stages=t.num_stages)
+               **t.options())
     bdt = bmd.to(rows.dtype).t()
     hdy = hd.to(rows.dtype)
     y = torch.mm(hdy, bdt) if bd is None else torch.addmm(bd, hdy, bdt)             # [N, H]
@@ -336,7 +341,7 @@ def _mlp_backward(dy: Tensor, x: Tensor, g: Tensor, u: Tensor, xa_g: Tensor, xa_
                g.stride(0), u.stride(0), seeds[2], float(pd), float(sd),
                ACT=_ACT_ID[activation], STORE_H=store_h, BLOCK_M=t.block_m, BLOCK_I=t.block_i,
                BR_G=_br(ag.shape[0]), BR_U=_br(au.shape[0]), BR_D=_br(ad.shape[0]), FP32_DOT=fp32,
-               HAS_DROPOUT=pd > 0, num_warps=t.num_warps, num_stages=t.num_stages)
+               HAS_DROPOUT=pd > 0, **t.options())
     del dh
     if need[10]:
         grads[10] = torch.mm(dhd.t(), hm.to(dhd.dtype)).mul_(sd).to(ad.dtype)     # dA_d (hm = drop(h))
