@@ -117,7 +117,10 @@ class CheckpointConfig:
 
 @dataclasses.dataclass
 class LoggingConfig:
-    run_dir: str = "runs/default"  # metrics.jsonl, checkpoints/, export/, config.yaml
+    # config.yaml, metrics.jsonl, checkpoints/, export/; None: a new runs/<YYYYmmdd-HHMMSS> per run
+    # (runs/latest points at the newest). A folder holding another run's results is refused.
+    run_dir: str | None = None
+    overwrite: bool = False  # true: a run_dir holding an earlier run's results is cleared first
     progress_bar: bool = True
     tensorboard: bool = True  # when the tensorboard package is installed
     log_every: int = 1  # steps between metric lines
@@ -390,6 +393,10 @@ def validate(config: FinetuneConfig) -> FinetuneConfig:
         unknown = sorted(set(m.patch_options) - set(OPTIONS))
         if unknown:
             raise ConfigError(f"model.patch_options: unknown option(s) {unknown}; the options are {list(OPTIONS)}")
+        for name, value in m.patch_options.items():
+            if not isinstance(value, bool):
+                raise ConfigError(f"model.patch_options.{name}={value!r}: must be true or false "
+                                  "(LoRA adapters are configured in the lora section)")
     positive = {"train.max_steps": t.max_steps, "lora.r": config.lora.r, "logging.log_every": lo.log_every,
                 "checkpoint.keep": c.keep, "distributed.checkpoint_every": d.checkpoint_every}
     for key, value in positive.items():

@@ -53,6 +53,7 @@ def main():
         torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
     if rank == 0:
         print("FSDP2 OK", len(grads))
+    dist.barrier()  # no rank tears its group down while another still runs a collective
     dist.destroy_process_group()
 
 
