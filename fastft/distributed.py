@@ -250,19 +250,3 @@ def root_unsharded(model: nn.Module):
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 module.reshard()
-
-
-def clip_grad_norm_(parameters, max_norm: float | None) -> torch.Tensor:
-    """The global L2 norm of the gradients (clipped to `max_norm` when given), for plain tensors
-    and for FSDP2's DTensor shards alike: the norm of sharded grads is a DTensor whose
-    `full_tensor()` all-reduces the partial sums (as torchtitan's clip_grad_norm_ does)."""
-    from torch.distributed.tensor import DTensor
-
-    params = [p for p in parameters if p.grad is not None]
-    grads = [p.grad for p in params]
-    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False, foreach=None)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()
-    if max_norm is not None:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=None)
-    return total
