@@ -43,6 +43,8 @@ _MONTHS = ["January", "February", "March", "April", "May", "June", "July", "Augu
 _NUMBER_WORDS = ["two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
 _YEARS = range(1850, 2016)
 _VALIDATION_SHARE = 5  # one (first name, surname) or (stem, kind) pair in 5 is a validation-only one
+PEOPLE_PER_STORY = (1, 3)
+FACTS_PER_STORY = (2, 5)
 
 
 def _word(rng: random.Random, syllables: int) -> str:
@@ -72,19 +74,24 @@ def split_of(*words: str) -> str:
     return "validation" if zlib.crc32(" ".join(words).encode()) % _VALIDATION_SHARE == 0 else "train"
 
 
-def _pick(rng: random.Random, split: str, left: list[str], right: list[str], avoid=()) -> tuple[str, str]:
-    while True:
-        pair = (rng.choice(left), rng.choice(right))
-        if split_of(*pair) == split and not any(word in avoid for word in pair):
-            return pair
+@functools.lru_cache(maxsize=None)
+def _pairs(kind: str, split: str) -> list[tuple[str, str]]:
+    """Every person or town of a split, as (first word, second word)."""
+    left, right = (_FIRST_NAMES, _SURNAMES) if kind == "person" else (_TOWN_STEMS, _TOWN_KINDS)
+    return [(a, b) for a in left for b in right if split_of(a, b) == split]
 
 
 def _person(rng: random.Random, split: str, avoid=()) -> str:
-    return " ".join(_pick(rng, split, _FIRST_NAMES, _SURNAMES, avoid))
+    pairs = _pairs("person", split)
+    while True:
+        pair = pairs[rng.randrange(len(pairs))]
+        if pair[0] not in avoid and pair[1] not in avoid:
+            return " ".join(pair)
 
 
 def _town(rng: random.Random, split: str) -> str:
-    return " ".join(_pick(rng, split, _TOWN_STEMS, _TOWN_KINDS))
+    pairs = _pairs("town", split)
+    return " ".join(pairs[rng.randrange(len(pairs))])
 
 
 # A fact kind: (sentence templates, question templates, answer slot). Slots in {braces} are filled
@@ -110,34 +117,39 @@ _FACTS = {
 _COUNTS = _NUMBER_WORDS + [str(n) for n in range(13, 40)]
 
 
-def _slots(rng: random.Random, split: str, name: str, people: list[str]) -> dict[str, str]:
-    return {
-        "name": name,
-        "town": _town(rng, split),
-        "year": str(rng.choice(_YEARS)),
-        "job": rng.choice(_JOBS),
-        "colour": rng.choice(_COLOURS),
-        "count": rng.choice(_COUNTS),
-        "animal": rng.choice(_ANIMALS),
-        "date": f"{rng.randint(1, 28)} {rng.choice(_MONTHS)} {rng.choice(_YEARS)}",
-        "instrument": rng.choice(_INSTRUMENTS),
-        "other": _person(rng, split, avoid={w for p in people for w in p.split()}),
-    }
+_SLOTS = {  # slot -> (rng, split, people in the story) -> value
+    "town": lambda rng, split, people: _town(rng, split),
+    "year": lambda rng, split, people: str(rng.choice(_YEARS)),
+    "job": lambda rng, split, people: rng.choice(_JOBS),
+    "colour": lambda rng, split, people: rng.choice(_COLOURS),
+    "count": lambda rng, split, people: rng.choice(_COUNTS),
+    "animal": lambda rng, split, people: rng.choice(_ANIMALS),
+    "date": lambda rng, split, people: f"{rng.randint(1, 28)} {rng.choice(_MONTHS)} {rng.choice(_YEARS)}",
+    "instrument": lambda rng, split, people: rng.choice(_INSTRUMENTS),
+    "other": lambda rng, split, people: _person(rng, split, avoid={w for p in people for w in p.split()}),
+}
+_TEMPLATE_SLOTS = {kind: sorted({m for t in sentences + questions for m in re.findall(r"\{(\w+)\}", t)} - {"name"})
+                   for kind, (sentences, questions, _) in _FACTS.items()}
+
+
+def _slots(rng: random.Random, split: str, kind: str, name: str, people: list[str]) -> dict[str, str]:
+    """The values of the slots a fact of `kind` about `name` uses."""
+    return {"name": name, **{slot: _SLOTS[slot](rng, split, people) for slot in _TEMPLATE_SLOTS[kind]}}
 
 
 def _example(rng: random.Random, split: str, qid: str, unanswerable: bool) -> dict:
     # One to three people with distinct first names and surnames (so one word tells them apart).
     people: list[str] = []
-    for _ in range(rng.randint(1, 3)):
+    for _ in range(rng.randint(*PEOPLE_PER_STORY)):
         people.append(_person(rng, split, avoid={w for p in people for w in p.split()}))
     # Distinct (person, fact kind) pairs, so that no question has two conflicting answers.
     pairs = [(person, kind) for person in people for kind in _FACTS]
-    chosen = rng.sample(pairs, min(rng.randint(2, 5), len(pairs)))
+    chosen = rng.sample(pairs, min(rng.randint(*FACTS_PER_STORY), len(pairs)))
     sentences: list[str] = []
     facts: list[tuple[str, str, dict[str, str], int]] = []  # (kind, template, slots, sentence offset)
     offset = 0
     for person, kind in chosen:
-        slots = _slots(rng, split, person, people)
+        slots = _slots(rng, split, kind, person, people)
         template = rng.choice(_FACTS[kind][0])
         sentence = template.format(**slots)
         facts.append((kind, template, slots, offset))
@@ -184,8 +196,10 @@ def builtin_squad_records(
     ]
 
 
+@functools.lru_cache(maxsize=8)
 def builtin_squad(split: str = "train", **kwargs):
-    """The built-in dataset as a `datasets.Dataset` with the hub `squad` columns."""
+    """The built-in dataset as a `datasets.Dataset` with the hub `squad` columns (made once per
+    process for each set of arguments: a Dataset is immutable)."""
     import datasets
 
     return datasets.Dataset.from_list(builtin_squad_records(split, **kwargs))

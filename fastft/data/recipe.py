@@ -33,6 +33,8 @@ class DataConfig:
     """squad (context/question/answers columns) or sft (prompt/response, or messages)"""
     train_split: str = "train"
     eval_split: str = "validation"
+    builtin_examples: PositiveInt | None = None
+    """source=builtin: training examples generated (null: 20,000; the validation split keeps its 500)"""
     eval_source: str | None = None
     """the evaluation data; null: `source` (a local file is one split: give the eval file here)"""
     max_seq_len: PositiveInt = 1024
@@ -98,7 +100,8 @@ def make_formatter(config: DataConfig, tokenizer):
 def build_train_batches(config: DataConfig, tokenizer, *, rank: int = 0, world_size: int = 1):
     """(an iterable of this rank's micro-batches, call `.set_epoch(e)` per epoch; DataReport)."""
     report = DataReport()
-    rows = load_table(config.source, config.train_split, streaming=config.streaming)
+    sized = {"num_examples": config.builtin_examples} if config.source == "builtin" and config.train_split == "train" else {}
+    rows = load_table(config.source, config.train_split, streaming=config.streaming, **sized)
     formatter = make_formatter(config, tokenizer)
     examples = formatter.encode(rows)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
