@@ -115,7 +115,7 @@ class OptimConfig:
 
 @dataclass(config=SECTION)
 class TrainConfig:
-    max_steps: PositiveInt = 6000
+    max_steps: PositiveInt = 4000
     """optimizer steps; the learning-rate schedule spans them"""
     run_steps: PositiveInt | None = None
     """stop after this many steps in this invocation (checkpoint; resume later); null: run to max_steps"""

@@ -9,6 +9,7 @@ LoadError naming the config field, the name, what was tried and the fixes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import socket
@@ -40,6 +41,21 @@ def hub_reachable(timeout: float = 3.0) -> bool:
             return True
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def offline_mode():
+    """HF_HUB_OFFLINE=1 for this block, for libraries that read it once at import (datasets retries
+    each HEAD request for about 20 s otherwise, even with local_files_only)."""
+    import datasets
+    import huggingface_hub.constants as hub_constants
+
+    saved = hub_constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
 
 
 def is_local(name: str) -> bool:
@@ -82,4 +98,4 @@ def load(loader, name: str, field: str, what: str, **kwargs):
                         + _fixes(name, what, local, online)) from None
 
 
-__all__ = ["LoadError", "hub_reachable", "is_local", "load", "offline_by_setting"]
+__all__ = ["LoadError", "hub_reachable", "is_local", "load", "offline_by_setting", "offline_mode"]

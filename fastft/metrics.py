@@ -106,6 +106,8 @@ PANELS = [  # (title, record kind, keys, y label)
     ("peak memory", "train", ("peak_memory_gib",), "GiB"),
     ("gradient norm (before clipping)", "train", ("grad_norm",), "L2 norm"),
 ]
+_NAMES = {"exact_match": "EM", "f1": "F1", "lr": "lr", "tokens_per_s": "tokens/s", "peak_memory_gib": "peak memory",
+          "grad_norm": "grad norm"}
 _told_about_matplotlib = False
 
 
@@ -119,6 +121,24 @@ def read_metrics(run_dir) -> list[dict]:
 def _series(records: list[dict], kind: str, key: str) -> tuple[list[int], list[float]]:
     points = [(r["step"], r[key]) for r in records if r["kind"] == kind and r.get(key) is not None]
     return [s for s, _ in points], [v for _, v in points]
+
+
+def _smooth(values: list[float]) -> list[float]:
+    """A trailing mean over 2% of the points (at least 1): the trend of a noisy per-step series."""
+    window = max(1, len(values) // 50)
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def _plot_series(ax, steps, values, *, colour, label, style="-", marker=None):
+    """Per-step series: faint raw values and their trend; evaluation series: points joined."""
+    if marker is None and len(values) > 50:
+        ax.plot(steps, values, color=colour, lw=0.6, alpha=0.25)
+        values = _smooth(values)
+    ax.plot(steps, values, color=colour, ls=style, lw=1.5, marker=marker, ms=4, label=label)
 
 
 def plot_runs(run_dirs, out, *, labels=None, log=print) -> str | None:
@@ -148,16 +168,14 @@ def plot_runs(run_dirs, out, *, labels=None, log=print) -> str | None:
         ax.grid(alpha=0.3)
         for (label, records), colour in zip(runs, colours):
             if kind is None:  # the loss panel: train per step, val at each evaluation
-                steps, values = _series(records, "train", "loss")
-                ax.plot(steps, values, color=colour, lw=0.8, alpha=0.8, label=f"{label} train")
-                steps, values = _series(records, "eval", "val_loss")
-                ax.plot(steps, values, color=colour, lw=1.5, ls="--", marker="o", ms=4, label=f"{label} val")
+                _plot_series(ax, *_series(records, "train", "loss"), colour=colour, label=f"{label} train")
+                _plot_series(ax, *_series(records, "eval", "val_loss"), colour=colour, label=f"{label} val",
+                             style="--", marker="o")
                 continue
             for key, style in zip(keys, ("-", ":")):
-                steps, values = _series(records, kind, key)
-                name = f"{label} {key}" if len(keys) > 1 or len(runs) > 1 else key
-                ax.plot(steps, values, color=colour, ls=style, marker="o" if kind == "eval" else None, ms=4,
-                        label=name)
+                name = f"{label} {_NAMES[key]}" if len(keys) > 1 or len(runs) > 1 else _NAMES[key]
+                _plot_series(ax, *_series(records, kind, key), colour=colour, label=name, style=style,
+                             marker="o" if kind == "eval" else None)
         if title == "learning rate":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
         if ax.has_data() and ax.get_legend_handles_labels()[0]:

@@ -89,6 +89,21 @@ def test_resume_continues_exactly(tmp_path):
                                rtol=0, atol=0)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="2-process gloo run on CPUs")
+def test_one_all_reduce_and_one_host_sync_per_step_under_fsdp2():
+    """Two gloo processes (benchmarks/trainer_step.py's counting worker): every training step makes
+    exactly one torch.distributed.all_reduce and one host read of its own."""
+    import argparse
+
+    from benchmarks import trainer_step
+
+    counts = trainer_step.run(argparse.Namespace(nproc=2, steps=8, hidden=32, layers=1, threads=1), ROOT)
+    assert len(counts["per_step"]) == 8
+    assert all(c == {"all_reduce": 1, "host_sync": 1} for c in counts["per_step"]), counts["per_step"]
+    # and in the whole run: the steps, the first step's token count, the final evaluation
+    assert counts["whole_run"]["all_reduce"] == 8 + 1 + 1, counts["whole_run"]
+
+
 def _logits(model, ids):
     model.eval()
     with torch.no_grad():

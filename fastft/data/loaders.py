@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -88,9 +89,9 @@ def load_table(source: str, split: str = "train", *, streaming: bool = False, **
     from fastft import hub
 
     online = not hub.offline_by_setting() and hub.hub_reachable()
-    kwargs = {} if online else {"download_config": datasets.DownloadConfig(local_files_only=True)}
     try:
-        return datasets.load_dataset(source, split=split, streaming=streaming, **kwargs)
+        with contextlib.nullcontext() if online else hub.offline_mode():  # the cache only: no retries
+            return datasets.load_dataset(source, split=split, streaming=streaming)
     except Exception as error:  # offline, unknown name, unknown split: say what to do instead
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
         raise hub.LoadError(
