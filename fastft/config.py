@@ -42,7 +42,7 @@ class ModelConfig:
     name: str | None = None  # a hub name or local folder; None: build `config` with random weights
     config: dict | None = None  # a transformers config as a dict with "model_type" (random init); used when name is None
     tokenizer: str | None = None  # a hub name / folder, or "byte" (fastft's byte-level tokenizer); None: the model's own, or "byte"
-    dtype: str = "auto"  # weights as loaded/built: "auto" (bf16 on CUDA, fp32 on CPU), "float32", "bfloat16"
+    dtype: str = "auto"  # weights as loaded/built: "auto" (bf16 on CUDA, fp32 on CPU), "float32", "bfloat16", "float64" (reference runs)
     patch: bool = True  # fastft.patch with the fused kernels (on CPU without TRITON_INTERPRET: their torch references)
     patch_options: dict = dataclasses.field(default_factory=dict)  # passed to fastft.patch, e.g. {attention: false}
     trust_remote_code: bool = False
@@ -148,7 +148,7 @@ class FinetuneConfig:
 
 SECTIONS = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
 CHOICES = {
-    "model.dtype": ("auto", "float32", "bfloat16"),
+    "model.dtype": ("auto", "float32", "bfloat16", "float64"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.precision": ("auto", "bf16", "fp32"),
     "distributed.param_dtype": ("auto", "float32", "bfloat16"),
@@ -382,6 +382,9 @@ def validate(config: FinetuneConfig) -> FinetuneConfig:
                                config.logging, config.data)
     if m.name is None and m.config is None:
         m.config = dict(DEFAULT_TINY_MODEL)
+    if m.dtype == "float64" and t.precision != "fp32":
+        raise ConfigError(f"model.dtype=float64 (a reference run) needs train.precision=fp32, not {t.precision!r}: "
+                          "bf16 autocast would undo what float64 weights are for")
     if m.name is not None and m.config is not None:
         raise ConfigError("model.name and model.config are both set: give a pretrained model (name) or a config "
                           "to build with random weights, not both")

@@ -134,7 +134,7 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 # -- model and tokenizer -------------------------------------------------------------------------
@@ -179,7 +179,9 @@ def build_model(config: FinetuneConfig, tokenizer, dtype: torch.dtype, *, meta: 
                 fields.setdefault(name, getattr(tokenizer, name))
             hf_config = AutoConfig.for_model(model_type, **fields)
         with torch.device("meta") if meta else contextlib.nullcontext():
-            model = AutoModelForCausalLM.from_config(hf_config, **kwargs)
+            # A float64 reference run starts from the same random weights as a float32 one.
+            init = {**kwargs, "dtype": torch.float32} if dtype == torch.float64 else kwargs
+            model = AutoModelForCausalLM.from_config(hf_config, **init).to(dtype)
         if m.name is not None:  # what from_pretrained would also read: eos ids etc. for generation and export
             from transformers import GenerationConfig
 
