@@ -65,8 +65,8 @@ class ModelConfig:
     """a transformers config as a mapping with model_type, built with random weights (when name is null; null: the built-in tiny Llama)"""
     tokenizer: str | None = None
     """a hub name or folder, "words" (the built-in data's word-level tokenizer) or "byte" (byte-level); null: the model's own, else words for the built-in data, else byte"""
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """weights as loaded/built: auto is bf16 for frozen LoRA bases on one GPU, fp32 otherwise"""
+    dtype: Literal["auto", "float32", "bfloat16", "float64"] = "auto"
+    """weights as loaded/built: auto is bf16 for frozen LoRA bases on one GPU, fp32 otherwise; float64 for reference runs"""
     patch: bool = True
     """fastft.patch with the fused kernels (on a CPU without TRITON_INTERPRET: their torch references)"""
     patch_options: dict[str, StrictBool] = dataclasses.field(default_factory=dict)
@@ -392,6 +392,9 @@ def validate(config: FinetuneConfig) -> FinetuneConfig:
     m, t, o, d, c, data = config.model, config.train, config.optim, config.distributed, config.checkpoint, config.data
     if m.name is None and m.config is None:
         m.config = dict(DEFAULT_TINY_MODEL)
+    if m.dtype == "float64" and t.precision != "fp32":
+        raise ConfigError(f"model.dtype=float64 (a reference run) needs train.precision=fp32, not {t.precision!r}: "
+                          "bf16 autocast would undo what float64 weights are for")
     if m.name is not None and m.config is not None:
         raise ConfigError("model.name and model.config are both set: give a pretrained model (name) or a config "
                           "to build with random weights, not both")

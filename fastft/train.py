@@ -110,7 +110,7 @@ class Precision(NamedTuple):
         return torch.autocast(device.type, dtype=torch.bfloat16) if self.autocast_on else contextlib.nullcontext()
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def decide_precision(config: FinetuneConfig, env: distributed.DistEnv) -> Precision:
@@ -192,7 +192,9 @@ def build_model(config: FinetuneConfig, tokenizer, dtype: torch.dtype, *, meta: 
             except ValueError as exc:
                 raise ConfigError(f"model.config: {str(exc).splitlines()[0]}") from None
         with torch.device("meta") if meta else contextlib.nullcontext():
-            model = AutoModelForCausalLM.from_config(hf_config, **kwargs)
+            # A float64 reference run starts from the same random weights as a float32 one.
+            init = {**kwargs, "dtype": torch.float32} if dtype == torch.float64 else kwargs
+            model = AutoModelForCausalLM.from_config(hf_config, **init).to(dtype)
         if m.name is not None:  # what from_pretrained would also read: eos ids etc. for generation and export
             from transformers import GenerationConfig
 
