@@ -187,7 +187,9 @@ def _fastft_train(tmp_path, *overrides, timeout=600):
     """`fastft train` as a user runs it: no TRITON_INTERPRET, so on a CPU the kernels' torch
     references run."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
+    # One thread: on a machine busy with other jobs two OpenMP threads of a model this small wait on
+    # each other (measured: 400 s instead of 30 s for this test's 300 steps); the result is the same.
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-m", "fastft.cli", "train", f"--logging.run_dir={tmp_path}",
                           "--logging.progress_bar=false", *overrides],
                          env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
