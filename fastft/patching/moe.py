@@ -491,7 +491,7 @@ class AuxLoss:
             return None
         if self.status == "unchecked":  # the model's own function reproduces its aux loss over all rows?
             mine = self.fn(logits, self.num_experts, self.top_k, None)
-            ok = torch.is_tensor(mine) and abs(float(mine) - float(aux)) <= 1e-4 * max(1.0, abs(float(aux)))
+            ok = torch.is_tensor(mine) and abs(float(mine.detach()) - float(aux.detach())) <= 1e-4 * max(1.0, abs(float(aux.detach())))
             self.status = "verified" if ok else "load_balancing_loss_func does not reproduce the model's aux loss: kept"
             if not ok:
                 return None
