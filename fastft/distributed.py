@@ -170,7 +170,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def apply_fsdp(model: nn.Module, *, param_dtype: str = "bfloat16", reduce_dtype: str = "float32",
-               reshard_after_forward: bool = True, cpu_offload: bool = False) -> nn.Module:
+               reshard_after_forward: bool = True, cpu_offload: bool = False, expert_mesh=None) -> nn.Module:
     """fully_shard every decoder block, then the root (torchtitan's order: the root's group holds
     what is left, embeddings and head). The last block is not resharded after forward: its
     backward starts right away and would all-gather it again.
@@ -179,6 +179,11 @@ def apply_fsdp(model: nn.Module, *, param_dtype: str = "bfloat16", reduce_dtype:
     normalises the loss by the global token count and multiplies it by the world size before
     backward (fastft/train.py), so the average is the global per-token mean. (Setting the
     gradient divide factor to 1 instead would need ReduceOp.PREMUL_SUM, which gloo lacks.)
+   
+    Under expert parallelism (fastft/expert_parallel.py), pass `expert_mesh`, the 1-D mesh of the
+    ranks that hold the same experts: each layer's split experts (with their LoRA wrappers) are
+    fully_shard'ed over it first, as their own unit, so that the blocks' FSDP2 groups (over all
+    ranks) leave them out.
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
@@ -186,6 +191,11 @@ def apply_fsdp(model: nn.Module, *, param_dtype: str = "bfloat16", reduce_dtype:
     kwargs = dict(mp_policy=mp)
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())  # pinning needs a GPU
+    if expert_mesh is not None:
+        from fastft.expert_parallel import expert_units
+
+        for unit in expert_units(model):
+            fully_shard(unit, mesh=expert_mesh, reshard_after_forward=reshard_after_forward, **kwargs)
     _, blocks = decoder_blocks(model)
     for i, block in enumerate(blocks):
         fully_shard(block, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1, **kwargs)

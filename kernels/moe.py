@@ -533,8 +533,9 @@ def _up_view(t: torch.Tensor, layout: str) -> torch.Tensor:
 class MoEExpertsFunction(torch.autograd.Function):
     """Inputs: x [N, H], topk_w [N, K], gate_up [E, 2I, H] and down [E, H, I] (logical views), the
     LoRA factors a_gu [E, r, H], b_gu [E, 2I, r], a_d [E, r, I], b_d [E, H, r] or None, then the
-    Routing, activation, layout, the two LoRA scales and the scale on the expert weights'
-    gradients (expert parallelism, fastft/expert_parallel.py). Saves x, the routing, gu, xa, hd."""
+    Routing, activation, layout, the two LoRA scales and the scale on the expert
+    parameters' gradients (expert parallelism, fastft/expert_parallel.py). Saves x, the routing,
+    gu, xa, hd."""
 
     @staticmethod
     def forward(ctx, x, topk_w, gate_up, down, a_gu, b_gu, a_d, b_d, routing, activation, layout, s_gu, s_d,
@@ -573,9 +574,10 @@ class MoEExpertsFunction(torch.autograd.Function):
             grads[3] = weight_grad(dout, h, routing, torch.empty_like(down), gather_a=True, row_w=w_slot,
                                    scale=grad_scale)
         if a_d is not None and need[6]:
-            grads[6] = weight_grad(u, h, routing, torch.empty_like(a_d), row_w=w_slot, scale=s_d)
+            grads[6] = weight_grad(u, h, routing, torch.empty_like(a_d), row_w=w_slot, scale=s_d * grad_scale)
         if a_d is not None and need[7]:
-            grads[7] = weight_grad(dout, hd, routing, torch.empty_like(b_d), gather_a=True, row_w=w_slot, scale=s_d)
+            grads[7] = weight_grad(dout, hd, routing, torch.empty_like(b_d), gather_a=True, row_w=w_slot,
+                                   scale=s_d * grad_scale)
         del h, u
         inter = gu.shape[1] // 2
         dg, du = dgu[:, :inter], dgu[:, inter:]
@@ -587,10 +589,10 @@ class MoEExpertsFunction(torch.autograd.Function):
             dxa.mul_(s_gu)
         if a_gu is not None and need[5]:
             grads[5] = torch.empty_like(b_gu)
-            weight_grad(dg, xa, routing, gate_up_halves(grads[5], layout)[0], scale=s_gu)
-            weight_grad(du, xa, routing, _up_view(grads[5], layout), scale=s_gu)
+            weight_grad(dg, xa, routing, gate_up_halves(grads[5], layout)[0], scale=s_gu * grad_scale)
+            weight_grad(du, xa, routing, _up_view(grads[5], layout), scale=s_gu * grad_scale)
         if a_gu is not None and need[4]:
-            grads[4] = weight_grad(dxa, x, routing, torch.empty_like(a_gu), gather_b=True)
+            grads[4] = weight_grad(dxa, x, routing, torch.empty_like(a_gu), gather_b=True, scale=grad_scale)
         if need[2]:
             grads[2] = torch.empty_like(gate_up)
             weight_grad(dg, x, routing, gate_up_halves(grads[2], layout)[0], gather_b=True, scale=grad_scale)
@@ -637,8 +639,9 @@ def moe_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor, g
     x [N, H]; topk_idx, topk_w [N, K] (ids in [0, E], E meaning none); gate_up [E, 2I, H] with the
     gate/up rows in `layout`, down [E, H, I] (transposed=True: [E, H, 2I] and [E, I, H]);
     activation "silu", "gelu_tanh" or "gelu". LoRA pairs as ExpertLoRA in the [E, out, in]
-    orientation of the logical weights. weight_grad_scale multiplies the expert weights'
-    gradients (not the LoRA factors' nor dX). Returns [N, H] in x's dtype."""
+    orientation of the logical weights. weight_grad_scale multiplies the gradients of the expert
+    parameters (the stacks and their LoRA factors; not dX, not the routing weights' gradient).
+    Returns [N, H] in x's dtype."""
     if transposed:
         gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
     loras = (gate_up_lora, down_lora)
@@ -658,6 +661,9 @@ def moe_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor, g
             gate_up = torch.cat([gate_up[:, 0::2], gate_up[:, 1::2]], dim=1)
         if weight_grad_scale != 1.0:
             gate_up, down = (_ScaleGrad.apply(w, float(weight_grad_scale)) for w in (gate_up, down))
+            loras = tuple(None if lo is None else ExpertLoRA(_ScaleGrad.apply(lo.a, float(weight_grad_scale)),
+                                                             _ScaleGrad.apply(lo.b, float(weight_grad_scale)), lo.scale)
+                          for lo in loras)
         return moe_experts_reference(x, topk_idx, topk_w, gate_up, down, activation, *loras)
     with torch.autocast(device_type, enabled=False):
         x = as_rows(x)

@@ -290,11 +290,11 @@ def _fused(spec: ExpertsSpec, module: nn.Module, x, idx, w, loras, tokens: Token
     rows = x.reshape(-1, shape[-1])
     idx = idx.reshape(rows.shape[0], -1)
     w = w.reshape(idx.shape)
-    n_experts = gate_up.shape[0]
+    ep = module.__dict__.get(EXPERT_PARALLEL_ATTR)
+    n_experts = ep.num_experts if ep is not None else gate_up.shape[0]  # all experts, not the local ones
     if tokens is not None:
         idx = tokens.route_padding_nowhere(idx, n_experts)
     gate_up_lora, down_lora = loras if loras is not None else (None, None)
-    ep = module.__dict__.get(EXPERT_PARALLEL_ATTR)
     if ep is not None:
         out = ep.forward(rows, idx, w, gate_up, down, spec, gate_up_lora, down_lora)
     else:
