@@ -259,17 +259,40 @@ def root_unsharded(model: nn.Module):
                 module.reshard()
 
 
-def clip_grad_norm_(parameters, max_norm: float | None) -> torch.Tensor:
+def expert_mesh(world_size: int, expert_parallel: int, device_type: str):
+    """The ("dp", "ep") device mesh of expert parallelism: groups of `expert_parallel` consecutive
+    ranks split the experts ("ep"), the ranks holding the same experts form the "dp" dimension."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if world_size % expert_parallel:
+        raise ValueError(f"distributed.expert_parallel={expert_parallel} does not divide the {world_size} processes")
+    return init_device_mesh(device_type, (world_size // expert_parallel, expert_parallel), mesh_dim_names=("dp", "ep"))
+
+
+def clip_grad_norm_(parameters, max_norm: float | None, expert_params=(), expert_group=None) -> torch.Tensor:
     """The global L2 norm of the gradients (clipped to `max_norm` when given), for plain tensors
     and for FSDP2's DTensor shards alike: the norm of sharded grads is a DTensor whose
-    `full_tensor()` all-reduces the partial sums (as torchtitan's clip_grad_norm_ does)."""
+    `full_tensor()` all-reduces the partial sums (as torchtitan's clip_grad_norm_ does). Under
+    expert parallelism the split experts' parameters (`expert_params`, on their own mesh) are
+    normed apart and their squares summed over `expert_group`, whose ranks hold different experts."""
     from torch.distributed.tensor import DTensor
 
     params = [p for p in parameters if p.grad is not None]
-    grads = [p.grad for p in params]
-    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False, foreach=None)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()
+    split = {id(p) for p in expert_params}
+
+    def norm(group):
+        value = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type=2.0, error_if_nonfinite=False,
+                                              foreach=None)
+        return value.full_tensor() if isinstance(value, DTensor) else value
+
+    groups = [[p for p in params if id(p) not in split], [p for p in params if id(p) in split]]
+    total = norm(groups[0])
+    if split:
+        experts = norm(groups[1]).to(total.device) ** 2
+        dist.all_reduce(experts, group=expert_group)
+        total = (total ** 2 + experts).sqrt()
     if max_norm is not None:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=None)
+        for group in groups:  # one mesh per call (a foreach op cannot mix DTensor meshes)
+            if group:
+                torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=None)
     return total

@@ -4,12 +4,13 @@ on every rank, from the same seed): the loss and every gradient must match.
 
     python _moe_parallel_worker.py EP [lora]
 EP: the expert-parallel degree (1: no expert parallelism). The ranks split the global batch (one row
-each, of different lengths: a padded batch with an attention_mask). Three runs per call:
-  1. expert parallelism alone (EP > 1): experts split over groups of EP ranks, dense gradients
-     all-reduced (summed) by hand;
+each, of different lengths: a padded batch with an attention_mask). The runs:
+  1. expert parallelism alone (EP > 1): experts split over groups of EP ranks, gradients summed
+     by hand (the experts' over their replicas, the dense ones over every rank);
   2. FSDP2 (fastft.distributed.apply_fsdp) with the trainer's loss convention (loss × world size,
-     FSDP2 averages): with EP > 1, the split experts sharded over the ranks holding the same
-     experts and weight_grad_scale = 1/EP; with EP == 1, the experts sharded with their block.
+     FSDP2 averages) and the split experts sharded over the ranks holding the same experts,
+     weight_grad_scale = 1/EP (EP > 1);
+  3. FSDP2 with the experts sharded with their decoder block (always).
 The router aux loss is off: it is not additive over ranks (each rank's is over its own tokens).
 """
 import copy
@@ -80,6 +81,38 @@ def check(label, loss, ref_loss, grads, ref_grads, split, first, n, n_experts):
         assert err < 1e-5, f"{label}: d {name} rel. error {err:.2e}"
 
 
+def fsdp_run(ep_size, lora, world, rank, forward, ref_loss, ref_grads, n_experts):
+    model = build(lora)
+    fastft.patch(model, **ONLY_MOE)
+    expert_mesh = None
+    if ep_size > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (world // ep_size, ep_size), mesh_dim_names=("dp", "ep"))
+        apply_expert_parallel(model, mesh["ep"].get_group(), weight_grad_scale=1.0 / ep_size)
+        expert_mesh = mesh["dp"]
+    split = {n for n, p in trained(model).items() if any(p is q for q in expert_parameters(model))} \
+        if ep_size > 1 else set()
+    distributed.apply_fsdp(model, param_dtype="float32", expert_mesh=expert_mesh)
+    calls = []
+    import fastft.expert_parallel as ep_module
+    kernels = moe_patch.moe_experts, ep_module.moe_experts
+    moe_patch.moe_experts = lambda *a, **k: calls.append(1) or kernels[0](*a, **k)
+    ep_module.moe_experts = lambda *a, **k: calls.append(1) or kernels[1](*a, **k)
+    try:
+        loss = forward(model)
+        (loss * world).backward()
+    finally:
+        moe_patch.moe_experts, ep_module.moe_experts = kernels
+    assert len(calls) == model.config.num_hidden_layers, f"fused experts ran {len(calls)} times"
+    grads = {n: p.grad.full_tensor() for n, p in trained(model).items()}
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    n_local = n_experts // ep_size
+    check("FSDP2" + (f" + expert parallel {ep_size}" if ep_size > 1 else " (experts in their block)"), total,
+          ref_loss.detach(), grads, ref_grads, split, (rank % ep_size) * n_local, n_local, n_experts)
+
+
 def main():
     ep_size = int(sys.argv[1])
     lora = len(sys.argv) > 2 and sys.argv[2] == "lora"
@@ -120,35 +153,10 @@ def main():
         check("expert parallel", total, ref_loss.detach(), grads, ref_grads, split, (rank % ep_size) * n_local,
               n_local, n_experts)
 
-    # 2. FSDP2, the trainer's convention.
-    model = build(lora)
-    fastft.patch(model, **ONLY_MOE)
-    expert_mesh = None
-    if ep_size > 1:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh("cpu", (world // ep_size, ep_size), mesh_dim_names=("dp", "ep"))
-        apply_expert_parallel(model, mesh["ep"].get_group(), weight_grad_scale=1.0 / ep_size)
-        expert_mesh = mesh["dp"]
-    split = {n for n, p in trained(model).items() if any(p is q for q in expert_parameters(model))} \
-        if ep_size > 1 else set()
-    distributed.apply_fsdp(model, param_dtype="float32", expert_mesh=expert_mesh)
-    calls = []
-    kernel = moe_patch.moe_experts
-    moe_patch.moe_experts = lambda *a, **k: calls.append(1) or kernel(*a, **k)
-    import fastft.expert_parallel as ep_module
-    ep_kernel = ep_module.moe_experts
-    ep_module.moe_experts = lambda *a, **k: calls.append(1) or ep_kernel(*a, **k)
-    loss = forward(model)
-    (loss * world).backward()
-    assert len(calls) == model.config.num_hidden_layers, f"fused experts ran {len(calls)} times"
-    grads = {n: p.grad.full_tensor() for n, p in trained(model).items()}
-    total = loss.detach().clone()
-    dist.all_reduce(total)
-    ep_rank = rank % ep_size
-    n_local = n_experts // ep_size
-    check("FSDP2" + (" + expert parallel" if ep_size > 1 else ""), total, ref_loss.detach(), grads, ref_grads, split,
-          ep_rank * n_local, n_local, n_experts)
+    # 2. FSDP2, the trainer's convention: with the split experts (EP > 1), and with the experts
+    # sharded with their block (always).
+    for ep in sorted({ep_size, 1}, reverse=True):
+        fsdp_run(ep, lora, world, rank, forward, ref_loss, ref_grads, n_experts)
     if rank == 0:
         print(f"MOE PARALLEL OK world={world} ep={ep_size} lora={lora}")
     dist.destroy_process_group()
