@@ -62,10 +62,10 @@ TINY_MOE = dict(model_type="qwen3_moe", hidden_size=32, intermediate_size=64, mo
 def _moe_recipe(run_dir, **sections):
     from test_train import tiny
 
+    train = {"max_steps": 3, **sections.pop("train", {})}
     recipe = tiny(run_dir, model={"config": dict(TINY_MOE), "patch": True,
                                   "patch_options": {"rms_norm": False, "cross_entropy": False}},
-                  **sections)
-    recipe["train"].update(max_steps=3)
+                  train=train, **sections)
     return recipe
 
 
@@ -77,7 +77,7 @@ def test_trainer_runs_a_packed_moe_model_through_the_fused_experts(tmp_path, mon
     seen = []
     original = moe_patch.set_real_tokens
     monkeypatch.setattr("fastft.train.set_real_tokens", lambda m, mask: seen.append(mask) or original(m, mask))
-    result = finetune(_moe_recipe(tmp_path))
+    result = finetune(_moe_recipe(tmp_path, train={"max_steps": 2, "eval_batches": 1}, data={"max_seq_len": 64}))
     assert result.status == "finished" and all(torch.isfinite(torch.tensor(result.losses)))
     assert result.model.fastft_report.count("moe") == 2
     assert seen and all(mask is not None and mask.dtype == torch.bool for mask in seen)
