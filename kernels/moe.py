@@ -363,15 +363,32 @@ class Blocks(NamedTuple):
     num_stages: int
 
 
-def launch_blocks(device_type: str, n_out: int, k_dim: int) -> Blocks:
-    """Tiles of a grouped GEMM with n_out output columns and reduction length k_dim: a pure function
-    of the device kind and shapes. The GPU choice (64x64x64, 4 warps, 3 stages: the common Hopper
-    bf16 starting point, 48 KB of shared memory) is untuned until measured; the interpreter pays per
-    program and per loop iteration, so it gets big tiles."""
+def row_block(device_type: str, slots: int, n_experts: int) -> int:
+    """BLOCK_M, the sorted rows per program (one choice per call: the routing's tiles use it): 128
+    when the experts average 256 rows or more (Qwen3-30B-A3B and Mixtral at 8192 tokens), else 64."""
     if device_type != "cuda" and interpreting():
-        return Blocks(64, min(128, max(16, triton.next_power_of_2(n_out))), min(128, max(16, triton.next_power_of_2(k_dim))),
-                      1, 1)
-    return Blocks(64, min(64, max(16, triton.next_power_of_2(n_out))), 64, 4, 3)
+        return 64
+    return 128 if slots >= 256 * max(1, n_experts) else 64
+
+
+def launch_blocks(device_type: str, kind: str, n_out: int, k_dim: int, block_m: int) -> Blocks:
+    """Tiles of one grouped GEMM: a pure function of the device kind, the kernel ("mm", "glu_fwd",
+    "glu_bwd", "weight_grad"), its output columns n_out, reduction length k_dim and BLOCK_M, so that
+    an ahead-of-time compile sees exactly what a GPU run launches. The GPU choices come from
+    compiling for sm_90 (benchmarks/NOTES.md: registers and spills per kernel): 3 stages; a
+    plain grouped GEMM takes 128x128 tiles on 8 warps with 128-row blocks (64x64 on 4 warps
+    otherwise); the gate/up forward, with two accumulators, keeps 64 columns; the fused down /
+    activation backward, whose epilogue holds six [BM, BN] fp32 tiles, takes 8 warps and 32
+    columns at 128 rows (254 registers and spills at 64x64 on 4 warps). Untuned until measured.
+    The interpreter pays per program and per loop iteration, so it gets big tiles."""
+    if device_type != "cuda" and interpreting():
+        return Blocks(block_m, min(128, max(16, triton.next_power_of_2(n_out))),
+                      min(128, max(16, triton.next_power_of_2(k_dim))), 1, 1)
+    wide = block_m == 128
+    block_n = {"mm": 128 if wide else 64, "glu_fwd": 64, "glu_bwd": 32 if wide else 64,
+               "weight_grad": 128}[kind]
+    warps = 8 if wide or kind in ("glu_bwd", "weight_grad") else 4
+    return Blocks(block_m, min(block_n, max(16, triton.next_power_of_2(n_out))), 64, warps, 3)
 
 
 def route(topk_idx: torch.Tensor, num_experts: int, block_m: int) -> Routing:
@@ -426,7 +443,7 @@ def grouped_mm(x, w3, routing: Routing, *, gather: bool, lr=None, scatter: bool 
         out = torch.empty(slots, n_out, dtype=x.dtype, device=x.device)
     if not _grid_ok(routing) or n_out == 0:
         return out
-    bl = launch_blocks(x.device.type, n_out, k_dim)
+    bl = launch_blocks(x.device.type, "mm", n_out, k_dim, routing.block_m)
     lr_rows, lb, s_lbe, s_lbn, s_lbr, lr_scale, rank, block_r = _lr_args(lr)
     _grouped_mm_kernel[(routing.programs, triton.cdiv(n_out, bl.block_n))](
         x, routing.token, x.stride(0), w3, w3.stride(0), w3.stride(1), w3.stride(2),
@@ -447,13 +464,13 @@ def weight_grad(a, b, routing: Routing, out: torch.Tensor, *, gather_a=False, ga
     n_experts, p_dim, q_dim = out.shape
     if n_experts == 0 or p_dim == 0 or q_dim == 0:
         return out
-    bl = launch_blocks(a.device.type, q_dim, p_dim)
-    block_p = min(64 if a.device.type == "cuda" else 128, max(16, triton.next_power_of_2(p_dim)))
+    bl = launch_blocks(a.device.type, "weight_grad", q_dim, p_dim, routing.block_m)
+    block_p = min(128, max(16, triton.next_power_of_2(p_dim)))  # P plays the M role of this GEMM
     _weight_grad_kernel[(n_experts, triton.cdiv(p_dim, block_p), triton.cdiv(q_dim, bl.block_n))](
         a, routing.token, a.stride(0), b, routing.token, b.stride(0), routing.slot, row_w,
         out, out.stride(0), out.stride(1), out.stride(2), routing.offsets, p_dim, q_dim, float(scale),
         GATHER_A=gather_a, GATHER_B=gather_b, ROW_SCALE=row_w is not None, BLOCK_P=block_p, BLOCK_Q=bl.block_n,
-        BLOCK_M=routing.block_m, FP32_DOT=_fp32_dot(a, b), num_warps=bl.num_warps, num_stages=bl.num_stages)
+        BLOCK_M=bl.block_k, FP32_DOT=_fp32_dot(a, b), num_warps=bl.num_warps, num_stages=bl.num_stages)
     return out
 
 
@@ -477,7 +494,7 @@ def _glu_forward(x, gate_up3, w_up, routing, lr, lb_up, activation):
     h = torch.empty(slots, inter, dtype=x.dtype, device=x.device)
     if not _grid_ok(routing):
         return gu, h
-    bl = launch_blocks(x.device.type, inter, gate_up3.shape[2])
+    bl = launch_blocks(x.device.type, "glu_fwd", inter, gate_up3.shape[2], routing.block_m)
     lr_rows, lb, s_lbe, s_lbn, s_lbr, lr_scale, rank, block_r = _lr_args(lr)
     _glu_fwd_kernel[(routing.programs, triton.cdiv(inter, bl.block_n))](
         x, routing.token, x.stride(0), gate_up3, gate_up3.stride(0), gate_up3.stride(1), gate_up3.stride(2), w_up,
@@ -494,7 +511,7 @@ def _glu_backward(dout, down_t, routing, gu, topk_w, lr, activation, store_h):
     slots, inter = gu.shape[0], gu.shape[1] // 2
     dgu = torch.empty_like(gu)
     h = torch.empty(slots, inter, dtype=gu.dtype, device=gu.device) if store_h else None
-    bl = launch_blocks(dout.device.type, inter, down_t.shape[2])
+    bl = launch_blocks(dout.device.type, "glu_bwd", inter, down_t.shape[2], routing.block_m)
     n_part = triton.cdiv(inter, bl.block_n)
     dw_part = torch.zeros(slots, n_part, dtype=torch.float32, device=gu.device)
     if not _grid_ok(routing):
@@ -667,7 +684,7 @@ def moe_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor, g
         return moe_experts_reference(x, topk_idx, topk_w, gate_up, down, activation, *loras)
     with torch.autocast(device_type, enabled=False):
         x = as_rows(x)
-        routing = route(topk_idx, gate_up.shape[0], launch_blocks(device_type, down.shape[2], x.shape[1]).block_m)
+        routing = route(topk_idx, gate_up.shape[0], row_block(device_type, topk_idx.numel(), gate_up.shape[0]))
         (a_gu, b_gu, s_gu), (a_d, b_d, s_d) = ((lo.a, lo.b, lo.scale) if lo is not None else (None, None, 0.0)
                                                for lo in loras)
         return MoEExpertsFunction.apply(x, topk_w, gate_up, down, a_gu, b_gu, a_d, b_d, routing, activation, layout,
