@@ -57,6 +57,8 @@ class LoraConfig:
     dropout: float = 0.0
     target_modules: Union[str, list[str]] = "all-linear"
     modules_to_save: list[str] | None = None
+    # PEFT target_parameters: MoE expert stacks, e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj]
+    target_parameters: list[str] | None = None
 
 
 @dataclasses.dataclass

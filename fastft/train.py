@@ -194,7 +194,7 @@ def build_model(config: FinetuneConfig, tokenizer, dtype: torch.dtype, *, meta: 
         lc = config.lora
         model = get_peft_model(model, LoraConfig(
             r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
-            modules_to_save=lc.modules_to_save, task_type="CAUSAL_LM"))
+            modules_to_save=lc.modules_to_save, target_parameters=lc.target_parameters, task_type="CAUSAL_LM"))
     report = None
     if m.patch and patch:
         import fastft
