@@ -53,10 +53,9 @@ down output (2·H + 4·I elements a slot: 114 KB a token there). LoRA never form
 PEFT's target_parameters path materialises that whole [E, 2I, H] stack per forward and its
 gradient per backward.
 
-Cost: the FLOPs of the routed tokens only, 6·S·H·I forward (2 GEMMs of 2I and I outputs... i.e.
-2·S·H·2I + 2·S·I·H) and twice that backward (dX and dW), plus rank-r terms. Bytes: each expert's
-weights are read once per BLOCK_M-row tile of its tokens (the GEMM's reuse), x once per tile
-column. Host sync: none (the routing is built with device ops; the interpreter, which runs on the
+Cost: the FLOPs of the routed slots only, 2·S·H·2I + 2·S·I·H = 6·S·H·I forward and twice that
+backward (dX and dW), plus the rank-r terms; each expert's weights are read once per BLOCK_M-row
+tile of its slots. Host sync: none (the routing is built with device ops; the interpreter, on the
 CPU anyway, sizes its grid exactly).
 """
 
@@ -418,16 +417,13 @@ def _grid_ok(routing: Routing) -> bool:
     return routing.programs > 0 and routing.num_experts > 0
 
 
-def _block_r(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
-
-
 def _lr_args(lr):
     """(LR, LB view, strides, scale, R, BLOCK_R) for an optional low-rank term (rows [S, R], LB [E, n, R])."""
     if lr is None:
         return None, None, 0, 0, 0, 0.0, 0, 16
     rows, lb, scale = lr
-    return rows, lb, lb.stride(0), lb.stride(1), lb.stride(2), float(scale), rows.shape[1], _block_r(rows.shape[1])
+    rank = rows.shape[1]
+    return rows, lb, lb.stride(0), lb.stride(1), lb.stride(2), float(scale), rank, max(16, triton.next_power_of_2(rank))
 
 
 def grouped_mm(x, w3, routing: Routing, *, gather: bool, lr=None, scatter: bool = False, row_w=None,
@@ -545,6 +541,11 @@ def gate_up_halves(t: torch.Tensor, layout: str) -> tuple[torch.Tensor, int]:
 
 def _up_view(t: torch.Tensor, layout: str) -> torch.Tensor:
     return t[:, 1::2] if layout == "interleaved" else t[:, t.shape[1] // 2:]
+
+
+def _concatenated(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """A gate/up stack (dim 1) in the concatenated layout: itself, or a copy of interleaved rows."""
+    return torch.cat([t[:, 0::2], t[:, 1::2]], dim=1) if layout == "interleaved" else t
 
 
 class MoEExpertsFunction(torch.autograd.Function):
@@ -673,14 +674,11 @@ def moe_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor, g
         raise TypeError(f"moe_experts: x ({x.dtype}) and the expert weights ({gate_up.dtype}, {down.dtype}) must "
                         "share one dtype (or run under autocast)")
     tensors = [x, topk_idx, topk_w, gate_up, down, *(t for lo in loras if lo is not None for t in lo[:2])]
-    if not use_triton(*tensors):
-        if layout == "interleaved":
-            gate_up = torch.cat([gate_up[:, 0::2], gate_up[:, 1::2]], dim=1)
-        if weight_grad_scale != 1.0:
-            gate_up, down = (_ScaleGrad.apply(w, float(weight_grad_scale)) for w in (gate_up, down))
-            loras = tuple(None if lo is None else ExpertLoRA(_ScaleGrad.apply(lo.a, float(weight_grad_scale)),
-                                                             _ScaleGrad.apply(lo.b, float(weight_grad_scale)), lo.scale)
-                          for lo in loras)
+    if not use_triton(*tensors):  # the reference, in the concatenated layout
+        scale = float(weight_grad_scale)
+        gate_up, down = _scaled_grad(_concatenated(gate_up, layout), scale), _scaled_grad(down, scale)
+        loras = [None if lo is None else ExpertLoRA(_scaled_grad(lo.a, scale), _scaled_grad(
+            _concatenated(lo.b, layout) if lo is loras[0] else lo.b, scale), lo.scale) for lo in loras]
         return moe_experts_reference(x, topk_idx, topk_w, gate_up, down, activation, *loras)
     with torch.autocast(device_type, enabled=False):
         x = as_rows(x)
@@ -691,14 +689,9 @@ def moe_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor, g
                                         s_gu, s_d, float(weight_grad_scale))
 
 
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; the gradient times `scale` (weight_grad_scale on the reference path)."""
-
-    @staticmethod
-    def forward(ctx, t, scale):
-        ctx.scale = scale
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.scale, None
+def _scaled_grad(t: torch.Tensor, scale: float) -> torch.Tensor:
+    """t, with its gradient multiplied by scale on the way back (weight_grad_scale, reference path)."""
+    t = t.view_as(t)
+    if t.requires_grad:
+        t.register_hook(lambda g: g * scale)
+    return t

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastft.kernels.moe import ExpertLoRA, moe_experts, moe_experts_reference
+from fastft.kernels.moe import ExpertLoRA, _concatenated, moe_experts, moe_experts_reference
 from numerics import check_against_reference, rel_err
 
 # N tokens, H, I, E experts, top-k, LoRA rank (0: none), layout, experts forced to get no tokens
@@ -45,10 +45,6 @@ def _loras(a_gu, b_gu, a_d, b_d):
     return (None if a_gu is None else ExpertLoRA(a_gu, b_gu, 0.5)), (None if a_d is None else ExpertLoRA(a_d, b_d, 2.0))
 
 
-def _to_concatenated(t):
-    return torch.cat([t[:, 0::2], t[:, 1::2]], dim=1)
-
-
 def _check_case(case, dtype, device):
     n, hidden, inter, e, k, r, layout, empty = case
     idx = _routing(n, e, k, empty).to(device)
@@ -60,8 +56,8 @@ def _check_case(case, dtype, device):
     def reference(x, topk_w, gate_up, down, a_gu=None, b_gu=None, a_d=None, b_d=None):
         lg, ld = _loras(a_gu, b_gu, a_d, b_d)
         if layout == "interleaved":
-            gate_up = _to_concatenated(gate_up)
-            lg = lg and ExpertLoRA(lg.a, _to_concatenated(lg.b), lg.scale)
+            gate_up = _concatenated(gate_up, "interleaved")
+            lg = lg and ExpertLoRA(lg.a, _concatenated(lg.b, "interleaved"), lg.scale)
         return moe_experts_reference(x, idx, topk_w, gate_up, down, "silu", lg, ld)
 
     check_against_reference(kernel, reference, _inputs(n, hidden, inter, e, k, r), dtype, device)

@@ -59,7 +59,7 @@ from torch import nn
 
 from fastft.kernels import moe_experts
 from fastft.kernels.lora_mlp import ACTIVATIONS
-from fastft.kernels.moe import LAYOUTS, ExpertLoRA, moe_experts_reference
+from fastft.kernels.moe import LAYOUTS, ExpertLoRA, _concatenated, moe_experts_reference
 from fastft.patching.lora import _is_dtensor, _random_copy, is_lora_layer
 
 FORWARD_ATTR = "_fastft_moe_forward"
@@ -147,10 +147,6 @@ def _logical(spec_names, transposed, module):
     if transposed:
         gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
     return gate_up, down
-
-
-def _concatenated(gate_up: torch.Tensor, layout: str) -> torch.Tensor:
-    return torch.cat([gate_up[:, 0::2], gate_up[:, 1::2]], dim=1) if layout == "interleaved" else gate_up
 
 
 def _call(module: nn.Module, index_first: bool, x, idx, w):
