@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from benchmarks import harness
-from benchmarks.kernels.lora import saved_activation_bytes
+from benchmarks.kernels.lora import saved_activation_bytes_or_none
 
 N_TOKENS = 8192
 SHAPES = {
@@ -152,11 +152,7 @@ def main(argv=None):
                 if args.providers and provider not in args.providers:
                     continue
                 x = torch.randn(1, tokens, hidden, dtype=dtype, device=args.device, requires_grad=True)
-                try:
-                    saved = saved_activation_bytes(lambda: module(x), module)
-                except Exception as exc:  # recorded by measure below as well
-                    saved = None
-                    print(f"{op} {provider}: saved bytes failed: {type(exc).__name__}: {exc}")
+                saved = saved_activation_bytes_or_none(f"{op} {provider}", lambda: module(x), module)
                 for mode in args.modes:
                     flops = {"fwd": fwd_flops, "bwd": fwd_flops * (1 if lora else 2),
                              "full": fwd_flops * (2 if lora else 3)}[mode]
