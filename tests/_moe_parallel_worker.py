@@ -13,7 +13,6 @@ each, of different lengths: a padded batch with an attention_mask). The runs:
   3. FSDP2 with the experts sharded with their decoder block (always).
 The router aux loss is off: it is not additive over ranks (each rank's is over its own tokens).
 """
-import copy
 import os
 import sys
 

@@ -54,7 +54,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastft.kernels import moe_experts
@@ -136,7 +135,7 @@ def _tolerance(dtype: torch.dtype) -> float:
     return 2e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
 
 
-def _probe_routing(n_experts: int, device, generator=None):
+def _probe_routing(n_experts: int, device):
     k = min(2, n_experts)
     idx = torch.rand(_PROBE_TOKENS, n_experts, device=device).argsort(dim=-1)[:, :k]
     return idx, torch.rand(_PROBE_TOKENS, k, device=device)
@@ -617,11 +616,3 @@ def uninstall(model: nn.Module, state: dict) -> None:
         module.__dict__.pop("forward", None)
     for module in model.modules():
         module.__dict__.pop(LORA_ATTR, None)
-
-
-def router_spec(block: nn.Module, experts: nn.Module) -> RouterSpec | str:
-    """The probed routing of a block (for callers outside patch(): benchmarks, tests)."""
-    spec = experts.__dict__.get(FORWARD_ATTR, (None,))[0]
-    gate_up = getattr(experts, spec.gate_up) if spec else next(p for p in experts.parameters() if p.dim() == 3)
-    hidden = gate_up.shape[1] if spec and spec.transposed else gate_up.shape[2]
-    return probe_router(block, experts, hidden, gate_up.shape[0])[1]
