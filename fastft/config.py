@@ -90,6 +90,8 @@ class LoraConfig:
     """module names, or all-linear"""
     modules_to_save: list[str] | None = None
     """modules trained in full beside the adapters"""
+    target_parameters: list[str] | None = None
+    """PEFT target_parameters: MoE expert stacks, e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj]"""
 
 
 @dataclass(config=SECTION)
@@ -160,6 +162,8 @@ class DistributedConfig:
     """FSDP2 with several processes: rank0 loads the full model on rank 0's CPU only and broadcasts it into the shards; every_rank loads it whole on each rank"""
     timeout_minutes: PositiveInt = 30
     """collective timeout"""
+    expert_parallel: PositiveInt = 1
+    """MoE models: each group of this many ranks splits every MoE layer's experts (all-to-all dispatch, fastft/expert_parallel.py); 1: off. Needs FSDP2 and load=every_rank"""
 
 
 @dataclass(config=SECTION)
@@ -423,6 +427,16 @@ def validate(config: FinetuneConfig) -> FinetuneConfig:
     if d.fsdp is False and (d.cpu_offload or not d.reshard_after_forward):
         raise ConfigError("distributed.cpu_offload / distributed.reshard_after_forward are FSDP2 options: "
                           "they need distributed.fsdp=true (or null with several processes)")
+    if d.expert_parallel > 1:
+        if d.fsdp is False:
+            raise ConfigError("distributed.expert_parallel > 1 runs on FSDP2 (the dense gradients are reduced by it): "
+                              "leave distributed.fsdp unset or true")
+        if d.load != "every_rank":
+            raise ConfigError("distributed.expert_parallel > 1 needs distributed.load=every_rank (each rank loads the "
+                              "model and keeps its experts; the rank-0 broadcast does not split experts)")
+        if c.every or c.resume or c.resume_from or c.export:
+            raise ConfigError("distributed.expert_parallel > 1: checkpoints and the export of split experts are not "
+                              "written yet; set checkpoint.every=0 and checkpoint.export=false (and no resume)")
     if d.compile and os.environ.get("TRITON_INTERPRET") == "1":
         raise ConfigError("distributed.compile=true cannot run under the Triton interpreter "
                           "(TRITON_INTERPRET=1: dynamo cannot trace the kernels); unset one of them")

@@ -50,6 +50,7 @@ import torch
 from fastft import checkpoint as ckpt
 from fastft import distributed, flops, hub, metrics, rundir
 from fastft.config import ConfigError, FinetuneConfig, load_config, to_yaml, validate
+from fastft.patching.moe import set_real_tokens
 
 
 class TrainingDiverged(RuntimeError):
@@ -206,7 +207,7 @@ def build_model(config: FinetuneConfig, tokenizer, dtype: torch.dtype, *, meta: 
         lc = config.lora
         model = get_peft_model(model, LoraConfig(
             r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
-            modules_to_save=lc.modules_to_save, task_type="CAUSAL_LM"))
+            modules_to_save=lc.modules_to_save, target_parameters=lc.target_parameters, task_type="CAUSAL_LM"))
     report = None
     if m.patch and patch:
         import fastft
@@ -272,18 +273,22 @@ def validation_data(config: FinetuneConfig, tokenizer, env: distributed.DistEnv)
 # -- 4. parallelism ----------------------------------------------------------------------------------
 
 def parallelize(model, full, config: FinetuneConfig, precision: Precision, env: distributed.DistEnv, patch_report,
-                log) -> int:
-    """Activation checkpointing -> compile -> FSDP2 (then, for the rank-0 load, the weights are
-    broadcast into the shards). Returns the number of checkpointed blocks."""
+                log) -> tuple[int, object, list]:
+    """Experts split -> activation checkpointing -> compile -> FSDP2 (then, for the rank-0 load,
+    the weights are broadcast into the shards). Returns (checkpointed blocks, the expert-parallel
+    mesh or None, the split experts' parameters)."""
     d, from_rank0 = config.distributed, rank0_load(config, precision, env)
     if not (precision.fsdp and d.cpu_offload) and not from_rank0:
         model.to(env.device)
+    ep_mesh = _apply_expert_parallel(model, d.expert_parallel, env, log)
     n_ac = distributed.apply_activation_checkpointing(model, d.activation_checkpointing, d.checkpoint_every)
     if d.compile:
         distributed.apply_compile(model)
     if precision.fsdp:
         distributed.apply_fsdp(model, param_dtype=precision.param_dtype, reduce_dtype=d.reduce_dtype,
-                               reshard_after_forward=d.reshard_after_forward, cpu_offload=d.cpu_offload)
+                               reshard_after_forward=d.reshard_after_forward, cpu_offload=d.cpu_offload,
+                               expert_mesh=ep_mesh["dp"] if ep_mesh is not None else None)
+    ep_params = _expert_parameters(model) if ep_mesh is not None else []  # FSDP2's, so after fully_shard
     if from_rank0:
         distributed.load_from_rank0(model, full, env.device, cpu_offload=d.cpu_offload)
         if patch_report is not None:  # what only a forward with weights can check (the loss's logit map)
@@ -294,7 +299,29 @@ def parallelize(model, full, config: FinetuneConfig, precision: Precision, env: 
             if verified:
                 log(f"patch, with the weights loaded: {verified}")
     model.train()
-    return n_ac
+    return n_ac, ep_mesh, ep_params
+
+
+def _apply_expert_parallel(model, degree: int, env, log):
+    """Split the MoE experts over groups of `degree` ranks (fastft/expert_parallel.py): returns the
+    ("dp", "ep") mesh, or None when degree is 1."""
+    if degree == 1:
+        return None
+    from fastft import expert_parallel
+
+    mesh = distributed.expert_mesh(env.world_size, degree, env.device.type)
+    # FSDP2 averages the experts over the D = W / degree ranks holding them, the loss is scaled by
+    # W: 1/degree on their gradients gives the global mean (fastft/expert_parallel.py).
+    layers = expert_parallel.apply_expert_parallel(model, mesh["ep"].get_group(), weight_grad_scale=1.0 / degree)
+    log(f"expert parallel: {layers} MoE layers' experts split over groups of {degree} ranks "
+        f"({env.world_size // degree} replica(s)), all-to-all dispatch")
+    return mesh
+
+
+def _expert_parameters(model):
+    from fastft.expert_parallel import expert_parameters
+
+    return expert_parameters(model)
 
 
 # -- 5. optimizer and schedule ---------------------------------------------------------------------
@@ -418,6 +445,7 @@ class Step(NamedTuple):
     fsdp: bool
     loss_scale: float  # W under FSDP2 (see the module docstring), else 1
     grad_clip: float | None
+    clip_groups: list  # the trained parameters by device mesh (split experts apart): a foreach op takes one
 
 
 class StepResult(NamedTuple):
@@ -470,6 +498,7 @@ def train_step(s: Step, micro_batches: list[dict], targets: float, upcoming: lis
         tokens += float(batch["document_lengths"].sum())  # real tokens, padding excluded (host data)
         pairs += flops.causal_pairs(batch["document_lengths"])
         batch = _to_device(batch, s.device)
+        set_real_tokens(s.model, batch.get("real_tokens"))  # MoE: packed tails skip the experts
         with s.autocast():
             out = s.model(**model_inputs(batch), num_items_in_batch=normalizer)
         (out.loss * s.loss_scale).backward()
@@ -483,7 +512,8 @@ def train_step(s: Step, micro_batches: list[dict], targets: float, upcoming: lis
         raise TrainingDiverged(f"the loss is {loss}")
     grad_norm = math.sqrt(grad_square)
     if s.grad_clip is not None:
-        torch.nn.utils.clip_grads_with_norm_(s.params, s.grad_clip, torch.tensor(grad_norm), foreach=None)
+        for group in s.clip_groups:
+            torch.nn.utils.clip_grads_with_norm_(group, s.grad_clip, torch.tensor(grad_norm), foreach=None)
     lr = s.scheduler.get_last_lr()[0]
     s.optimizer.step()
     s.scheduler.step()
@@ -523,6 +553,7 @@ def evaluate(model, tokenizer, val: Validation, *, config, device, autocast) -> 
     for batch in val.batches:
         batch = _to_device(batch, device)
         with autocast():
+            set_real_tokens(model, batch.get("real_tokens"))
             out = model(**model_inputs(batch), num_items_in_batch=one)  # the summed token loss
         total[0] += val.weight * out.loss.double()
         total[1] += val.weight * batch["num_target_tokens"].double()
@@ -622,7 +653,7 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
     val = validation_data(config, tokenizer, env)
 
     # 4. parallelism, from outside the model: activation checkpointing -> compile -> FSDP2 ----------
-    n_ac = parallelize(model, full_model, config, precision, env, patch_report, log)
+    n_ac, ep_mesh, ep_params = parallelize(model, full_model, config, precision, env, patch_report, log)
     del full_model
 
     # 5. optimizer and schedule -----------------------------------------------------------------
@@ -651,8 +682,11 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
     if t.eval_before and start_step == 0:
         result.eval_before = evaluate_now(0, "before training")
     last_step = t.max_steps if t.run_steps is None else min(t.max_steps, start_step + t.run_steps)
+    split = {id(p) for p in ep_params}
+    clip_groups = [g for g in ([p for p in params if id(p) not in split], [p for p in params if id(p) in split]) if g]
     step_context = Step(model, optimizer, scheduler, params, autocast, device, precision.fsdp,
-                        loss_scale=float(env.world_size) if precision.fsdp else 1.0, grad_clip=c.optim.grad_clip)
+                        loss_scale=float(env.world_size) if precision.fsdp else 1.0, grad_clip=c.optim.grad_clip,
+                        clip_groups=clip_groups)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     step, data_position = start_step, stream.state()
@@ -690,6 +724,12 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
         bar.close()
 
     # 8. the end --------------------------------------------------------------------------------
+    if (result.status == "interrupted" or step < t.max_steps) and ep_mesh is not None:
+        result.status = result.status if result.status == "interrupted" else "stopped"
+        log(f"{result.status} at step {step} of {t.max_steps}: no checkpoint (split experts are not checkpointed yet)")
+        mlog.write("end", step, status=result.status)
+        mlog.close()
+        return result
     if result.status == "interrupted" or step < t.max_steps:
         result.status = result.status if result.status == "interrupted" else "stopped"
         result.checkpoint = save_unless_saved(run_dir, step, step_context, data_position, config, env)
