@@ -295,6 +295,12 @@ def _typed(tree: dict) -> FinetuneConfig:
     raise ConfigError("; ".join(lines))
 
 
+def from_dict(tree: dict | None) -> FinetuneConfig:
+    """The typed tree of a recipe as a dict (unknown or mistyped fields raise ConfigError); the
+    checks across fields are `validate`'s."""
+    return _typed(tree or {})
+
+
 # -- recipe + overrides -> the tree ----------------------------------------------------------------
 
 def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -548,6 +554,6 @@ if __name__ == "__main__":
 
 __all__ = [
     "CheckpointConfig", "ConfigError", "DataConfig", "DistributedConfig", "FinetuneConfig", "LoggingConfig",
-    "LoraConfig", "ModelConfig", "OptimConfig", "TrainConfig", "field_docs", "help_text", "load_config",
+    "LoraConfig", "ModelConfig", "OptimConfig", "TrainConfig", "field_docs", "from_dict", "help_text", "load_config",
     "markdown_table", "parse_overrides", "split_overrides", "to_yaml", "validate",
 ]
