@@ -13,10 +13,11 @@ from torch import nn
 
 from fastft.patching import lora as lora_patch
 from fastft.patching import loss as loss_patch
+from fastft.patching import moe as moe_patch
 from fastft.patching import norms
 from fastft.patching.report import PatchEntry, PatchReport
 
-OPTIONS = ("rms_norm", "layer_norm", "cross_entropy", "attention", "lora")
+OPTIONS = ("rms_norm", "layer_norm", "cross_entropy", "attention", "lora", "moe")
 STATE = "_fastft_patch_state"
 
 
@@ -32,13 +33,20 @@ def _check_options(options: dict[str, Any]) -> dict[str, bool]:
     if unknown:
         raise TypeError(f"fastft.patch: unknown option(s) {unknown}; the options are {list(OPTIONS)} "
                         "(each True or False)")
-    return {name: bool(options.get(name, True)) for name in OPTIONS}
+    for name, value in options.items():
+        if not isinstance(value, bool):  # never silently truthy: lora=LoraConfig(...) is not lora=True
+            hint = (" To add a LoRA adapter, use fastft.from_pretrained(..., lora=LoraConfig(...)) or wrap the "
+                    "model with peft.get_peft_model first; patch's lora=True routes existing LoRA layers "
+                    "through the fused kernels." if name == "lora" else "")
+            raise TypeError(f"fastft.patch: option {name}={value!r} must be True or False, not "
+                            f"{type(value).__name__}.{hint}")
+    return {name: options.get(name, True) for name in OPTIONS}
 
 
 def patch(model: nn.Module, **options: bool) -> PatchReport:
     """Patch a model in place with the fused kernels; returns what was replaced and what was not.
 
-    Options (all default True): rms_norm, layer_norm, cross_entropy, attention, lora. Patching a
+    Options (all default True): rms_norm, layer_norm, cross_entropy, attention, lora, moe. Patching a
     patched model first restores it, so options can be changed by patching again.
     """
     enabled = _check_options(options)
@@ -98,6 +106,10 @@ def patch(model: nn.Module, **options: bool) -> PatchReport:
             state["attention"] = previous
             report.add("attention", "", previous or "default", f"fastft ({attention.describe(config)})")
 
+    # MoE: experts modules through the grouped-GEMM kernel (with their PEFT LoRA ParamWrappers).
+    if enabled["moe"]:
+        state["moe"] = moe_patch.install(model, hf, report)
+
     # LoRA: PEFT LoRA layers through the fused kernels (the LM head's adapter belongs to the loss).
     if enabled["lora"]:
         state["lora"] = lora_patch.install(model, report, skip={id(head)} if head is not None else set())
@@ -141,6 +153,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     if state is None:
         return model
     lora_patch.uninstall(model, state.get("lora", []))
+    if state.get("moe"):
+        moe_patch.uninstall(model, state["moe"])
     for name in state["norms"]:
         model.set_submodule(name, norms.restore(model.get_submodule(name)))
     hf = _hf_model(model)
@@ -154,11 +168,32 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 def from_pretrained(name_or_path: str, *model_args, **kwargs) -> nn.Module:
-    """`AutoModelForCausalLM.from_pretrained(...)`, then `patch`; fastft options go to `patch`."""
+    """`AutoModelForCausalLM.from_pretrained(...)`, then `patch`; fastft options go to `patch`.
+
+    `lora` is either a patch option (True/False: route LoRA layers through the fused kernels) or a
+    PEFT config (e.g. `peft.LoraConfig(r=16, target_modules="all-linear")`): the adapter is added
+    with `peft.get_peft_model` (the result is a PeftModel, with only the adapter trainable) and its
+    layers are then patched onto the fused LoRA path.
+    """
     from transformers import AutoModelForCausalLM
 
     options = {k: kwargs.pop(k) for k in list(kwargs) if k in OPTIONS}
+    adapter = None
+    if "lora" in options and not isinstance(options["lora"], bool):
+        adapter = options.pop("lora")
+        try:
+            from peft import PeftConfig
+        except ImportError as exc:
+            raise TypeError(f"fastft.from_pretrained: lora={adapter!r} needs peft (pip install peft)") from exc
+        if not isinstance(adapter, PeftConfig):
+            raise TypeError(f"fastft.from_pretrained: lora={adapter!r} must be True/False or a peft config such as "
+                            f"peft.LoraConfig(r=16, target_modules='all-linear'), not {type(adapter).__name__}")
+    _check_options(options)  # before the (possibly long) load
     model = AutoModelForCausalLM.from_pretrained(name_or_path, *model_args, **kwargs)
+    if adapter is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, adapter)
     patch(model, **options)
     return model
 
