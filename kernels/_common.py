@@ -268,7 +268,8 @@ def norm_param_grads(dy: torch.Tensor, rows: torch.Tensor, mean: torch.Tensor | 
     """(dW, dB) of a row norm by `_norm_param_grad_kernel` (dW when weight is given, dB when bias is)."""
     n_rows, hidden = rows.shape
     capability = capability_of(rows.device)
-    block_m, block_c, num_warps = (64, 1024, 1) if capability is None else (8, 256, 4)
+    # the interpreter pays per program: one column block of the whole row; a GPU: 8x256 tiles, 4 warps
+    block_m, block_c, num_warps = (16, triton.next_power_of_2(hidden), 1) if capability is None else (8, 256, 4)
     col_blocks = triton.cdiv(hidden, block_c)
     split = max(1, min(triton.cdiv(n_rows, block_m), persistent_programs(rows.device, 1 << 30) // col_blocks))
     dw_partial = torch.empty((split, hidden) if weight is not None else (1,), dtype=torch.float32, device=rows.device)

@@ -180,7 +180,7 @@ def layer_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tens
     block, num_warps = row_block(capability, hidden)
     if wide_row(block, num_warps, accumulators=int(compute_dw) + int(compute_db)):
         # kernels/_common.py: dX in chunks, dW and dB by a column-tiled pass
-        chunk, chunk_warps = WIDE_CHUNK if capability is not None else (block // 4, 1)  # 4 chunks: the loops tested
+        chunk, chunk_warps = WIDE_CHUNK if capability is not None else (block // 2, 1)  # 2 chunks: the loops tested
         if n_rows > 0:
             launch(_layer_norm_dx_wide_kernel, (programs,), dy, rows, weight, mean, rstd, dx, dy.stride(0),
                    rows.stride(0), hidden, n_rows, hidden, offset, HAS_WEIGHT=weight is not None, BLOCK=chunk,

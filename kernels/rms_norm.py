@@ -214,7 +214,7 @@ def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, offse
     block, num_warps = row_block(capability, hidden)
     casting_id = _casting_id(casting, x, weight)
     if wide_row(block, num_warps):  # kernels/_common.py: dX in chunks, dW by a column-tiled pass
-        chunk, chunk_warps = WIDE_CHUNK if capability is not None else (block // 4, 1)  # 4 chunks: the loops tested
+        chunk, chunk_warps = WIDE_CHUNK if capability is not None else (block // 2, 1)  # 2 chunks: the loops tested
         if n_rows > 0:
             launch(_rms_norm_dx_wide_kernel, (programs,), dy, rows, weight, rstd, dx, dy.stride(0), rows.stride(0),
                    hidden, n_rows, hidden, offset, CASTING=casting_id, BLOCK=chunk, num_warps=chunk_warps)
