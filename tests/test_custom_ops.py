@@ -18,7 +18,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fastft.kernels import (fused_linear_cross_entropy, layer_norm, lora_dropout, lora_linear_many, lora_mlp,
-                            rms_norm)
+                            moe_experts, rms_norm)
 
 
 def _rms(make):
@@ -64,6 +64,21 @@ def _lora_mlp(make, seeds=(1, 2, 3)):
     return fn, (x, gate[2], gate[3], up[2], up[3], down[2], down[3])
 
 
+def _moe(make):
+    from fastft.kernels.moe import ExpertLoRA
+
+    experts, hidden, inter, rank = 4, 16, 8, 4
+    x = make(6, hidden)
+    topk_idx = torch.randint(0, experts, (6, 2), device=make.device)
+    topk_w = make(6, 2)
+    gate_up, down = make(experts, 2 * inter, hidden), make(experts, hidden, inter)
+    a, b = make(experts, rank, hidden), make(experts, 2 * inter, rank)
+
+    def fn(x, topk_w, gate_up, down, a, b):
+        return moe_experts(x, topk_idx, topk_w, gate_up, down, gate_up_lora=ExpertLoRA(a, b, 0.5))
+    return fn, (x, topk_w, gate_up, down, a, b)
+
+
 def _dropout(make):
     x = make(4, 40)
     return (lambda x: lora_dropout(x, 0.25, 7)), (x,)
@@ -71,7 +86,7 @@ def _dropout(make):
 
 CASES = {"rms_norm": _rms, "layer_norm": _layer, "fused_linear_cross_entropy": _flce,
          "fused_linear_cross_entropy_none": lambda make: _flce(make, "none"), "lora_linear_qkv": _lora_qkv,
-         "lora_mlp": _lora_mlp, "lora_dropout": _dropout}
+         "lora_mlp": _lora_mlp, "lora_dropout": _dropout, "moe_experts": _moe}
 
 
 def _maker(device="cpu"):
@@ -92,9 +107,9 @@ def test_every_fused_op_is_a_registered_custom_op():
 
     ours = {name.split("::")[1]: op for name, op in OPDEFS.items() if name.startswith("fastft::")}
     forward = {"rms_norm_fwd", "layer_norm_fwd", "fused_linear_cross_entropy", "lora_linear", "lora_mlp",
-               "lora_dropout"}
+               "lora_dropout", "moe_experts"}
     backward = {"rms_norm_bwd", "layer_norm_bwd", "fused_linear_cross_entropy_bwd", "lora_linear_bwd",
-                "lora_mlp_bwd"}
+                "lora_mlp_bwd", "moe_experts_bwd"}
     assert forward | backward <= set(ours)
     for name, op in ours.items():
         assert op._abstract_fn is not None, f"{name} has no fake implementation"
@@ -103,7 +118,7 @@ def test_every_fused_op_is_a_registered_custom_op():
 
 
 @pytest.mark.parametrize("name", ["rms_norm", "layer_norm", "fused_linear_cross_entropy", "lora_linear_qkv",
-                                  "lora_mlp", "lora_dropout"])
+                                  "lora_mlp", "lora_dropout", "moe_experts"])
 def test_opcheck(name):
     """torch.library.opcheck on the op calls each functional API makes: schema (no hidden
     mutation or aliasing), fake tensors against the real outputs, the autograd registration."""
