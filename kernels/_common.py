@@ -213,9 +213,8 @@ def wide_row(block: int, num_warps: int, accumulators: int = 1) -> bool:
     registers beside x, dy and the weight: more than 32 such fp32 values a thread. Measured
     (compile report, benchmarks/NOTES.md): at BLOCK 16384 on 32 warps (16 elements a thread)
     RMSNorm spilled 44-52 B and LayerNorm 96-280 B on sm_90, and LayerNorm with dW and dB spilled
-    at BLOCK 8192 on sm_100. Wide rows get dX from a kernel that streams each row in chunks of
-    WIDE_CHUNK columns twice (`_rms_norm_dx_wide_kernel`, `_layer_norm_dx_wide_kernel`) and
-    dW/dB from `_norm_param_grad_kernel`."""
+    at BLOCK 8192 on sm_100. Wide rows get dX from `_norm_dx_wide_kernel`, which streams each row
+    in chunks of WIDE_CHUNK columns twice, and dW/dB from `_norm_param_grad_kernel`."""
     return block // (32 * num_warps) * (3 + accumulators) > 32
 
 
@@ -281,6 +280,82 @@ def norm_param_grads(dy: torch.Tensor, rows: torch.Tensor, mean: torch.Tensor | 
                COMPUTE_DB=bias is not None, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps)
     return (None if weight is None else sum_partials(dw_partial, n_rows, weight),
             None if bias is None else sum_partials(db_partial, n_rows, bias))
+
+
+@triton.jit
+def _norm_weight(W, cols, mask, offset, HAS_WEIGHT: tl.constexpr, ROUNDING: tl.constexpr, X_DTYPE: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """offset + w in fp32 (ones without a weight), rounded where RMSNorm's forward rounded it:
+    ROUNDING is its CASTING id, 0 to W's dtype ("llama"), 1 not at all ("gemma", and LayerNorm),
+    2 to x's dtype ("none")."""
+    if HAS_WEIGHT:
+        scale = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + tl.cast(offset, tl.float32)
+        if ROUNDING == 2:
+            scale = round_to(scale, X_DTYPE).to(tl.float32)
+        elif ROUNDING == 0:
+            scale = round_to(scale, W.dtype.element_ty).to(tl.float32)
+        return scale
+    return tl.full([BLOCK], 1.0, tl.float32)
+
+
+@triton.jit(do_not_specialize=["ROWS"])
+def _norm_dx_wide_kernel(
+    DY, X, W, MEAN, RSTD, DX,   # DY, X, DX [rows, H] (row strides); W [H]; MEAN, RSTD [rows] fp32
+    STRIDE_DY, STRIDE_X, STRIDE_DX, ROWS, H, offset,
+    HAS_MEAN: tl.constexpr, HAS_WEIGHT: tl.constexpr, ROUNDING: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """dX of a row norm whose rows are too wide for registers (wide_row), with g = dy · (offset + w),
+    x̂ = (x − mean) · rstd (x · rstd for RMSNorm, HAS_MEAN false):
+        dx = rstd · (g − mean(g) − x̂ · mean(g · x̂))      (RMSNorm: without the mean(g) term)
+    Per row, pass 1 over BLOCK-column chunks sums g and g·x̂, pass 2 reads the chunks again (from
+    L1/L2: the row was just read) and writes dx. Persistent grid over rows. ROUNDING: RMSNorm's
+    casting (_norm_weight; 2 also rounds rstd to x's dtype, as its forward did)."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK)
+    for row in range(pid, ROWS, programs):
+        row = tl.cast(row, tl.int64)
+        rstd = tl.load(RSTD + row)
+        if ROUNDING == 2:
+            rstd = round_to(rstd, X.dtype.element_ty).to(tl.float32)
+        mean = tl.cast(0.0, tl.float32)
+        if HAS_MEAN:
+            mean = tl.load(MEAN + row)
+        acc_g = tl.zeros([BLOCK], dtype=tl.float32)
+        acc_gx = tl.zeros([BLOCK], dtype=tl.float32)
+        for c0 in range(0, H, BLOCK):
+            mask = c0 + cols < H
+            x = tl.load(X + row * STRIDE_X + c0 + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + row * STRIDE_DY + c0 + cols, mask=mask, other=0.0).to(tl.float32)
+            g = dy * _norm_weight(W, c0 + cols, mask, offset, HAS_WEIGHT, ROUNDING, X.dtype.element_ty, BLOCK)
+            if HAS_MEAN:
+                acc_g += g  # 0 where masked: dy is
+            acc_gx += g * ((x - mean) * rstd)
+        c_g = tl.sum(acc_g, axis=0) / H
+        c_gx = tl.sum(acc_gx, axis=0) / H
+        for c0 in range(0, H, BLOCK):
+            mask = c0 + cols < H
+            x = tl.load(X + row * STRIDE_X + c0 + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + row * STRIDE_DY + c0 + cols, mask=mask, other=0.0).to(tl.float32)
+            g = dy * _norm_weight(W, c0 + cols, mask, offset, HAS_WEIGHT, ROUNDING, X.dtype.element_ty, BLOCK)
+            dx = rstd * (g - c_g - (x - mean) * rstd * c_gx)
+            tl.store(DX + row * STRIDE_DX + c0 + cols, round_to(dx, DX.dtype.element_ty), mask=mask)
+
+
+def norm_dx_wide(dy: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor | None,
+                 rstd: torch.Tensor, dx: torch.Tensor, offset: float, rounding: int = 1) -> None:
+    """dX of wide rows into dx by `_norm_dx_wide_kernel` (rows, dy: [rows, H] with unit column stride)."""
+    n_rows, hidden = rows.shape
+    capability = capability_of(rows.device)
+    block, num_warps = row_block(capability, hidden)
+    # 4096 columns at 16 warps on a GPU (8 elements a thread); 2 chunks under the interpreter, so
+    # that the tests run both loops more than once
+    chunk, chunk_warps = WIDE_CHUNK if capability is not None else (block // 2, 1)
+    if n_rows > 0:
+        launch(_norm_dx_wide_kernel, (persistent_programs(rows.device, n_rows),), dy, rows, weight,
+               mean if mean is not None else rstd, rstd, dx, dy.stride(0), rows.stride(0), hidden, n_rows, hidden,
+               offset, HAS_MEAN=mean is not None, HAS_WEIGHT=weight is not None, ROUNDING=rounding, BLOCK=chunk,
+               num_warps=chunk_warps)
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:

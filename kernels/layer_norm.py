@@ -27,7 +27,7 @@ import triton.language as tl
 
 from torch import Tensor
 
-from ._common import (WIDE_CHUNK, absent, as_rows, capability_of, check_row_op_inputs, kernel_op, launch,
+from ._common import (absent, as_rows, capability_of, check_row_op_inputs, kernel_op, launch, norm_dx_wide,
                       norm_param_grads, persistent_programs, register_autograd, round_to, row_block, sum_partials,
                       use_triton, wide_row)
 
@@ -67,50 +67,6 @@ def _layer_norm_fwd_kernel(
     tl.store(Y + row * STRIDE_Y + cols, round_to(y, Y.dtype.element_ty), mask=mask)
     tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
-
-
-@triton.jit(do_not_specialize=["ROWS"])
-def _layer_norm_dx_wide_kernel(
-    DY, X, W, MEAN, RSTD, DX,   # DY, X, DX [rows, H] (row strides); W [H]; MEAN, RSTD [rows] fp32
-    STRIDE_DY, STRIDE_X, STRIDE_DX, ROWS, H, offset,
-    HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """dX only, for rows too wide for registers (kernels/_common.py, wide_row): per row, pass 1
-    over BLOCK-column chunks sums g and g·x̂, pass 2 reads the chunks again (from L1/L2: the row
-    was just read) and writes dx = rstd · (g − mean(g) − x̂ · mean(g · x̂)). Persistent grid."""
-    pid = tl.program_id(0)
-    programs = tl.num_programs(0)
-    cols = tl.arange(0, BLOCK)
-    for row in range(pid, ROWS, programs):
-        row = tl.cast(row, tl.int64)
-        mean = tl.load(MEAN + row)
-        rstd = tl.load(RSTD + row)
-        acc_g = tl.zeros([BLOCK], dtype=tl.float32)
-        acc_gx = tl.zeros([BLOCK], dtype=tl.float32)
-        for c0 in range(0, H, BLOCK):
-            mask = c0 + cols < H
-            x = tl.load(X + row * STRIDE_X + c0 + cols, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + row * STRIDE_DY + c0 + cols, mask=mask, other=0.0).to(tl.float32)
-            g = dy * _weight(W, c0 + cols, mask, offset, HAS_WEIGHT, BLOCK)  # 0 where masked (dy is)
-            acc_g += g
-            acc_gx += g * ((x - mean) * rstd)
-        c_g = tl.sum(acc_g, axis=0) / H
-        c_gx = tl.sum(acc_gx, axis=0) / H
-        for c0 in range(0, H, BLOCK):
-            mask = c0 + cols < H
-            x = tl.load(X + row * STRIDE_X + c0 + cols, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + row * STRIDE_DY + c0 + cols, mask=mask, other=0.0).to(tl.float32)
-            g = dy * _weight(W, c0 + cols, mask, offset, HAS_WEIGHT, BLOCK)
-            dx = rstd * (g - c_g - (x - mean) * rstd * c_gx)
-            tl.store(DX + row * STRIDE_DX + c0 + cols, round_to(dx, DX.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _weight(W, cols, mask, offset, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
-    """offset + w in fp32 (ones without a weight)."""
-    if HAS_WEIGHT:
-        return tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + tl.cast(offset, tl.float32)
-    return tl.full([BLOCK], 1.0, tl.float32)
 
 
 @triton.jit(do_not_specialize=["ROWS"])
@@ -179,12 +135,7 @@ def layer_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tens
     capability = capability_of(x.device)
     block, num_warps = row_block(capability, hidden)
     if wide_row(block, num_warps, accumulators=int(compute_dw) + int(compute_db)):
-        # kernels/_common.py: dX in chunks, dW and dB by a column-tiled pass
-        chunk, chunk_warps = WIDE_CHUNK if capability is not None else (block // 2, 1)  # 2 chunks: the loops tested
-        if n_rows > 0:
-            launch(_layer_norm_dx_wide_kernel, (programs,), dy, rows, weight, mean, rstd, dx, dy.stride(0),
-                   rows.stride(0), hidden, n_rows, hidden, offset, HAS_WEIGHT=weight is not None, BLOCK=chunk,
-                   num_warps=chunk_warps)
+        norm_dx_wide(dy, rows, weight, mean, rstd, dx, offset)  # kernels/_common.py: dX in chunks, dW and dB
         dw, db = norm_param_grads(dy, rows, mean, rstd, weight if compute_dw else None,
                                   bias if compute_db else None) if compute_dw or compute_db else (None, None)
         return dx, absent(x) if dw is None else dw, absent(x) if db is None else db

@@ -250,6 +250,13 @@ def _mlp_blocks(capability: tuple[int, int] | None, ranks: tuple[int, ...], fp32
     return MLPTiles(32, 32 if all(r % 16 == 0 for r in ranks) else 16, 8, 1, maxnreg=255)
 
 
+def _launch_choice(x: Tensor, ag: Tensor, au: Tensor, ad: Tensor) -> tuple[bool, MLPTiles]:
+    """(FP32_DOT, tiles) of the activation kernels for these operands on x's device."""
+    capability = capability_of(x.device)
+    fp32 = _fp32_dot(capability, x, ag, au, ad)
+    return fp32, _mlp_blocks(capability, (ag.shape[0], au.shape[0], ad.shape[0]), fp32)
+
+
 def _fused_fits(x: Tensor, *adapters: Tensor) -> bool:
     """Whether the fused activation kernels compile without spills for these ranks and dtypes on a
     GPU: bf16 adapters to rank 128, fp32 or mixed-dtype ones to rank 32 (fp32 dots run on the FMA
@@ -288,9 +295,7 @@ def _mlp_forward(x: Tensor, params: list[Tensor], has_bias: list[bool], activati
     u = torch.mm(rows, wu.t()) if bu is None else torch.addmm(bu, rows, wu.t())
     h = torch.empty(n, inter, dtype=rows.dtype, device=rows.device)
     hd = torch.empty(n, ad.shape[0], dtype=ad.dtype, device=rows.device)
-    capability = capability_of(rows.device)
-    fp32 = _fp32_dot(capability, rows, ag, au, ad)
-    t = _mlp_blocks(capability, (ag.shape[0], au.shape[0], ad.shape[0]), fp32)
+    fp32, t = _launch_choice(rows, ag, au, ad)
     if n:
         launch(_lora_mlp_fwd_kernel, (triton.cdiv(n, t.block_m),),
                g, u, xa_g, xa_u, bmg.contiguous(), bmu.contiguous(), ad.contiguous(), h, hd, n, inter, ag.shape[0],
@@ -331,9 +336,7 @@ def _mlp_backward(dy: Tensor, x: Tensor, g: Tensor, u: Tensor, xa_g: Tensor, xa_
     hf = torch.empty_like(dh) if store_h else hm
     dxa_g = torch.empty(n, ag.shape[0], dtype=torch.float32, device=dy.device)
     dxa_u = torch.empty(n, au.shape[0], dtype=torch.float32, device=dy.device)
-    capability = capability_of(dy.device)
-    fp32 = _fp32_dot(capability, dy, ag, au, ad)
-    t = _mlp_blocks(capability, (ag.shape[0], au.shape[0], ad.shape[0]), fp32)
+    fp32, t = _launch_choice(dy, ag, au, ad)
     if n:
         launch(_lora_mlp_bwd_kernel, (triton.cdiv(n, t.block_m),),
                dh, dhd.contiguous(), g, u, xa_g, xa_u, bmg.contiguous(), bmu.contiguous(), ad.contiguous(),

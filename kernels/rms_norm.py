@@ -37,7 +37,7 @@ import triton.language as tl
 
 from torch import Tensor
 
-from ._common import (WIDE_CHUNK, absent, as_rows, capability_of, check_row_op_inputs, kernel_op, launch,
+from ._common import (absent, as_rows, capability_of, check_row_op_inputs, kernel_op, launch, norm_dx_wide,
                       norm_param_grads, persistent_programs, register_autograd, round_to, row_block, sum_partials,
                       use_triton, wide_row)
 
@@ -125,50 +125,6 @@ def _rms_norm_bwd_kernel(
         tl.store(DW_PARTIAL + pid * H + cols, dw, mask=mask)
 
 
-@triton.jit(do_not_specialize=["ROWS"])
-def _rms_norm_dx_wide_kernel(
-    DY, X, W, RSTD, DX,       # DY, X, DX [rows, H] (row strides); W [H]; RSTD [rows] fp32
-    STRIDE_DY, STRIDE_X, STRIDE_DX, ROWS, H, offset,
-    CASTING: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """dX only, for rows too wide for registers (kernels/_common.py, wide_row): per row, pass 1
-    over BLOCK-column chunks sums g·x̂, pass 2 reads the chunks again (from L1/L2: the row was
-    just read) and writes dx = rstd · (g − x̂ · mean(g · x̂)). Persistent grid over rows."""
-    pid = tl.program_id(0)
-    programs = tl.num_programs(0)
-    cols = tl.arange(0, BLOCK)
-    for row in range(pid, ROWS, programs):
-        row = tl.cast(row, tl.int64)
-        rstd = tl.load(RSTD + row)
-        if CASTING == 2:
-            rstd = round_to(rstd, X.dtype.element_ty).to(tl.float32)
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for c0 in range(0, H, BLOCK):
-            mask = c0 + cols < H
-            x = tl.load(X + row * STRIDE_X + c0 + cols, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + row * STRIDE_DY + c0 + cols, mask=mask, other=0.0).to(tl.float32)
-            acc += dy * _scale(W, c0 + cols, mask, offset, CASTING, X.dtype.element_ty) * (x * rstd)
-        c = tl.sum(acc, axis=0) / H
-        for c0 in range(0, H, BLOCK):
-            mask = c0 + cols < H
-            x = tl.load(X + row * STRIDE_X + c0 + cols, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + row * STRIDE_DY + c0 + cols, mask=mask, other=0.0).to(tl.float32)
-            g = dy * _scale(W, c0 + cols, mask, offset, CASTING, X.dtype.element_ty)
-            dx = rstd * (g - x * rstd * c)
-            tl.store(DX + row * STRIDE_DX + c0 + cols, round_to(dx, DX.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _scale(W, cols, mask, offset, CASTING: tl.constexpr, X_DTYPE: tl.constexpr):
-    """offset + w in fp32, rounded where the forward rounded it."""
-    scale = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + tl.cast(offset, tl.float32)
-    if CASTING == 2:
-        scale = round_to(scale, X_DTYPE).to(tl.float32)
-    elif CASTING == 0:
-        scale = round_to(scale, W.dtype.element_ty).to(tl.float32)
-    return scale
-
-
 def _check_casting(casting: str) -> None:
     if casting not in _CASTING_ID:
         raise ValueError(f"rms_norm: casting={casting!r} is not one of {CASTING_MODES}; "
@@ -214,10 +170,7 @@ def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, offse
     block, num_warps = row_block(capability, hidden)
     casting_id = _casting_id(casting, x, weight)
     if wide_row(block, num_warps):  # kernels/_common.py: dX in chunks, dW by a column-tiled pass
-        chunk, chunk_warps = WIDE_CHUNK if capability is not None else (block // 2, 1)  # 2 chunks: the loops tested
-        if n_rows > 0:
-            launch(_rms_norm_dx_wide_kernel, (programs,), dy, rows, weight, rstd, dx, dy.stride(0), rows.stride(0),
-                   hidden, n_rows, hidden, offset, CASTING=casting_id, BLOCK=chunk, num_warps=chunk_warps)
+        norm_dx_wide(dy, rows, weight, None, rstd, dx, offset, rounding=casting_id)  # the ids are _norm_weight's
         if not compute_dw:
             return dx, absent(weight)
         dw, _ = norm_param_grads(dy, rows, None, rstd, weight, None, round_rstd=casting_id == _NONE,
