@@ -20,12 +20,26 @@ Full fine-tuning trains every parameter with fused AdamW; LoRA is PEFT r=16 on a
 `--max-context` finds, per provider, the longest single document that one LoRA step of
 Llama-3.1-8B fits in GPU memory. `--smoke` runs every model's architecture at a tiny size for one
 step on any device (the test suite runs it); its timings mean nothing.
+
+Isolation: Liger's `_apply_liger_kernel_to_instance` also rebinds transformers' module-level names
+(the model's RMSNorm and MLP classes, `apply_rotary_pos_emb`, the causal-LM forward), so every
+model built after a Liger row in the same process would be partly Liger's. By default
+(`--isolation process`) each (model, mode, provider) therefore runs in a fresh Python process;
+`--isolation none` runs them in this one (the test suite's CPU smoke run of hf and fastft rows,
+which patch per instance). Either way each row records what its model actually ran
+(`census`: every module class, per-instance forwards, and the modeling module's names bound to
+another package) and `foreign`: the providers other than its own whose code that census shows.
+`--inspect` builds each provider's model and records its census without training.
 """
 
 from __future__ import annotations
 
 import gc
+import json
+import os
+import pathlib
 import statistics
+import subprocess
 import sys
 import time
 
@@ -36,6 +50,8 @@ from benchmarks.e2e_configs import BY_NAME, MODELS
 from fastft.flops import mfu, training_flops
 
 PROVIDERS = ("hf", "liger", "trl", "fastft")
+# the packages whose code marks a model as (partly) a provider's
+PROVIDER_PACKAGES = {"liger": "liger_kernel", "trl": "trl", "fastft": "fastft"}
 
 
 def parse(argv):
@@ -53,7 +69,13 @@ def parse(argv):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--part", default="1/1", help="k/n: run the k-th of n slices of the model list")
     parser.add_argument("--max-context", action="store_true")
+    parser.add_argument("--isolation", choices=("process", "none"), default="process",
+                        help="process: each (model, mode, provider) in a fresh Python process (default)")
+    parser.add_argument("--inspect", action="store_true", help="build each model and record its census; no training")
+    parser.add_argument("--isolated-child", action="store_true", help=argparse.SUPPRESS)  # run_isolated's processes
     args = parser.parse_args(argv)
+    if args.isolated_child:
+        args.isolation = "process (own)"
     names = [n for n in args.models.split(",") if n] or [m.name for m in MODELS]
     unknown = [n for n in names if n not in BY_NAME]
     if unknown:
@@ -95,6 +117,39 @@ def batches(docs: list[dict], provider: str, seq: int, rows: int) -> list[dict]:
     if provider != "hf":
         return list(packer)
     return [collate_padded([docs[i] for row in step for i in row], pad_id=0) for step in packer.plan()]
+
+
+def _qualname(obj) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+
+
+def census(model) -> dict:
+    """What a built model runs: the classes of its modules, the forwards set on single instances
+    (fastft's patching), and the names in its modeling modules that are bound to code of another
+    package (Liger rebinds classes, functions and class forwards there)."""
+    classes = sorted({_qualname(type(m)) for m in model.modules()})
+    instance_forwards = sorted({_qualname(m.__dict__["forward"]) for m in model.modules() if "forward" in m.__dict__})
+    rebound = {}
+    for module_name in sorted({type(m).__module__ for m in model.modules()}):
+        module = sys.modules.get(module_name)
+        if module is None or not module_name.startswith("transformers."):
+            continue
+        for name, value in vars(module).items():
+            if callable(value) and getattr(value, "__module__", module_name).split(".")[0] in PROVIDER_PACKAGES.values():
+                rebound[f"{module_name}.{name}"] = _qualname(value)
+            if isinstance(value, type) and value.__module__ == module_name:
+                forward = value.__dict__.get("forward")
+                if forward is not None and getattr(forward, "__module__", module_name).split(".")[0] in \
+                        PROVIDER_PACKAGES.values():
+                    rebound[f"{module_name}.{name}.forward"] = _qualname(forward)
+    return {"classes": classes, "instance_forwards": instance_forwards, "rebound": rebound}
+
+
+def providers_in(found: dict) -> set[str]:
+    """The providers whose packages' code appears in a census."""
+    names = [*found["classes"], *found["instance_forwards"], *found["rebound"].values()]
+    return {provider for provider, package in PROVIDER_PACKAGES.items()
+            if any(n == package or n.startswith(package + ".") for n in names)}
 
 
 def trl_batches(docs: list[dict], seq: int, rows: int) -> list[dict]:
@@ -202,6 +257,10 @@ def run_one(rec, spec, mode, provider, args, docs):
     try:
         _free()
         model = build(spec, mode, provider, args.device, args.smoke)
+        found = census(model)
+        base.update(census=found, foreign=sorted(providers_in(found) - {provider}), isolation=args.isolation)
+        if args.inspect:
+            return rec.add(**base)
         step_batches = batches(docs, provider, args.seq, args.rows)
         times = train_steps(model, step_batches, args.warmup, args.steps, args.device)
         attention = getattr(model.config, "_attn_implementation", None)
@@ -254,8 +313,43 @@ def max_context(rec, args):
                 dtype="bfloat16", max_seq=best)
 
 
+def _child_argv(args, models: str, modes: str, provider: str, max_context: bool = False) -> list[str]:
+    argv = ["--isolated-child", "--out", str(args.out), "--models", models, "--modes", modes, "--providers", provider,
+            "--seq", str(args.seq), "--rows", str(args.rows), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    return argv + ["--smoke"] * args.smoke + ["--inspect"] * args.inspect + ["--max-context"] * max_context
+
+
+def run_isolated(args) -> list[dict]:
+    """Each (model, mode, provider) in a fresh Python process (see the module docstring); the rows
+    they append to OUT/e2e*.jsonl are returned. A process that dies is recorded as an error row."""
+    rec = harness.Recorder("e2e", args)
+    jobs = []  # (model, mode, provider, child argv)
+    if args.max_context and args.device == "cuda":
+        jobs += [("Llama-3.1-8B", "lora", p, _child_argv(args, "", "", p, max_context=True)) for p in args.providers]
+    jobs += [(name, mode, provider, _child_argv(args, name, mode, provider))
+             for name in args.models for mode in args.modes for provider in args.providers]
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    before = rec.path.read_text().splitlines() if rec.path.is_file() else []
+    for name, mode, provider, argv in jobs:
+        if provider == "liger" and not (harness.liger_available() or (args.inspect and harness.liger_importable())):
+            continue
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.e2e", *argv], cwd=root, env=env)
+        if proc.returncode != 0:
+            rec.add(op="e2e", model=name, provider=provider, mode=mode, isolation="process (own)",
+                    error=f"the benchmark process exited with {proc.returncode}")
+    if rec.rows:
+        rec.save()
+    lines = rec.path.read_text().splitlines() if rec.path.is_file() else []
+    return [json.loads(line) for line in lines[len(before):] if line.strip()]
+
+
 def main(argv=None):
     args = parse(argv)
+    if args.isolation == "process" and not args.isolated_child:
+        rows = run_isolated(args)
+        print(f"{len(rows)} rows, each (model, mode, provider) in its own process")
+        return rows
     rec = harness.Recorder("e2e", args)
     if args.max_context and args.device == "cuda":
         max_context(rec, args)
@@ -265,7 +359,8 @@ def main(argv=None):
         docs = documents(args.seq, args.rows * (args.warmup + args.steps if args.smoke else 4), vocab)
         for mode in args.modes:
             for provider in args.providers:
-                if provider == "liger" and not harness.liger_available():
+                if provider == "liger" and not (harness.liger_available() or
+                                                (args.inspect and harness.liger_importable())):
                     continue
                 run_one(rec, spec, mode, provider, args, docs)
     print(f"wrote {rec.save()}")

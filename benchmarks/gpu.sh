@@ -44,6 +44,10 @@ if [ "$PART" = kernels ]; then
   # The default suite with kernels compiled (the architecture matrix and the varlen leak test
   # included); not -x, so that one failure does not hide the others.
   step tests 170 python3 -m pytest -q -p no:cacheprovider tests
+  # The committed compile report's configurations loaded on this GPU: what the driver says beside
+  # what benchmarks/COMPILE.md predicted; a configuration it called fine that fails is a bug there.
+  step compile_device 90 python3 -m benchmarks.compile_report --on-device --jobs 16 --check \
+    --out "$OUT/COMPILE_device.md" --json "$OUT/compile_device.json"
   step bench_rms_norm 45 python3 -m benchmarks.kernels.rms_norm --out "$OUT"
   step bench_layer_norm 45 python3 -m benchmarks.kernels.layer_norm --out "$OUT"
   step bench_fused_linear_cross_entropy 100 python3 -m benchmarks.kernels.fused_linear_cross_entropy --out "$OUT"

@@ -43,14 +43,17 @@ def parse_args(description: str, argv: Iterable[str] | None = None) -> argparse.
     return args
 
 
-def liger_available() -> bool:
-    if not torch.cuda.is_available():
-        return False  # Liger's kernels are CUDA-only
+def liger_importable() -> bool:
     try:
         import liger_kernel  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+def liger_available() -> bool:
+    """Liger can run here: installed, and a GPU (its kernels are CUDA-only)."""
+    return torch.cuda.is_available() and liger_importable()
 
 
 def time_ms(fn: Callable[[], object], smoke: bool, grad_to_none: list[torch.Tensor] | None = None

@@ -12,6 +12,9 @@
                                  draw a run's curves.png again, or overlay several runs in one picture
     fastft bench [ARGS]          the end-to-end benchmark (benchmarks/e2e.py; --help for its options),
                                  from a source checkout; --smoke writes to a temporary folder unless --out
+    fastft bench --compile-report [ARGS]
+                                 every kernel compiled for sm_80/sm_90/sm_100 without a GPU: registers,
+                                 spills, shared memory, occupancy (benchmarks/compile_report.py)
 """
 
 from __future__ import annotations
@@ -120,12 +123,16 @@ def bench(args: argparse.Namespace) -> int:
         print(f"fastft bench: benchmarks/ not found beside {root / 'fastft'}; it runs from a source checkout "
               "(git clone, then pip install -e '.[bench]')", file=sys.stderr)
         return 2
+    sys.path.insert(0, str(root))
+    if args.rest[:1] == ["--compile-report"]:  # compiles for GPU targets: never under the interpreter
+        from benchmarks import compile_report
+
+        return compile_report.main(args.rest[1:])
     rest = list(args.rest)
     if "--smoke" in rest and not any(a == "--out" or a.startswith("--out=") for a in rest):
         # A smoke run's timings mean nothing: keep its rows out of benchmarks/results/.
         rest += ["--out", tempfile.mkdtemp(prefix="fastft-bench-smoke-")]
     _prepare_device()
-    sys.path.insert(0, str(root))
     from benchmarks import e2e
 
     e2e.main(rest)

@@ -155,7 +155,7 @@ class DistributedConfig:
     checkpoint_every: PositiveInt = 2
     """selective: recompute every n-th block only"""
     compile: bool = False
-    """torch.compile each decoder block (not under the Triton interpreter)"""
+    """torch.compile each decoder block (inductor on a GPU, aot_eager on the CPU)"""
     backend: str | None = None
     """process-group backend; null: nccl on CUDA, gloo on CPU"""
     load: Literal["rank0", "every_rank"] = "rank0"
@@ -443,9 +443,6 @@ def validate(config: FinetuneConfig) -> FinetuneConfig:
         if c.every or c.resume or c.resume_from or c.export:
             raise ConfigError("distributed.expert_parallel > 1: checkpoints and the export of split experts are not "
                               "written yet; set checkpoint.every=0 and checkpoint.export=false (and no resume)")
-    if d.compile and os.environ.get("TRITON_INTERPRET") == "1":
-        raise ConfigError("distributed.compile=true cannot run under the Triton interpreter "
-                          "(TRITON_INTERPRET=1: dynamo cannot trace the kernels); unset one of them")
     if c.resume and c.resume_from:
         raise ConfigError("checkpoint.resume and checkpoint.resume_from are both set: resume_from names the "
                           "checkpoint, resume finds the newest in logging.run_dir; give one")

@@ -26,7 +26,7 @@ fused linear CE; written anew here)
 Rows are processed in chunks of C rows, C * V * itemsize <= 1 GiB (a power of two, or
 `chunk_size`). Per chunk: A_c = X_c @ W^T (+ b, addmm) in the input dtype; one Triton program
 per row streams A_c's row twice in BLOCK_V blocks: pass 1 keeps a per-lane online max / sum-exp
-(Milakov & Gimelshein 2018), the target logit and sum_j z_j, and writes the loss; pass 2 writes
+(Milakov & Gimelshein 2018) and sum_j z_j, loads the target logit once, and writes the loss; pass 2 writes
 dA (already multiplied by the gradient scale read from a device pointer) in place over A_c. Then
 dX_c = dA_c @ W goes straight into dX, dW += dA_c^T @ X_c (addmm, in the weight's dtype: with
 bf16 weights dW is rounded to bf16 once per chunk, which costs a little accuracy for several
@@ -40,6 +40,9 @@ per-token grad_output is only known in backward, so forward computes the losses 
 backward recomputes the logits with grad_output as the per-row scale (4 matmuls).
 Saved for backward: hidden, weight, bias, labels and the precomputed dX, dW, db32. Keeping
 hidden (N*H elements) alive until backward is the price of a correct retained-graph backward.
+As custom ops (kernels/_common.py): torch.ops.fastft.fused_linear_cross_entropy returns the loss
+and the gradients made in the forward as extra outputs; torch.ops.fastft.
+fused_linear_cross_entropy_bwd recomputes them. Under torch.compile both are opaque nodes.
 
 Cost: FLOPs 6 N H V (2 N H V for the loss alone, 8 N H V for "none"); memory beyond the inputs and gradients is one
 chunk of logits (<= 1 GiB) plus O(N + V) fp32, whatever N. The Triton pass moves 3 C V
@@ -58,7 +61,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import interpreting, round_to, use_triton
+from torch import Tensor
+
+from ._common import absent, capability_of, kernel_op, launch, register_autograd, round_to, use_triton
 
 REDUCTIONS = ("mean", "sum", "none")
 # Upper bound on the logits chunk buffer. Each chunk after the first reads and writes all of dW
@@ -156,7 +161,6 @@ def _fused_linear_cross_entropy_fwd_kernel(
         # columns never computes exp(-inf - -inf).
         m_vec = tl.full([BLOCK_V], -3.4028234663852886e38, tl.float32)
         d_vec = tl.zeros([BLOCK_V], dtype=tl.float32)
-        zy_vec = tl.zeros([BLOCK_V], dtype=tl.float32)
         zsum_vec = tl.zeros([BLOCK_V], dtype=tl.float32)
         for start in range(0, V, BLOCK_V):
             offs = start + cols
@@ -164,7 +168,6 @@ def _fused_linear_cross_entropy_fwd_kernel(
             z = tl.load(a_row + offs, mask=mask, other=0.0).to(tl.float32) * s
             if HAS_SOFTCAP:
                 z = cap * _softcap_tanh(z, cap)
-            zy_vec += tl.where(offs == y, z, 0.0)
             if HAS_SMOOTHING:
                 zsum_vec += tl.where(mask, z, 0.0)
             z = tl.where(mask, z, float("-inf"))
@@ -173,7 +176,13 @@ def _fused_linear_cross_entropy_fwd_kernel(
             m_vec = m_new
         m = tl.max(m_vec, axis=0)
         lse = m + tl.log(tl.sum(d_vec * tl.exp(m_vec - m), axis=0))
-        z_y = tl.sum(zy_vec, axis=0)
+        # The target logit: one scalar load (a per-lane accumulator would hold BLOCK_V / threads
+        # registers through the loop for one element). A label outside [0, V) reads as 0.
+        valid = (y >= 0) & (y < V)
+        z_y = tl.load(a_row + tl.where(valid, y, 0)).to(tl.float32) * s
+        if HAS_SOFTCAP:
+            z_y = cap * _softcap_tanh(z_y, cap)
+        z_y = tl.where(valid, z_y, 0.0)
         loss = lse - z_y
         if HAS_SMOOTHING:
             loss = (1.0 - eps) * loss + eps * (lse - tl.sum(zsum_vec, axis=0) / V)
@@ -203,7 +212,7 @@ def _fused_linear_cross_entropy_fwd_kernel(
 
 
 # ------------------------------------------------------------------------------------------------
-# Host side: launch geometry, the chunk loop, the autograd Function, the functional API.
+# Host side: launch geometry, the chunk loop, the custom ops and their autograd, the functional API.
 # ------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class _Options:
@@ -215,13 +224,16 @@ class _Options:
     chunk_rows: int
 
 
-def _block_v(V: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK_V, num_warps). On CUDA 4096 columns per step (16 per thread at 8 warps; untuned
-    until measured on the H100). The interpreter pays per program and per loop iteration, so it
-    gets the biggest block that is reasonable."""
-    if device.type != "cuda" and interpreting():
+def _block_v(capability: tuple[int, int] | None, V: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps). On a GPU 2048 columns per step at 8 warps: 8 per thread, one 128-bit
+    load of bf16 each. The per-lane online-softmax state (max, sum, and the smoothing sum) costs a
+    register per column per thread, so BLOCK_V=4096 held 80-107 registers (25-38% occupancy) where
+    2048 holds 32-48 (62-100%): more rows in flight per SM for this streaming pass (compile report,
+    benchmarks/NOTES.md). The interpreter (capability None) pays per program and per loop
+    iteration, so it gets the biggest block that is reasonable."""
+    if capability is None:
         return min(32768, triton.next_power_of_2(V)), 1
-    block = min(4096, triton.next_power_of_2(V))
+    block = min(2048, triton.next_power_of_2(V))
     return block, 8 if block >= 2048 else 4
 
 
@@ -235,22 +247,22 @@ def _chunk_rows(n_rows: int, vocab: int, itemsize: int, chunk_size: int | None) 
 def _run_chunks(hidden, weight, bias, labels, scale, opts: _Options, *, need_dx=False,
                 need_dw=False, need_db=False):
     """Loss per row (fp32 [N]) and, if asked, dX, dW, db32 for dloss scaled by `scale`
-    ([1] or [N] fp32 device tensor, possibly with stride 0)."""
+    ([1] or [N] fp32 device tensor, possibly with stride 0); absent() for what was not asked."""
     N, _ = hidden.shape
     V = weight.shape[0]
     device = hidden.device
     compute_grad = need_dx or need_dw or need_db
     losses = torch.empty(N, dtype=torch.float32, device=device)
     # Contiguous gradients, whatever the inputs' strides: mm writes chunk rows of dX in place.
-    dx = torch.empty(hidden.shape, dtype=hidden.dtype, device=device) if need_dx else None
+    dx = torch.empty(hidden.shape, dtype=hidden.dtype, device=device) if need_dx else absent(hidden)
     dw = (torch.empty if N > 0 else torch.zeros)(weight.shape, dtype=weight.dtype,
-                                                 device=device) if need_dw else None
-    db32 = torch.zeros(V, dtype=torch.float32, device=device) if need_db else None
+                                                 device=device) if need_dw else absent(weight)
+    db32 = torch.zeros(V, dtype=torch.float32, device=device) if need_db else absent(hidden)
     if N == 0:
         return losses, dx, dw, db32
     C = opts.chunk_rows
     buffer = torch.empty(min(C, N), V, dtype=hidden.dtype, device=device)  # [C, V]
-    block_v, num_warps = _block_v(V, device)
+    block_v, num_warps = _block_v(capability_of(device), V)
     stride_scale = scale.stride(0) if scale.numel() > 1 else 0
     wt = weight.t()
     for start in range(0, N, C):
@@ -261,7 +273,8 @@ def _run_chunks(hidden, weight, bias, labels, scale, opts: _Options, *, need_dx=
             torch.mm(x_c, wt, out=a_c)
         else:
             torch.addmm(bias, x_c, wt, out=a_c)
-        _fused_linear_cross_entropy_fwd_kernel[(end - start,)](
+        launch(
+            _fused_linear_cross_entropy_fwd_kernel, (end - start,),
             a_c, a_c.stride(0), labels[start:end], losses[start:end],
             scale[start:end] if stride_scale else scale, stride_scale,
             V, opts.ignore_index,
@@ -292,52 +305,93 @@ def _denominator(labels, reduction, normalizer, ignore_index) -> torch.Tensor:
     return torch.ones(1, dtype=torch.float32, device=labels.device)
 
 
-class FusedLinearCrossEntropyFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, reduction, normalizer, opts):
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_db = bias is not None and ctx.needs_input_grad[2]
-        ctx.opts, ctx.reduction = opts, reduction
-        ctx.save_for_backward(hidden, weight, bias, labels)
-        if reduction == "none":
-            losses, *_ = _run_chunks(hidden, weight, bias, labels, _unit_scale(hidden), opts)
-            ctx.grads = None
-            return losses
-        denom = _denominator(labels, reduction, normalizer, opts.ignore_index)
-        scale = 1.0 / denom
-        losses, dx, dw, db32 = _run_chunks(hidden, weight, bias, labels, scale, opts,
-                                           need_dx=need_dx, need_dw=need_dw, need_db=need_db)
-        ctx.scale = scale
-        ctx.grads = (dx, dw, db32)
-        return losses.sum() / denom[0]
+# ------------------------------------------------------------------------------------------------
+# The custom ops (kernels/_common.py). Forward: the loss and, for a scalar reduction, the
+# gradients of loss / denominator (handed to the backward, which scales them by grad_output).
+# Backward op: the gradients recomputed, for reduction="none" or a second backward.
+# ------------------------------------------------------------------------------------------------
+def _forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, denominator: Tensor,
+             reduction: str, ignore_index: int, label_smoothing: float, softcap: float | None,
+             logit_scale: float, z_loss: float, chunk_rows: int, need_dx: bool, need_dw: bool,
+             need_db: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, dX, dW, db32): loss 0-dim (summed / denominator) or [N] for reduction="none"; the
+    gradients of that scalar loss when asked for (never for "none"), else empty."""
+    opts = _Options(ignore_index, label_smoothing, softcap, logit_scale, z_loss, chunk_rows)
+    if reduction == "none":
+        losses, dx, dw, db32 = _run_chunks(hidden, weight, bias, labels, _unit_scale(hidden), opts)
+        return losses, dx, dw, db32
+    losses, dx, dw, db32 = _run_chunks(hidden, weight, bias, labels, 1.0 / denominator, opts,
+                                       need_dx=need_dx, need_dw=need_dw, need_db=need_db)
+    return losses.sum() / denominator[0], dx, dw, db32
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        hidden, weight, bias, labels = ctx.saved_tensors
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_db = bias is not None and ctx.needs_input_grad[2]
-        if ctx.grads is not None:
-            # First backward of a scalar loss: the gradients exist; scale them in place by
-            # grad_output (a device tensor) and hand them over (dropping ctx's reference so
-            # that AccumulateGrad can take them without a copy).
-            dx, dw, db32 = ctx.grads
-            ctx.grads = None
-            g = grad_output.to(torch.float32)
-        else:
-            # reduction="none", or a second backward through a retained graph: recompute.
-            if ctx.reduction == "none":
-                scale = grad_output.to(torch.float32)
-            else:
-                scale = (grad_output.to(torch.float32) * ctx.scale).reshape(1)
-            _, dx, dw, db32 = _run_chunks(hidden, weight, bias, labels, scale, ctx.opts,
-                                          need_dx=need_dx, need_dw=need_dw, need_db=need_db)
-            g = None
-        if g is not None:
-            for t in (dx, dw, db32):
-                if t is not None:
-                    t.mul_(g)
-        db = db32.to(bias.dtype) if db32 is not None else None
-        return dx, dw, db, None, None, None, None
+
+def _backward_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, scale: Tensor,
+                 ignore_index: int, label_smoothing: float, softcap: float | None, logit_scale: float,
+                 z_loss: float, chunk_rows: int, need_dx: bool, need_dw: bool, need_db: bool
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """(dX, dW, db) of sum_n scale_n * loss_n, recomputed chunk by chunk (scale [1] or [N] fp32)."""
+    opts = _Options(ignore_index, label_smoothing, softcap, logit_scale, z_loss, chunk_rows)
+    _, dx, dw, db32 = _run_chunks(hidden, weight, bias, labels, scale, opts,
+                                  need_dx=need_dx, need_dw=need_dw, need_db=need_db)
+    return dx, dw, db32.to(bias.dtype) if need_db else db32
+
+
+def _grad_fakes(hidden, weight, need_dx, need_dw, need_db, db_dtype):
+    return (torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_dx else absent(hidden),
+            torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dw else absent(weight),
+            hidden.new_empty(weight.shape[0], dtype=db_dtype) if need_db else absent(hidden))
+
+
+def _forward_fake(hidden, weight, bias, labels, denominator, reduction, ignore_index, label_smoothing, softcap,
+                  logit_scale, z_loss, chunk_rows, need_dx, need_dw, need_db):
+    if reduction == "none":
+        return (hidden.new_empty(hidden.shape[0], dtype=torch.float32), absent(hidden), absent(weight),
+                absent(hidden))
+    return (hidden.new_empty((), dtype=torch.float32),
+            *_grad_fakes(hidden, weight, need_dx, need_dw, need_db, torch.float32))
+
+
+def _backward_fake(hidden, weight, bias, labels, scale, ignore_index, label_smoothing, softcap, logit_scale,
+                   z_loss, chunk_rows, need_dx, need_dw, need_db):
+    return _grad_fakes(hidden, weight, need_dx, need_dw, need_db, None if bias is None else bias.dtype)
+
+
+flce_fwd = kernel_op("fused_linear_cross_entropy", fake=_forward_fake)(_forward)
+flce_bwd = kernel_op("fused_linear_cross_entropy_bwd", fake=_backward_fake)(_backward_op)
+
+
+def _save(ctx, inputs, output):
+    hidden, weight, bias, labels, denominator, reduction, *options = inputs
+    ctx.save_for_backward(hidden, weight, bias, labels, denominator)
+    ctx.reduction, ctx.options = reduction, tuple(options[:6])  # ignore_index .. chunk_rows
+    ctx.mark_non_differentiable(*output[1:])
+    # The gradients made in the forward, kept outside save_for_backward so that the first
+    # backward can scale them in place and hand them over (AccumulateGrad then takes them
+    # without a copy); a second backward through a retained graph finds None and recomputes.
+    ctx.grads = None if reduction == "none" else output[1:]
+
+
+def _backward(ctx, grad_output, *_):
+    hidden, weight, bias, labels, denominator = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_dx, need_dw, need_db = need[0], need[1], bias is not None and need[2]
+    if grad_output is None:
+        return (None,) * 15
+    g = grad_output.to(torch.float32)
+    if ctx.grads is not None:
+        dx, dw, db32 = ctx.grads
+        ctx.grads = None
+        for t, needed in ((dx, need_dx), (dw, need_dw), (db32, need_db)):
+            if needed:
+                t.mul_(g)  # grad_output is a device tensor: never compared with 1 on the host
+        db = db32.to(bias.dtype) if need_db else None
+    else:  # reduction="none" (per-token grad_output), or a second backward: recompute
+        scale = g if ctx.reduction == "none" else (g / denominator).reshape(1)
+        dx, dw, db = flce_bwd(hidden, weight, bias, labels, scale, *ctx.options, need_dx, need_dw, need_db)
+    return (dx if need_dx else None, dw if need_dw else None, db if need_db else None) + (None,) * 12
+
+
+register_autograd(flce_fwd, backward=_backward, save=_save)
 
 
 def _unit_scale(like: torch.Tensor) -> torch.Tensor:
@@ -411,7 +465,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
             hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, softcap,
             logit_scale, z_loss, normalizer, chunk_size)
     device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         # As autocast runs nn.Linear: the LM head in the autocast dtype (fp32 master weights
         # get a low-precision copy; the cast's backward brings dW back to fp32).
         dtype = torch.get_autocast_dtype(device_type)
@@ -424,18 +478,13 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     _check_args(hidden, weight, labels, bias, reduction, label_smoothing, softcap, z_loss,
                 normalizer, chunk_size)
     labels = labels.contiguous()
-    opts = _Options(int(ignore_index), float(label_smoothing),
-                    None if softcap is None else float(softcap), float(logit_scale),
-                    float(z_loss),
-                    _chunk_rows(hidden.shape[0], weight.shape[0], hidden.element_size(),
-                                chunk_size))
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if needs_grad:
-        return FusedLinearCrossEntropyFunction.apply(hidden, weight, bias, labels, reduction,
-                                                     normalizer, opts)
-    # Loss only: no dA pass, no gradient matmuls.
-    losses, *_ = _run_chunks(hidden, weight, bias, labels, _unit_scale(hidden), opts)
-    if reduction == "none":
-        return losses
-    return losses.sum() / _denominator(labels, reduction, normalizer, opts.ignore_index)[0]
+    chunk_rows = _chunk_rows(hidden.shape[0], weight.shape[0], hidden.element_size(), chunk_size)
+    grad = torch.is_grad_enabled()
+    need_dx, need_dw = grad and hidden.requires_grad, grad and weight.requires_grad
+    need_db = grad and bias is not None and bias.requires_grad
+    denominator = (_unit_scale(hidden) if reduction == "none"
+                   else _denominator(labels, reduction, normalizer, int(ignore_index)))
+    loss, *_ = flce_fwd(hidden, weight, bias, labels, denominator, reduction, int(ignore_index),
+                        float(label_smoothing), None if softcap is None else float(softcap),
+                        float(logit_scale), float(z_loss), chunk_rows, need_dx, need_dw, need_db)
+    return loss

@@ -25,8 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (as_rows, check_row_op_inputs, persistent_programs, round_to, row_block, sum_partials,
-                      use_triton)
+from torch import Tensor
+
+from ._common import (absent, as_rows, capability_of, check_row_op_inputs, kernel_op, launch, norm_dx_wide,
+                      norm_param_grads, persistent_programs, register_autograd, round_to, row_block, sum_partials,
+                      use_triton, wide_row)
 
 
 def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None = None,
@@ -66,7 +69,7 @@ def _layer_norm_fwd_kernel(
     tl.store(RSTD + row, rstd)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ROWS"])
 def _layer_norm_bwd_kernel(
     DY, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL,   # [rows, H] x3; W [H]; [rows] x2; partials [programs, H] fp32
     STRIDE_DY, STRIDE_X, STRIDE_DX, ROWS, H, offset,
@@ -102,66 +105,95 @@ def _layer_norm_bwd_kernel(
         tl.store(DB_PARTIAL + pid * H + cols, db, mask=mask)
 
 
-def layer_norm_forward(x, weight, bias, eps: float, offset: float):
-    """Launch the forward kernel: returns (y [rows, H], x as rows, mean, rstd)."""
+# ------------------------------------------------------------------------------------------------
+# Host side: launchers (launch choices from kernels/_common.py), the custom ops, the functional API.
+# ------------------------------------------------------------------------------------------------
+def layer_norm_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, offset: float
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch the forward kernel: returns (y [rows, H], mean, rstd [rows] fp32)."""
     rows = as_rows(x)
     n_rows, hidden = rows.shape
     y = torch.empty((n_rows, hidden), dtype=x.dtype, device=x.device)
     mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    block, num_warps = row_block(hidden)
+    block, num_warps = row_block(capability_of(x.device), hidden)
     if n_rows > 0:
-        _layer_norm_fwd_kernel[(n_rows,)](
-            rows, weight, bias, y, mean, rstd, rows.stride(0), y.stride(0), hidden, eps, offset,
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK=block, num_warps=num_warps,
-        )
-    return y, rows, mean, rstd
+        launch(_layer_norm_fwd_kernel, (n_rows,), rows, weight, bias, y, mean, rstd, rows.stride(0), y.stride(0),
+               hidden, eps, offset, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK=block,
+               num_warps=num_warps)
+    return y, mean, rstd
 
 
-def layer_norm_backward(dy, rows, weight, bias, mean, rstd, offset: float, compute_dw: bool, compute_db: bool):
-    """Launch the backward kernel: returns (dx as rows, dw or None, db or None)."""
-    dy = as_rows(dy)
+def layer_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+                        rstd: Tensor, offset: float, compute_dw: bool, compute_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch the backward kernel: returns (dx shaped like x, dw, db); an empty tensor for a gradient
+    not asked for."""
+    rows, dy = as_rows(x), as_rows(dy)
     n_rows, hidden = rows.shape
-    dx = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
-    programs = persistent_programs(rows.device, n_rows)
-    partial_shape = (programs, hidden)
-    dw_partial = torch.empty(partial_shape if compute_dw else (1,), dtype=torch.float32, device=rows.device)
-    db_partial = torch.empty(partial_shape if compute_db else (1,), dtype=torch.float32, device=rows.device)
-    block, num_warps = row_block(hidden)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    programs = persistent_programs(x.device, n_rows)
+    capability = capability_of(x.device)
+    block, num_warps = row_block(capability, hidden)
+    if wide_row(block, num_warps, accumulators=int(compute_dw) + int(compute_db)):
+        norm_dx_wide(dy, rows, weight, mean, rstd, dx, offset)  # kernels/_common.py: dX in chunks, dW and dB
+        dw, db = norm_param_grads(dy, rows, mean, rstd, weight if compute_dw else None,
+                                  bias if compute_db else None) if compute_dw or compute_db else (None, None)
+        return dx, absent(x) if dw is None else dw, absent(x) if db is None else db
+    dw_partial = torch.empty((programs, hidden) if compute_dw else (1,), dtype=torch.float32, device=x.device)
+    db_partial = torch.empty((programs, hidden) if compute_db else (1,), dtype=torch.float32, device=x.device)
     if n_rows > 0:
-        _layer_norm_bwd_kernel[(programs,)](
-            dy, rows, weight, mean, rstd, dx, dw_partial, db_partial, dy.stride(0), rows.stride(0),
-            dx.stride(0), n_rows, hidden, offset, HAS_WEIGHT=weight is not None, BLOCK=block,
-            COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, num_warps=num_warps,
-        )
-    return (dx, sum_partials(dw_partial if compute_dw else None, n_rows, weight),
-            sum_partials(db_partial if compute_db else None, n_rows, bias))
+        launch(_layer_norm_bwd_kernel, (programs,), dy, rows, weight, mean, rstd, dx, dw_partial, db_partial,
+               dy.stride(0), rows.stride(0), hidden, n_rows, hidden, offset, HAS_WEIGHT=weight is not None,
+               BLOCK=block, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, num_warps=num_warps)
+    return (dx, sum_partials(dw_partial, n_rows, weight) if compute_dw else absent(x),
+            sum_partials(db_partial, n_rows, bias) if compute_db else absent(x))
 
 
-class LayerNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps, offset):
-        y, rows, mean, rstd = layer_norm_forward(x, weight, bias, eps, offset)
-        ctx.save_for_backward(rows, weight, bias, mean, rstd)
-        ctx.offset, ctx.x_shape = offset, x.shape
-        return y  # [rows, H]: never a view (kernels/_common.py, as_rows)
-
-    @staticmethod
-    def backward(ctx, dy):
-        rows, weight, bias, mean, rstd = ctx.saved_tensors
-        dx, dw, db = layer_norm_backward(dy, rows, weight, bias, mean, rstd, ctx.offset,
-                                         ctx.needs_input_grad[1], ctx.needs_input_grad[2])
-        return dx.view(ctx.x_shape), dw, db, None, None
+def _layer_norm_fwd_fake(x, weight, bias, eps, offset):
+    n_rows = x.numel() // x.shape[-1]
+    return (x.new_empty((n_rows, x.shape[-1])), x.new_empty(n_rows, dtype=torch.float32),
+            x.new_empty(n_rows, dtype=torch.float32))
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None = None, eps: float = 1e-5,
-               offset: float = 0.0) -> torch.Tensor:
+def _layer_norm_bwd_fake(dy, x, weight, bias, mean, rstd, offset, compute_dw, compute_db):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(weight) if compute_dw else absent(x), torch.empty_like(bias) if compute_db else absent(x))
+
+
+layer_norm_fwd = kernel_op("layer_norm_fwd", fake=_layer_norm_fwd_fake)(layer_norm_forward)
+layer_norm_bwd = kernel_op("layer_norm_bwd", fake=_layer_norm_bwd_fake)(layer_norm_backward)
+
+
+def _save(ctx, inputs, output):
+    x, weight, bias, _, offset = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.offset = offset
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if dy is None:
+        return None, None, None, None, None
+    compute_dw, compute_db = need[1] and weight is not None, need[2] and bias is not None
+    dx, dw, db = layer_norm_bwd(dy, x, weight, bias, mean, rstd, ctx.offset, compute_dw, compute_db)
+    return dx, dw if compute_dw else None, db if compute_db else None, None, None
+
+
+register_autograd(layer_norm_fwd, backward=_backward, save=_save)
+
+
+def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None = None, eps: float = 1e-5,
+               offset: float = 0.0) -> Tensor:
     """LayerNorm over the last dimension of x (any leading shape), differentiable in x, weight, bias.
 
-    weight=None gives the non-parametric LayerNorm (OLMo 1). Uses the Triton kernels on CUDA (or on the CPU under TRITON_INTERPRET=1), the torch
-    reference elsewhere.
+    weight=None gives the non-parametric LayerNorm (OLMo 1). Runs torch.ops.fastft.layer_norm_fwd
+    (the Triton kernels) on CUDA, on the CPU under TRITON_INTERPRET=1 and on the meta device (its
+    fake); the torch reference elsewhere.
     """
     check_row_op_inputs("layer_norm", x, weight=weight, bias=bias)
     if not use_triton(x, weight, bias):
         return layer_norm_reference(x, weight, bias, eps, offset)
-    return LayerNormFunction.apply(x, weight, bias, float(eps), float(offset)).view(x.shape)
+    y, _, _ = layer_norm_fwd(x, weight, bias, float(eps), float(offset))
+    return y.view(x.shape)  # [rows, H] from the op: never a view of x (kernels/_common.py, as_rows)

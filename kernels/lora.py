@@ -28,7 +28,7 @@ Where the bytes go (b = bytes per element of x/y, N·O·b = one pass over y):
   the low-rank part of dX, and regenerated in the backward from the seed (8 bytes saved).
   With p = 0 those three products are plain cuBLAS GEMMs.
 
-Saved for backward by LoRALinearFunction: x (the input itself, no copy: several adapters on one
+Saved for backward by the lora_linear op: x (the input itself, no copy: several adapters on one
 input share it), u [N, r] in the adapter dtype (r·4 bytes a token for fp32 adapters), the
 parameters (not activations) and the dropout seed. PEFT's eager layer saves x, drop(x) (another
 N·K·b when p > 0) and the [N, r] output of A, plus a mask of N·K bytes for nn.Dropout.
@@ -38,20 +38,22 @@ Dtypes: y has x's dtype. The rank-r path runs in the adapter's dtype; when that 
 costs an extra pass over each: keep adapters in the model dtype for the fast path.
 
 `lora_linear_many` runs several adapted projections of one input (the attention's q/k/v) as one
-Function: one saved x, one GEMM x·[A_q; A_k; A_v]ᵀ for all rank-r inputs when dropout is off,
+op: one saved x, one GEMM x·[A_q; A_k; A_v]ᵀ for all rank-r inputs when dropout is off,
 and dX accumulated from all of them with one rank-(sum of r) GEMM plus one addmm_ per base.
 """
 
 from __future__ import annotations
 
-import dataclasses
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETER, as_rows, interpreting, round_to, use_triton
+from torch import Tensor
+
+from ._common import absent, as_rows, capability_of, kernel_op, launch, register_autograd, round_to, use_triton
 
 
 # ------------------------------------------------------------------------------------------------
@@ -76,7 +78,7 @@ def _keep(seed, rows, cols, K, p):
     return tl.rand(seed, offsets) >= p
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "seed"])
 def _lora_dropout_kernel(
     X, Y,                      # X [N, K] (row stride STRIDE_X), Y [N, K] contiguous
     N, K, STRIDE_X, seed, p,
@@ -91,7 +93,7 @@ def _lora_dropout_kernel(
     tl.store(Y + rows[:, None] * K + cols[None, :], round_to(y, Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "seed"])
 def _lora_down_kernel(
     X, A, U,                   # X [N, K] (row stride STRIDE_X), A [R, K] contiguous, U [N, R] contiguous
     N, K, R, STRIDE_X, seed, p, scale,
@@ -120,7 +122,7 @@ def _lora_down_kernel(
              mask=row_mask[:, None] & (ranks < R)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "seed"])
 def _lora_up_kernel(
     DU, A, DX,                 # DU [N, R] contiguous, A [R, K] contiguous, DX [N, K] contiguous
     N, K, R, seed, p, scale,
@@ -146,7 +148,7 @@ def _lora_up_kernel(
     tl.store(DX + rows[:, None] * K + cols[None, :], round_to(t, DX.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "seed"])
 def _lora_grad_a_kernel(
     DU, X, PARTIAL,            # DU [N, R] contiguous, X [N, K] (row stride STRIDE_X), PARTIAL [SPLIT, R, K] fp32
     N, K, R, STRIDE_X, seed, p,
@@ -178,105 +180,139 @@ def _lora_grad_a_kernel(
 
 
 # ------------------------------------------------------------------------------------------------
-# Host launchers.
+# Host launchers. Launch choices are pure functions of (capability, rank, dtypes); capability None
+# is the interpreter (kernels/_common.py).
 # ------------------------------------------------------------------------------------------------
-def _blocks(device: torch.device, rank: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_K, BLOCK_R). tl.dot wants every dim >= 16; the interpreter pays per
-    program and per iteration, so it gets big tiles. GPU tiles are untuned until measured."""
+class Tiles(NamedTuple):
+    """Launch choice of the rank-r kernels: tile sizes and warps."""
+    block_m: int
+    block_k: int
+    block_r: int
+    num_warps: int
+
+
+def _blocks(capability: tuple[int, int] | None, rank: int, fp32_dot: bool) -> Tiles:
+    """Tiles for the rank-r kernels. tl.dot wants every dim >= 16; the interpreter pays per
+    program and per iteration, so it gets big tiles.
+
+    On a GPU, from the compile report (sm_90, benchmarks/NOTES.md): 64x64 tiles at 4 warps held
+    96-192 registers with bf16 and spilled with fp32 adapters (fp32 dots run on the FMA units
+    with whole operand tiles in registers: 255 registers and up to 5 KB of spills at rank 128).
+    32x64 at 8 warps keeps every bf16 rank and fp32 up to rank 32 at 36-123 registers, no
+    spills; larger fp32 ranks take 16x16 tiles (34-96 registers; 16x32 still spilled 16 B on
+    sm_100). Speed is untuned until measured.
+    """
     block_r = max(16, triton.next_power_of_2(rank))
-    if device.type != "cuda" and interpreting():
-        return 64, 128, block_r
-    return 64, (64 if block_r <= 64 else 32), block_r
+    if capability is None:
+        return Tiles(64, 128, block_r, 4)
+    if fp32_dot and block_r > 32:
+        return Tiles(16, 16, block_r, 8)
+    return Tiles(32, 64, block_r, 8)
 
 
-def _fp32_dot(*tensors: torch.Tensor) -> bool:
+def _fp32_dot(capability: tuple[int, int] | None, *tensors: torch.Tensor) -> bool:
     """Feed tl.dot fp32 under the interpreter (its bf16 dot is wrong), and for fp32 or mixed inputs."""
     dtypes = {t.dtype for t in tensors}
-    return bool(INTERPRETER) or len(dtypes) > 1 or torch.float32 in dtypes or torch.float64 in dtypes
+    return capability is None or len(dtypes) > 1 or torch.float32 in dtypes or torch.float64 in dtypes
 
 
-def draw_seed() -> int:
-    """A dropout seed from torch's default CPU generator (no device sync): torch.manual_seed
-    makes the masks reproducible."""
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+def draw_seed() -> torch.Tensor:
+    """A dropout seed from torch's default CPU generator, as a 1-element int64 CPU tensor: no
+    device sync, and no host read of its value either, so that torch.compile keeps the graph
+    whole (the ops read it inside). torch.manual_seed makes the masks reproducible."""
+    return torch.randint(0, 2**31 - 1, (1,))
 
 
-def lora_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+def _seed_tensor(seeds) -> torch.Tensor:
+    """int64 CPU [n] from ints and/or 1-element tensors (draw_seed's)."""
+    parts = [s.reshape(1).to(torch.int64) if isinstance(s, torch.Tensor) else torch.tensor([int(s)]) for s in seeds]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+
+
+def lora_dropout(x: torch.Tensor, p: float, seed) -> torch.Tensor:
     """x ⊙ keep / (1 - p) with the kernels' mask for `seed` (inverted dropout, as nn.Dropout).
 
-    The fused kernels never call this: it is the definition that tests and references use to
-    apply the very mask the kernels generate. Without Triton (a CPU without the interpreter) the
-    mask comes from a torch generator seeded with `seed`, and lora_linear uses this function too.
+    seed: an int or draw_seed()'s tensor. The fused kernels never call this: it is the definition
+    that tests and references use to apply the very mask the kernels generate. Without Triton (a
+    CPU without the interpreter) the mask comes from a torch generator seeded with `seed`, and
+    lora_linear uses this function too.
     """
     if p <= 0:
         return x
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _DropoutFunction.apply(x, float(p), int(seed))
-    return _apply_dropout(x, p, seed)
-
-
-class _DropoutFunction(torch.autograd.Function):
-    """The same mask on the way back: d(drop(x)) = drop(dy)."""
-
-    @staticmethod
-    def forward(ctx, x, p, seed):
-        ctx.p, ctx.seed = p, seed
-        return _apply_dropout(x, p, seed)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return _apply_dropout(dy.contiguous(), ctx.p, ctx.seed), None, None
-
-
-def _apply_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    seed_t = _seed_tensor([seed])
     if not use_triton(x):
-        gen = torch.Generator(device=x.device).manual_seed(seed)
+        gen = torch.Generator(device=x.device).manual_seed(int(seed_t[0]))
         keep = torch.rand(x.shape, generator=gen, device=x.device) >= p
         return x * keep.to(x.dtype) / (1 - p)
-    rows = x.reshape(-1, x.shape[-1])
+    return dropout_op(x, float(p), seed_t)
+
+
+def _apply_dropout(x: Tensor, p: float, seed: Tensor) -> Tensor:
+    """The Triton dropout of x (any shape) with the mask of int(seed[0]): a new tensor shaped like x."""
+    rows = as_rows(x if x.dim() else x.reshape(1, 1))
     out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
     n, k = rows.shape
-    bm, bk = (64, 256) if interpreting() else (16, 256)
+    # [16, 256] tiles at 8 warps: 16 elements a thread; 4 warps held 32 with the Philox state and
+    # reached 25% occupancy (compile report)
+    bm, bk, warps = (64, 256, 4) if capability_of(x.device) is None else (16, 256, 8)
     if n and k:
-        _lora_dropout_kernel[(triton.cdiv(n, bm), triton.cdiv(k, bk))](
-            rows, out, n, k, rows.stride(0), seed, float(p), BLOCK_M=bm, BLOCK_K=bk)
+        launch(_lora_dropout_kernel, (triton.cdiv(n, bm), triton.cdiv(k, bk)),
+               rows, out, n, k, rows.stride(0), int(seed[0]), p, BLOCK_M=bm, BLOCK_K=bk, num_warps=warps)
     return out.view(x.shape)
+
+
+dropout_op = kernel_op("lora_dropout", fake=lambda x, p, seed: torch.empty_like(
+    x, memory_format=torch.contiguous_format))(_apply_dropout)
+
+
+def _dropout_save(ctx, inputs, output):
+    ctx.save_for_backward(inputs[2])
+    ctx.p = inputs[1]
+
+
+def _dropout_backward(ctx, dy):  # the same mask on the way back: d(drop(x)) = drop(dy)
+    (seed,) = ctx.saved_tensors
+    return None if dy is None else dropout_op(dy, ctx.p, seed), None, None
+
+
+register_autograd(dropout_op, backward=_dropout_backward, save=_dropout_save)
 
 
 def lora_down(x: torch.Tensor, a: torch.Tensor, scale: float, p: float, seed: int) -> torch.Tensor:
     """u = scale · drop(x)·Aᵀ [N, r] in A's dtype (x [N, K] already in A's dtype or castable)."""
     if p <= 0:
         return torch.mm(x.to(a.dtype), a.t()).mul_(scale)
-    if not use_triton(x, a):
-        return torch.mm(lora_dropout(x, p, seed).to(a.dtype), a.t()).mul_(scale)
     n, k = x.shape
     r = a.shape[0]
     u = torch.empty(n, r, dtype=a.dtype, device=x.device)
-    bm, bk, br = _blocks(x.device, r)
+    capability = capability_of(x.device)
+    fp32 = _fp32_dot(capability, x, a)
+    t = _blocks(capability, r, fp32)
     if n:
-        _lora_down_kernel[(triton.cdiv(n, bm),)](
-            x, a.contiguous(), u, n, k, r, x.stride(0), seed, float(p), float(scale),
-            BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, FP32_DOT=_fp32_dot(x, a))
+        launch(_lora_down_kernel, (triton.cdiv(n, t.block_m),),
+               x, a.contiguous(), u, n, k, r, x.stride(0), seed, float(p), float(scale),
+               BLOCK_M=t.block_m, BLOCK_K=t.block_k, BLOCK_R=t.block_r, FP32_DOT=fp32, num_warps=t.num_warps)
     return u
 
 
 def lora_up_into(out: torch.Tensor | None, du: torch.Tensor, a: torch.Tensor, scale: float, p: float,
                  seed: int, dtype: torch.dtype) -> torch.Tensor:
     """out (+)= scale · drop(du·A), the low-rank part of dX; a new [N, K] tensor when out is None."""
-    if p <= 0 or not use_triton(du, a):
-        t = torch.mm(du, a.to(du.dtype)).mul_(scale)
-        t = lora_dropout(t, p, seed).to(dtype) if p > 0 else t.to(dtype)
+    if p <= 0:
+        t = torch.mm(du, a.to(du.dtype)).mul_(scale).to(dtype)
         return t if out is None else out.add_(t)
     n, r = du.shape
     k = a.shape[1]
     accumulate = out is not None
     if out is None:
         out = torch.empty(n, k, dtype=dtype, device=du.device)
-    bm, bk, br = _blocks(du.device, r)
+    capability = capability_of(du.device)
+    fp32 = _fp32_dot(capability, du, a)
+    t = _blocks(capability, r, fp32)
     if n:
-        _lora_up_kernel[(triton.cdiv(n, bm), triton.cdiv(k, bk))](
-            du.contiguous(), a.contiguous(), out, n, k, r, seed, float(p), float(scale), ACCUMULATE=accumulate,
-            BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, FP32_DOT=_fp32_dot(du, a))
+        launch(_lora_up_kernel, (triton.cdiv(n, t.block_m), triton.cdiv(k, t.block_k)),
+               du.contiguous(), a.contiguous(), out, n, k, r, seed, float(p), float(scale), ACCUMULATE=accumulate,
+               BLOCK_M=t.block_m, BLOCK_K=t.block_k, BLOCK_R=t.block_r, FP32_DOT=fp32, num_warps=t.num_warps)
     return out
 
 
@@ -285,122 +321,188 @@ def lora_grad_a(du: torch.Tensor, x: torch.Tensor, scale: float, p: float, seed:
     """dA = scale · duᵀ·drop(x) [r, K] in `dtype` (du [N, r], x [N, K])."""
     if p <= 0:
         return torch.mm(du.t(), x.to(du.dtype)).mul_(scale).to(dtype)
-    if not use_triton(du, x):
-        return torch.mm(du.t(), lora_dropout(x, p, seed).to(du.dtype)).mul_(scale).to(dtype)
     n, k = x.shape
     r = du.shape[1]
-    bm, bk, br = _blocks(x.device, r)
-    split = max(1, min(triton.cdiv(n, bm), 1 if interpreting() else 16))
+    capability = capability_of(x.device)
+    fp32 = _fp32_dot(capability, du, x)
+    t = _blocks(capability, r, fp32)
+    split = max(1, min(triton.cdiv(n, t.block_m), 1 if capability is None else 16))
     partial = torch.empty(split, r, k, dtype=torch.float32, device=x.device)
     if n == 0:
         return torch.zeros(r, k, dtype=dtype, device=x.device)
-    _lora_grad_a_kernel[(triton.cdiv(k, bk), split)](
-        du.contiguous(), x, partial, n, k, r, x.stride(0), seed, float(p),
-        BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, FP32_DOT=_fp32_dot(du, x))
+    launch(_lora_grad_a_kernel, (triton.cdiv(k, t.block_k), split),
+           du.contiguous(), x, partial, n, k, r, x.stride(0), seed, float(p),
+           BLOCK_M=t.block_m, BLOCK_K=t.block_k, BLOCK_R=t.block_r, FP32_DOT=fp32, num_warps=t.num_warps)
     return partial.sum(0).mul_(scale / (1 - p)).to(dtype)
 
 
 # ------------------------------------------------------------------------------------------------
-# Autograd: one Function for one or several adapted projections of the same input.
+# The custom ops: one forward and one backward for one or several adapted projections of the
+# same input. params holds the tensors of each projection in turn, W, b, A, B, with b left out
+# where has_bias says so (autograd takes a list of tensors only when none of them is None).
 # ------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Adapter:
+class Adapter(NamedTuple):
     """Static settings of one adapted projection: LoRA scale s, dropout p and its seed."""
     scale: float
     dropout: float = 0.0
     seed: int = 0
 
 
-def _plain_group(adapters, params) -> bool:
+class Projection(NamedTuple):
+    """The tensors of one adapted projection."""
+    weight: Tensor
+    bias: Tensor | None
+    lora_a: Tensor
+    lora_b: Tensor
+
+
+def _projections(params, has_bias) -> list[Projection]:
+    out, i = [], 0
+    for bias in has_bias:
+        n = 4 if bias else 3
+        w, *rest = params[i: i + n]
+        out.append(Projection(w, rest[0], *rest[1:]) if bias else Projection(w, None, *rest))
+        i += n
+    return out
+
+
+def _flat(projections: list[Projection]) -> list[Tensor]:
+    """The inverse of _projections: present tensors in order (W, b, A, B)."""
+    return [t for pr in projections for t in pr if t is not None]
+
+
+def _adapters(scales, dropouts, seeds: Tensor) -> list[Adapter]:
+    return [Adapter(s, p, seed) for s, p, seed in zip(scales, dropouts, seeds.tolist())]
+
+
+def _plain_group(adapters: list[Adapter], projections: list[Projection]) -> bool:
     """Several projections, no dropout, one adapter dtype: their rank-r products can be stacked."""
     return len(adapters) > 1 and all(ad.dropout == 0 for ad in adapters) and \
-        len({params[4 * i + 2].dtype for i in range(len(adapters))}) == 1
+        len({pr.lora_a.dtype for pr in projections}) == 1
 
 
-def _stacked_down(x, adapters, params):
+def _stacked_down(x, adapters, projections):
     """[u_1, ..., u_n] from one GEMM x·[s_1 A_1; ...; s_n A_n]ᵀ (one read of x), or None."""
-    if not _plain_group(adapters, params):
+    if not _plain_group(adapters, projections):
         return None
-    a_all = torch.cat([params[4 * i + 2] * ad.scale for i, ad in enumerate(adapters)])
+    a_all = torch.cat([pr.lora_a * ad.scale for pr, ad in zip(projections, adapters)])
     u_all = torch.mm(x.to(a_all.dtype), a_all.t())
-    return [u.contiguous() for u in u_all.split([params[4 * i + 2].shape[0] for i in range(len(adapters))], 1)]
+    return [u.contiguous() for u in u_all.split([pr.lora_a.shape[0] for pr in projections], 1)]
 
 
-def _forward_one(x, w, b, a, bm, ad: Adapter, u=None):
+def _forward_one(x, pr: Projection, ad: Adapter, u=None):
     """(y, u) for one projection: y = b + u·Bᵀ written first, then y += x·Wᵀ (see docstring)."""
     if u is None:
-        u = lora_down(x, a, ad.scale, ad.dropout, ad.seed)                      # [N, r], A's dtype
-    bt = bm.to(x.dtype).t()
+        u = lora_down(x, pr.lora_a, ad.scale, ad.dropout, ad.seed)             # [N, r], A's dtype
+    bt = pr.lora_b.to(x.dtype).t()
     uy = u.to(x.dtype)
-    y = torch.mm(uy, bt) if b is None else torch.addmm(b.to(x.dtype), uy, bt)  # [N, O]
-    y.addmm_(x, w.t())                                                          # beta = 1: epilogue add
+    y = torch.mm(uy, bt) if pr.bias is None else torch.addmm(pr.bias.to(x.dtype), uy, bt)  # [N, O]
+    y.addmm_(x, pr.weight.t())                                                  # beta = 1: epilogue add
     return y, u
 
 
-class LoRALinearFunction(torch.autograd.Function):
-    """Forward and backward of len(adapters) projections of one x (q/k/v, or a single layer).
+def _lora_forward(x: Tensor, params: list[Tensor], has_bias: list[bool], scales: list[float],
+                  dropouts: list[float], seeds: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """([y_i [rows, O_i]], [u_i [rows, r_i]]): the outputs, and the rank-r inputs the backward needs."""
+    rows = as_rows(x)
+    projections, adapters = _projections(params, has_bias), _adapters(scales, dropouts, seeds)
+    stacked = _stacked_down(rows, adapters, projections)
+    outs, us = [], []
+    for i, (pr, ad) in enumerate(zip(projections, adapters)):
+        y, u = _forward_one(rows, pr, ad, None if stacked is None else stacked[i])
+        outs.append(y)
+        us.append(u)
+    return outs, us
 
-    Inputs: x, adapters (tuple of Adapter), then 4 tensors per projection: W, b (or None), A, B.
-    Saves x once, each u [N, r], and the parameters.
-    """
 
-    @staticmethod
-    def forward(ctx, x, adapters, *params):
-        rows = as_rows(x)
-        outs, us = [], []
-        stacked = _stacked_down(rows, adapters, params)
-        for i, ad in enumerate(adapters):
-            w, b, a, bm = params[4 * i: 4 * i + 4]
-            y, u = _forward_one(rows, w, b, a, bm, ad, None if stacked is None else stacked[i])
-            outs.append(y)  # [rows, out]: never a view (kernels/_common.py, as_rows)
-            us.append(u)
-        ctx.adapters, ctx.x_shape = adapters, x.shape
-        ctx.save_for_backward(rows, *params, *us)
-        return tuple(outs)
+def _lora_backward(dys: list[Tensor | None], x: Tensor, params: list[Tensor], has_bias: list[bool],
+                   us: list[Tensor], scales: list[float], dropouts: list[float], seeds: Tensor,
+                   needs: list[bool]) -> tuple[Tensor, list[Tensor]]:
+    """(dX shaped like x, the gradients of params in their order); absent() for what needs (x's,
+    then 4 per projection: W, b, A, B) does not ask."""
+    rows = as_rows(x)
+    projections, adapters = _projections(params, has_bias), _adapters(scales, dropouts, seeds)
+    need_x, need = needs[0], needs[1:]
+    grads = [absent(x) for _ in range(4 * len(projections))]
+    dx = None
+    pending = []  # (dY, W) base products added into dx last, as addmm_ epilogues
+    dus = []
+    stack = _plain_group(adapters, projections)
+    for i, (pr, ad) in enumerate(zip(projections, adapters)):
+        dy = dys[i]
+        if dy is None:
+            continue
+        dy = as_rows(dy)
+        dy_lr = dy.to(pr.lora_a.dtype)
+        du = torch.mm(dy_lr, pr.lora_b)                                          # [N, r]
+        if need[4 * i + 3]:
+            grads[4 * i + 3] = torch.mm(dy_lr.t(), us[i]).to(pr.lora_b.dtype)    # dB [O, r]
+        if need[4 * i + 2]:
+            grads[4 * i + 2] = lora_grad_a(du, rows, ad.scale, ad.dropout, ad.seed, pr.lora_a.dtype)
+        if need[4 * i]:
+            grads[4 * i] = torch.mm(dy.t(), rows.to(dy.dtype)).to(pr.weight.dtype)  # dW
+        if pr.bias is not None and need[4 * i + 1]:
+            grads[4 * i + 1] = dy.sum(0, dtype=torch.float32).to(pr.bias.dtype)
+        if need_x:
+            pending.append((dy, pr.weight))
+            dus.append(du)
+            if not stack:
+                dx = lora_up_into(dx, du, pr.lora_a, ad.scale, ad.dropout, ad.seed, rows.dtype)
+    if stack and pending:  # one rank-(r_1 + ... + r_n) GEMM for the low-rank part of dX
+        used = [i for i in range(len(adapters)) if dys[i] is not None]
+        a_all = torch.cat([projections[i].lora_a * adapters[i].scale for i in used])
+        dx = torch.mm(torch.cat(dus, 1), a_all).to(rows.dtype)
+    if dx is None:
+        dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device) if need_x else absent(x)
+    else:
+        for dy, w in pending:
+            dx.addmm_(dy, w.to(dx.dtype))
+        dx = dx.view(x.shape)
+    return dx, [g for g, pr in zip(grads, (t for pr in projections for t in pr)) if pr is not None]
 
-    @staticmethod
-    def backward(ctx, *dys):
-        adapters = ctx.adapters
-        n_proj = len(adapters)
-        rows, *rest = ctx.saved_tensors
-        params, us = rest[: 4 * n_proj], rest[4 * n_proj:]
-        need = ctx.needs_input_grad
-        grads = [None] * (4 * n_proj)
-        dx = None
-        pending = []  # (dY, W) base products added into dx last, as addmm_ epilogues
-        dus = []
-        stack = _plain_group(adapters, params)
-        for i, ad in enumerate(adapters):
-            w, b, a, bm = params[4 * i: 4 * i + 4]
-            dy = dys[i]
-            if dy is None:
-                continue
-            dy = as_rows(dy)
-            lr = a.dtype
-            dy_lr = dy.to(lr)
-            du = torch.mm(dy_lr, bm)                                            # [N, r]
-            if need[2 + 4 * i + 3]:
-                grads[4 * i + 3] = torch.mm(dy_lr.t(), us[i]).to(bm.dtype)      # dB [O, r]
-            if need[2 + 4 * i + 2]:
-                grads[4 * i + 2] = lora_grad_a(du, rows, ad.scale, ad.dropout, ad.seed, a.dtype)
-            if need[2 + 4 * i]:
-                grads[4 * i] = torch.mm(dy.t(), rows.to(dy.dtype)).to(w.dtype)  # dW
-            if b is not None and need[2 + 4 * i + 1]:
-                grads[4 * i + 1] = dy.sum(0, dtype=torch.float32).to(b.dtype)
-            if need[0]:
-                pending.append((dy, w))
-                dus.append(du)
-                if not stack:
-                    dx = lora_up_into(dx, du, a, ad.scale, ad.dropout, ad.seed, rows.dtype)
-        if stack and pending:  # one rank-(r_1 + ... + r_n) GEMM for the low-rank part of dX
-            used = [i for i in range(n_proj) if dys[i] is not None]
-            a_all = torch.cat([params[4 * i + 2] * adapters[i].scale for i in used])
-            dx = torch.mm(torch.cat(dus, 1), a_all).to(rows.dtype)
-        if dx is not None:
-            for dy, w in pending:
-                dx.addmm_(dy, w.to(dx.dtype))
-            dx = dx.view(ctx.x_shape)
-        return (dx, None, *grads)
+
+def _lora_forward_fake(x, params, has_bias, scales, dropouts, seeds):
+    n = x.numel() // x.shape[-1]
+    projections = _projections(params, has_bias)
+    return ([x.new_empty(n, pr.weight.shape[0]) for pr in projections],
+            [x.new_empty(n, pr.lora_a.shape[0], dtype=pr.lora_a.dtype) for pr in projections])
+
+
+def _lora_backward_fake(dys, x, params, has_bias, us, scales, dropouts, seeds, needs):
+    flat = [t for pr in _projections(params, has_bias) for t in pr]
+    grads = [torch.empty_like(t) if needed else absent(x) for t, needed in zip(flat, needs[1:]) if t is not None]
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if needs[0] else absent(x)
+    return dx, grads
+
+
+lora_linear_fwd = kernel_op("lora_linear", fake=_lora_forward_fake)(_lora_forward)
+lora_linear_bwd = kernel_op("lora_linear_bwd", fake=_lora_backward_fake)(_lora_backward)
+
+
+def _save(ctx, inputs, output):
+    x, params, has_bias, scales, dropouts, seeds = inputs
+    ys, us = output
+    ctx.save_for_backward(x, seeds, *us, *params)
+    ctx.n_us, ctx.has_bias, ctx.scales, ctx.dropouts = len(us), has_bias, scales, dropouts
+    ctx.mark_non_differentiable(*us)
+
+
+def _backward(ctx, dys, _dus):
+    x, seeds, *rest = ctx.saved_tensors
+    us, params = rest[:ctx.n_us], rest[ctx.n_us:]
+    need_params = list(ctx.needs_input_grad[1])
+    per_projection = iter(need_params)  # needs for W, b, A, B (False for an absent b)
+    needs = [bool(ctx.needs_input_grad[0])]
+    for bias in ctx.has_bias:
+        w, b = next(per_projection), next(per_projection) if bias else False
+        needs += [w, b, next(per_projection), next(per_projection)]
+    dx, grads = lora_linear_bwd(list(dys), x, list(params), ctx.has_bias, list(us), ctx.scales, ctx.dropouts,
+                                seeds, needs)
+    return (dx if needs[0] else None, [g if n else None for g, n in zip(grads, need_params)],
+            None, None, None, None)
+
+
+register_autograd(lora_linear_fwd, backward=_backward, save=_save)
 
 
 def _check(x, weight, lora_a, lora_b, bias):
@@ -421,8 +523,8 @@ def _check(x, weight, lora_a, lora_b, bias):
 
 def lora_linear_many(x: torch.Tensor, layers, dropout=0.0, seeds=None) -> tuple[torch.Tensor, ...]:
     """Several LoRA projections of one input x: layers is a sequence of (W, b, A, B, scale); one
-    output per layer. dropout (a float or one per layer) with seeds (one per layer, drawn from
-    torch's generator when None)."""
+    output per layer. dropout (a float or one per layer) with seeds (one per layer: ints or
+    draw_seed() tensors; drawn from torch's generator when None)."""
     layers = list(layers)
     drops = [float(dropout)] * len(layers) if isinstance(dropout, (int, float)) else [float(p) for p in dropout]
     if any(not 0.0 <= p < 1.0 for p in drops):
@@ -434,9 +536,9 @@ def lora_linear_many(x: torch.Tensor, layers, dropout=0.0, seeds=None) -> tuple[
     if not use_triton(x, *[t for layer in layers for t in layer[:4] if t is not None]):
         return tuple(lora_linear_reference(x, w, a, bm, s, b, p, seed)
                      for (w, b, a, bm, s), p, seed in zip(layers, drops, seeds))
-    adapters = tuple(Adapter(float(s), p, int(seed)) for (*_, s), p, seed in zip(layers, drops, seeds))
-    params = [t for (w, b, a, bm, _) in layers for t in (w, b, a, bm)]
-    outs = LoRALinearFunction.apply(x, adapters, *params)
+    params = [t for (w, b, a, bm, _) in layers for t in (w, b, a, bm) if t is not None]
+    outs, _ = lora_linear_fwd(x, params, [layer[1] is not None for layer in layers],
+                              [float(layer[4]) for layer in layers], drops, _seed_tensor(seeds))
     return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outs)
 
 

@@ -30,7 +30,7 @@ Where the work goes (b = bytes per element; per token at Llama-3.1-8B, H = 4096,
   dA_d; h itself too when W_d trains) and accumulates dxa_g = dg·B_g and dxa_u = du·B_u from the
   tiles in registers (no extra read of dg or du).
 
-Saved for backward by LoRAMLPFunction: x, g_base, u_base (the pre-activations without the LoRA
+Saved for backward by the lora_mlp op: x, g_base, u_base (the pre-activations without the LoRA
 terms, which are recomputed from xa·Bᵀ), xa_g, xa_u and hd [N, r], the parameters and three
 seeds: (H + 2·I)·b + 3·r·b' bytes a token (b' the adapter's element size), 65.6 KB at Llama-8B
 shapes, rank 16, bf16. h = act(g)·u is not saved: the backward recomputes it. PEFT's eager MLP
@@ -40,15 +40,17 @@ saves x, g (after the LoRA add), act(g), u and h: (H + 4·I)·b plus the rank-r 
 
 from __future__ import annotations
 
-import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETER, as_rows, interpreting, round_to, use_triton
-from .lora import (_check, _fp32_dot, draw_seed, lora_down, lora_dropout, lora_grad_a,
+from torch import Tensor
+
+from ._common import absent, as_rows, capability_of, kernel_op, launch, register_autograd, round_to, use_triton
+from .lora import (_check, _fp32_dot, _projections, _seed_tensor, draw_seed, lora_down, lora_grad_a, lora_linear,
                    lora_linear_reference, lora_up_into)
 
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
@@ -122,13 +124,13 @@ def _gate_up_tile(G, U, XA_G, XA_U, B_G, B_U, rows, cols, row_mask, col_mask, ma
     return g, u
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "seed"])
 def _lora_mlp_fwd_kernel(
     G, U, XA_G, XA_U, B_G, B_U, A_D, H, HD,   # G, U [N, I] (row strides), XA_* [N, R_*], B_* [I, R_*],
     N, I, R_G, R_U, R_D, STRIDE_G, STRIDE_U,  # A_D [R_D, I], H [N, I] contiguous, HD [N, R_D] contiguous
     seed, p, scale,
     ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BR_G: tl.constexpr, BR_U: tl.constexpr,
-    BR_D: tl.constexpr, FP32_DOT: tl.constexpr,
+    BR_D: tl.constexpr, FP32_DOT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
@@ -144,7 +146,10 @@ def _lora_mlp_fwd_kernel(
         a, _ = _act_and_grad(g, ACT)
         h = round_to(a * u, H.dtype.element_ty)                               # [BM, BI]
         tl.store(H + rows[:, None] * I + cols[None, :], h, mask=mask)
-        hm = tl.where(tl.rand(seed, rows[:, None] * I + cols[None, :]) >= pf, h.to(tl.float32), 0.0)
+        if HAS_DROPOUT:
+            hm = tl.where(tl.rand(seed, rows[:, None] * I + cols[None, :]) >= pf, h.to(tl.float32), 0.0)
+        else:  # no Philox stream to generate (about 80 integer ops an element)
+            hm = h.to(tl.float32)
         ad = tl.load(A_D + ranks_d[None, :] * I + cols[:, None], mask=(ranks_d < R_D)[None, :] & col_mask[:, None],
                      other=0.0)                                               # [BI, BR_D]
         if FP32_DOT:
@@ -156,14 +161,14 @@ def _lora_mlp_fwd_kernel(
              mask=row_mask[:, None] & (ranks_d < R_D)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "seed"])
 def _lora_mlp_bwd_kernel(
     DH, DHD, G, U, XA_G, XA_U, B_G, B_U, A_D,   # DH [N, I] = dY·W_d (contiguous), DHD [N, R_D] = dY·B_d
     DG, DU, HM, HF, DXA_G, DXA_U,              # DG, DU, HM, HF [N, I]; DXA_* [N, R_*] fp32
     N, I, R_G, R_U, R_D, STRIDE_G, STRIDE_U,
     seed, p, scale,
     ACT: tl.constexpr, STORE_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr,
-    BR_G: tl.constexpr, BR_U: tl.constexpr, BR_D: tl.constexpr, FP32_DOT: tl.constexpr,
+    BR_G: tl.constexpr, BR_U: tl.constexpr, BR_D: tl.constexpr, FP32_DOT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
@@ -182,7 +187,10 @@ def _lora_mlp_bwd_kernel(
                              R_G, R_U, BR_G, BR_U, FP32_DOT)
         a, da = _act_and_grad(g, ACT)
         h = round_to(a * u, HM.dtype.element_ty).to(tl.float32)
-        keep = tl.rand(seed, rows[:, None] * I + cols[None, :]) >= pf
+        if HAS_DROPOUT:
+            keep = tl.rand(seed, rows[:, None] * I + cols[None, :]) >= pf
+        else:
+            keep = tl.full([BLOCK_M, BLOCK_I], 1, tl.int1)
         ad = tl.load(A_D + ranks_d[:, None] * I + cols[None, :], mask=(ranks_d < R_D)[:, None] & col_mask[None, :],
                      other=0.0)                                               # [BR_D, BI]
         if FP32_DOT:
@@ -213,11 +221,51 @@ def _lora_mlp_bwd_kernel(
     tl.store(DXA_U + rows[:, None] * R_U + ranks_u[None, :], acc_u, mask=row_mask[:, None] & (ranks_u < R_U)[None, :])
 
 
-def _mlp_blocks(device: torch.device) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_I): big tiles under the interpreter; GPU tiles untuned until measured."""
-    if device.type != "cuda" and interpreting():
-        return 64, 128
-    return 64, 64
+class MLPTiles(NamedTuple):
+    """Launch choice of the activation kernels."""
+    block_m: int
+    block_i: int
+    num_warps: int
+    num_stages: int
+    maxnreg: int | None = None
+
+    def options(self) -> dict:
+        """The launch options (maxnreg only when set: the interpreter takes no such option)."""
+        return dict(num_warps=self.num_warps, num_stages=self.num_stages,
+                    **({"maxnreg": self.maxnreg} if self.maxnreg else {}))
+
+
+def _mlp_blocks(capability: tuple[int, int] | None, ranks: tuple[int, ...], fp32_dot: bool) -> MLPTiles:
+    """Tiles for the activation kernels (ranks: gate's, up's and down's).
+
+    The interpreter (capability None) gets big tiles. On a GPU, from the compile report (sm_80,
+    sm_90, sm_100, with triton 3.8 and 3.6; benchmarks/NOTES.md): 64x64 tiles at 4 warps and 3
+    stages spilled (48-680 B) and at rank 128 needed 250-390 KB of shared memory (pipeline buffers
+    for six dot operands). One stage and 32x32 tiles at 8 warps fit, with maxnreg=255: left to
+    itself ptxas held some of these 256-thread programs to 128 registers and spilled 16-40 B.
+    Ranks that are not multiples of 16 load their rows unvectorised and take 32x16 tiles (4 B of
+    spills on sm_100 at rank 8 otherwise). fp32 dots above rank 32 do not fit (`_fused_fits`)."""
+    if capability is None:
+        return MLPTiles(64, 128, 4, 1)
+    return MLPTiles(32, 32 if all(r % 16 == 0 for r in ranks) else 16, 8, 1, maxnreg=255)
+
+
+def _launch_choice(x: Tensor, ag: Tensor, au: Tensor, ad: Tensor) -> tuple[bool, MLPTiles]:
+    """(FP32_DOT, tiles) of the activation kernels for these operands on x's device."""
+    capability = capability_of(x.device)
+    fp32 = _fp32_dot(capability, x, ag, au, ad)
+    return fp32, _mlp_blocks(capability, (ag.shape[0], au.shape[0], ad.shape[0]), fp32)
+
+
+def _fused_fits(x: Tensor, *adapters: Tensor) -> bool:
+    """Whether the fused activation kernels compile without spills for these ranks and dtypes on a
+    GPU: bf16 adapters to rank 128, fp32 or mixed-dtype ones to rank 32 (fp32 dots run on the FMA
+    units with their operand tiles in registers; rank 64 still spilled at 16x16 tiles). Decided
+    from the dtypes alone, so that the meta device and FakeTensorMode take the path a GPU takes;
+    beyond it, lora_mlp composes three lora_linear ops and the eager activation, which compute the
+    same thing."""
+    br = max(_br(a.shape[0]) for a in adapters)
+    return br <= 128 and (br <= 32 or not _fp32_dot((9, 0), x, *adapters))
 
 
 def _br(r: int) -> int:
@@ -225,104 +273,151 @@ def _br(r: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
-# Autograd Function.
+# The custom ops (kernels/_common.py): the forward returns y and what the backward needs (g_base,
+# u_base, xa_g, xa_u, hd); the backward op returns dX and the parameters' gradients. params holds
+# gate's, up's and down's W, b, A, B in turn, each b left out where has_bias says so (lora.py).
 # ------------------------------------------------------------------------------------------------
-class LoRAMLPFunction(torch.autograd.Function):
-    """Inputs: x, activation, dropout (3 floats), seeds (3 ints), scales (3 floats), then W, b, A, B
-    for gate, up and down (12 tensors). Saves x, g_base, u_base, xa_g, xa_u, hd (see docstring)."""
+def _mlp_forward(x: Tensor, params: list[Tensor], has_bias: list[bool], activation: str, dropouts: list[float],
+                 seeds: Tensor, scales: list[float]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y [rows, H], g_base, u_base [rows, I], xa_g, xa_u, hd [rows, r])."""
+    rows = as_rows(x)
+    (wg, bg, ag, bmg), (wu, bu, au, bmu), (wd, bd, ad, bmd) = _projections(params, has_bias)
+    (pg, pu, pd), (sg, su, sd), seeds = dropouts, scales, seeds.tolist()
+    n = rows.shape[0]
+    inter = wg.shape[0]
+    if pg == 0 and pu == 0 and ag.dtype == au.dtype:  # one read of x for both rank-r inputs
+        xa = torch.mm(rows.to(ag.dtype), torch.cat([ag * sg, au * su]).t())
+        xa_g, xa_u = xa[:, : ag.shape[0]].contiguous(), xa[:, ag.shape[0]:].contiguous()
+    else:
+        xa_g = lora_down(rows, ag, sg, pg, seeds[0])
+        xa_u = lora_down(rows, au, su, pu, seeds[1])
+    g = torch.mm(rows, wg.t()) if bg is None else torch.addmm(bg, rows, wg.t())     # [N, I]
+    u = torch.mm(rows, wu.t()) if bu is None else torch.addmm(bu, rows, wu.t())
+    h = torch.empty(n, inter, dtype=rows.dtype, device=rows.device)
+    hd = torch.empty(n, ad.shape[0], dtype=ad.dtype, device=rows.device)
+    fp32, t = _launch_choice(rows, ag, au, ad)
+    if n:
+        launch(_lora_mlp_fwd_kernel, (triton.cdiv(n, t.block_m),),
+               g, u, xa_g, xa_u, bmg.contiguous(), bmu.contiguous(), ad.contiguous(), h, hd, n, inter, ag.shape[0],
+               au.shape[0], ad.shape[0], g.stride(0), u.stride(0), seeds[2], float(pd), float(sd),
+               ACT=_ACT_ID[activation], BLOCK_M=t.block_m, BLOCK_I=t.block_i, BR_G=_br(ag.shape[0]),
+               BR_U=_br(au.shape[0]), BR_D=_br(ad.shape[0]), FP32_DOT=fp32, HAS_DROPOUT=pd > 0,
+               **t.options())
+    bdt = bmd.to(rows.dtype).t()
+    hdy = hd.to(rows.dtype)
+    y = torch.mm(hdy, bdt) if bd is None else torch.addmm(bd, hdy, bdt)             # [N, H]
+    y.addmm_(h, wd.t())                                                            # epilogue add
+    return y, g, u, xa_g, xa_u, hd  # y [rows, H]: never a view (kernels/_common.py, as_rows)
 
-    @staticmethod
-    def forward(ctx, x, activation, dropout, seeds, scales, *params):
-        rows = as_rows(x)
-        (wg, bg, ag, bmg), (wu, bu, au, bmu), (wd, bd, ad, bmd) = (params[0:4], params[4:8], params[8:12])
-        (pg, pu, pd), (sg, su, sd) = dropout, scales
-        n = rows.shape[0]
-        inter = wg.shape[0]
-        if pg == 0 and pu == 0 and ag.dtype == au.dtype:  # one read of x for both rank-r inputs
-            xa = torch.mm(rows.to(ag.dtype), torch.cat([ag * sg, au * su]).t())
-            xa_g, xa_u = xa[:, : ag.shape[0]].contiguous(), xa[:, ag.shape[0]:].contiguous()
+
+def _mlp_backward(dy: Tensor, x: Tensor, g: Tensor, u: Tensor, xa_g: Tensor, xa_u: Tensor, hd: Tensor,
+                  params: list[Tensor], has_bias: list[bool], activation: str, dropouts: list[float],
+                  seeds: Tensor, scales: list[float], needs: list[bool]) -> tuple[Tensor, list[Tensor]]:
+    """(dX shaped like x, the gradients of params in their order); needs: x's, then W, b, A, B of
+    gate, up and down; absent() for what it does not ask."""
+    rows = as_rows(x)
+    projections = _projections(params, has_bias)
+    (wg, bg, ag, bmg), (wu, bu, au, bmu), (wd, bd, ad, bmd) = projections
+    (pg, pu, pd), (sg, su, sd), seeds = dropouts, scales, seeds.tolist()
+    need = needs[1:]
+    dy = as_rows(dy)
+    n, inter = g.shape
+    grads = [absent(x) for _ in range(12)]
+    # Down projection: its rank-r products, and dh's base part from cuBLAS.
+    dy_lr = dy.to(bmd.dtype)
+    dhd = torch.mm(dy_lr, bmd)                                                     # [N, r_d]
+    if need[11]:
+        grads[11] = torch.mm(dy_lr.t(), hd).to(bmd.dtype)
+    if bd is not None and need[9]:
+        grads[9] = dy.sum(0, dtype=torch.float32).to(bd.dtype)
+    dh = torch.mm(dy, wd.to(dy.dtype))                                             # [N, I]
+    dg, du, hm = torch.empty_like(dh), torch.empty_like(dh), torch.empty_like(dh)
+    store_h = need[8] and pd > 0
+    hf = torch.empty_like(dh) if store_h else hm
+    dxa_g = torch.empty(n, ag.shape[0], dtype=torch.float32, device=dy.device)
+    dxa_u = torch.empty(n, au.shape[0], dtype=torch.float32, device=dy.device)
+    fp32, t = _launch_choice(dy, ag, au, ad)
+    if n:
+        launch(_lora_mlp_bwd_kernel, (triton.cdiv(n, t.block_m),),
+               dh, dhd.contiguous(), g, u, xa_g, xa_u, bmg.contiguous(), bmu.contiguous(), ad.contiguous(),
+               dg, du, hm, hf, dxa_g, dxa_u, n, inter, ag.shape[0], au.shape[0], ad.shape[0],
+               g.stride(0), u.stride(0), seeds[2], float(pd), float(sd),
+               ACT=_ACT_ID[activation], STORE_H=store_h, BLOCK_M=t.block_m, BLOCK_I=t.block_i,
+               BR_G=_br(ag.shape[0]), BR_U=_br(au.shape[0]), BR_D=_br(ad.shape[0]), FP32_DOT=fp32,
+               HAS_DROPOUT=pd > 0, **t.options())
+    del dh
+    if need[10]:
+        grads[10] = torch.mm(dhd.t(), hm.to(dhd.dtype)).mul_(sd).to(ad.dtype)     # dA_d (hm = drop(h))
+    if need[8]:
+        grads[8] = torch.mm(dy.t(), hf if store_h else hm).to(wd.dtype)           # dW_d (hm = h when p_d = 0)
+    # Gate and up: rank-r grads from dxa and the saved xa, base grads if the base trains.
+    for (w, b, a, bm, xa, dxa, d, s, p, seed, k) in (
+            (wg, bg, ag, bmg, xa_g, dxa_g, dg, sg, pg, seeds[0], 0),
+            (wu, bu, au, bmu, xa_u, dxa_u, du, su, pu, seeds[1], 4)):
+        if need[k + 3]:
+            grads[k + 3] = torch.mm(d.t().to(xa.dtype), xa).to(bm.dtype)
+        if need[k + 2]:
+            grads[k + 2] = lora_grad_a(dxa.to(a.dtype), rows, s, p, seed, a.dtype)
+        if need[k]:
+            grads[k] = torch.mm(d.t(), rows).to(w.dtype)
+        if b is not None and need[k + 1]:
+            grads[k + 1] = d.sum(0, dtype=torch.float32).to(b.dtype)
+    dx = absent(x)
+    if needs[0]:
+        if pg == 0 and pu == 0:  # one rank-(r_g + r_u) GEMM writes the low-rank part of dX
+            dx = torch.mm(torch.cat([dxa_g, dxa_u], 1).to(ag.dtype), torch.cat([ag * sg, au * su])).to(rows.dtype)
         else:
-            xa_g = lora_down(rows, ag, sg, pg, seeds[0])
-            xa_u = lora_down(rows, au, su, pu, seeds[1])
-        g = torch.mm(rows, wg.t()) if bg is None else torch.addmm(bg, rows, wg.t())     # [N, I]
-        u = torch.mm(rows, wu.t()) if bu is None else torch.addmm(bu, rows, wu.t())
-        h = torch.empty(n, inter, dtype=rows.dtype, device=rows.device)
-        hd = torch.empty(n, ad.shape[0], dtype=ad.dtype, device=rows.device)
-        bm_, bi = _mlp_blocks(rows.device)
-        bmg_c, bmu_c, ad_c = bmg.contiguous(), bmu.contiguous(), ad.contiguous()
-        fp32 = _fp32_dot(rows, ag, au, ad)
-        if n:
-            _lora_mlp_fwd_kernel[(triton.cdiv(n, bm_),)](
-                g, u, xa_g, xa_u, bmg_c, bmu_c, ad_c, h, hd, n, inter, ag.shape[0], au.shape[0], ad.shape[0],
-                g.stride(0), u.stride(0), seeds[2], float(pd), float(sd),
-                ACT=_ACT_ID[activation], BLOCK_M=bm_, BLOCK_I=bi, BR_G=_br(ag.shape[0]), BR_U=_br(au.shape[0]),
-                BR_D=_br(ad.shape[0]), FP32_DOT=fp32)
-        bdt = bmd.to(rows.dtype).t()
-        hdy = hd.to(rows.dtype)
-        y = torch.mm(hdy, bdt) if bd is None else torch.addmm(bd, hdy, bdt)             # [N, H]
-        y.addmm_(h, wd.t())                                                            # epilogue add
-        ctx.activation, ctx.dropout, ctx.seeds, ctx.scales, ctx.x_shape = activation, dropout, seeds, scales, x.shape
-        ctx.save_for_backward(rows, g, u, xa_g, xa_u, hd, *params)
-        return y  # [rows, H]: never a view (kernels/_common.py, as_rows)
+            dx = lora_up_into(None, dxa_g.to(ag.dtype), ag, sg, pg, seeds[0], rows.dtype)
+            dx = lora_up_into(dx, dxa_u.to(au.dtype), au, su, pu, seeds[1], rows.dtype)
+        dx.addmm_(dg, wg.to(dx.dtype))
+        dx.addmm_(du, wu.to(dx.dtype))
+        dx = dx.view(x.shape)
+    return dx, [t for t, pr in zip(grads, (t for pr in projections for t in pr)) if pr is not None]
 
-    @staticmethod
-    def backward(ctx, dy):
-        rows, g, u, xa_g, xa_u, hd, *params = ctx.saved_tensors
-        (wg, bg, ag, bmg), (wu, bu, au, bmu), (wd, bd, ad, bmd) = (params[0:4], params[4:8], params[8:12])
-        (pg, pu, pd), (sg, su, sd), seeds = ctx.dropout, ctx.scales, ctx.seeds
-        need = ctx.needs_input_grad[5:]
-        dy = as_rows(dy)
-        n, inter = g.shape
-        grads = [None] * 12
-        # Down projection: its rank-r products, and dh's base part from cuBLAS.
-        dy_lr = dy.to(bmd.dtype)
-        dhd = torch.mm(dy_lr, bmd)                                                     # [N, r_d]
-        if need[11]:
-            grads[11] = torch.mm(dy_lr.t(), hd).to(bmd.dtype)
-        if bd is not None and need[9]:
-            grads[9] = dy.sum(0, dtype=torch.float32).to(bd.dtype)
-        dh = torch.mm(dy, wd.to(dy.dtype))                                             # [N, I]
-        dg, du, hm = torch.empty_like(dh), torch.empty_like(dh), torch.empty_like(dh)
-        store_h = need[8] and pd > 0
-        hf = torch.empty_like(dh) if store_h else hm
-        dxa_g = torch.empty(n, ag.shape[0], dtype=torch.float32, device=dy.device)
-        dxa_u = torch.empty(n, au.shape[0], dtype=torch.float32, device=dy.device)
-        bm_, bi = _mlp_blocks(dy.device)
-        if n:
-            _lora_mlp_bwd_kernel[(triton.cdiv(n, bm_),)](
-                dh, dhd.contiguous(), g, u, xa_g, xa_u, bmg.contiguous(), bmu.contiguous(), ad.contiguous(),
-                dg, du, hm, hf, dxa_g, dxa_u, n, inter, ag.shape[0], au.shape[0], ad.shape[0],
-                g.stride(0), u.stride(0), seeds[2], float(pd), float(sd),
-                ACT=_ACT_ID[ctx.activation], STORE_H=store_h, BLOCK_M=bm_, BLOCK_I=bi, BR_G=_br(ag.shape[0]),
-                BR_U=_br(au.shape[0]), BR_D=_br(ad.shape[0]), FP32_DOT=_fp32_dot(dy, ag, au, ad))
-        del dh
-        if need[10]:
-            grads[10] = torch.mm(dhd.t(), hm.to(dhd.dtype)).mul_(sd).to(ad.dtype)     # dA_d (hm = drop(h))
-        if need[8]:
-            grads[8] = torch.mm(dy.t(), hf if store_h else hm).to(wd.dtype)           # dW_d (hm = h when p_d = 0)
-        # Gate and up: rank-r grads from dxa and the saved xa, base grads if the base trains.
-        for (w, b, a, bm, xa, dxa, d, s, p, seed, k) in (
-                (wg, bg, ag, bmg, xa_g, dxa_g, dg, sg, pg, seeds[0], 0),
-                (wu, bu, au, bmu, xa_u, dxa_u, du, su, pu, seeds[1], 4)):
-            if need[k + 3]:
-                grads[k + 3] = torch.mm(d.t().to(xa.dtype), xa).to(bm.dtype)
-            if need[k + 2]:
-                grads[k + 2] = lora_grad_a(dxa.to(a.dtype), rows, s, p, seed, a.dtype)
-            if need[k]:
-                grads[k] = torch.mm(d.t(), rows).to(w.dtype)
-            if b is not None and need[k + 1]:
-                grads[k + 1] = d.sum(0, dtype=torch.float32).to(b.dtype)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            if pg == 0 and pu == 0:  # one rank-(r_g + r_u) GEMM writes the low-rank part of dX
-                dx = torch.mm(torch.cat([dxa_g, dxa_u], 1).to(ag.dtype), torch.cat([ag * sg, au * su])).to(rows.dtype)
-            else:
-                dx = lora_up_into(None, dxa_g.to(ag.dtype), ag, sg, pg, seeds[0], rows.dtype)
-                dx = lora_up_into(dx, dxa_u.to(au.dtype), au, su, pu, seeds[1], rows.dtype)
-            dx.addmm_(dg, wg.to(dx.dtype))
-            dx.addmm_(du, wu.to(dx.dtype))
-            dx = dx.view(ctx.x_shape)
-        return (dx, None, None, None, None, *grads)
+
+def _mlp_forward_fake(x, params, has_bias, activation, dropouts, seeds, scales):
+    (wg, _, ag, _), (_, _, au, _), (_, _, ad, _) = _projections(params, has_bias)
+    n = x.numel() // x.shape[-1]
+    return (x.new_empty(n, x.shape[-1]), x.new_empty(n, wg.shape[0]), x.new_empty(n, wg.shape[0]),
+            x.new_empty(n, ag.shape[0], dtype=ag.dtype), x.new_empty(n, au.shape[0], dtype=au.dtype),
+            x.new_empty(n, ad.shape[0], dtype=ad.dtype))
+
+
+def _mlp_backward_fake(dy, x, g, u, xa_g, xa_u, hd, params, has_bias, activation, dropouts, seeds, scales, needs):
+    flat = [t for pr in _projections(params, has_bias) for t in pr]
+    grads = [torch.empty_like(t) if needed else absent(x) for t, needed in zip(flat, needs[1:]) if t is not None]
+    return torch.empty_like(x, memory_format=torch.contiguous_format) if needs[0] else absent(x), grads
+
+
+lora_mlp_fwd = kernel_op("lora_mlp", fake=_mlp_forward_fake)(_mlp_forward)
+lora_mlp_bwd = kernel_op("lora_mlp_bwd", fake=_mlp_backward_fake)(_mlp_backward)
+
+
+def _save(ctx, inputs, output):
+    x, params, has_bias, activation, dropouts, seeds, scales = inputs
+    _, *saved = output
+    ctx.save_for_backward(x, seeds, *saved, *params)
+    ctx.has_bias, ctx.activation, ctx.dropouts, ctx.scales = has_bias, activation, dropouts, scales
+    ctx.mark_non_differentiable(*saved)
+
+
+def _backward(ctx, dy, *_):
+    x, seeds, g, u, xa_g, xa_u, hd, *params = ctx.saved_tensors
+    if dy is None:
+        return None, None, None, None, None, None, None
+    need_params = list(ctx.needs_input_grad[1])
+    per_layer = iter(need_params)  # needs for W, b, A, B of gate, up, down (False for an absent b)
+    needs = [bool(ctx.needs_input_grad[0])]
+    for bias in ctx.has_bias:
+        w, b = next(per_layer), next(per_layer) if bias else False
+        needs += [w, b, next(per_layer), next(per_layer)]
+    dx, grads = lora_mlp_bwd(dy, x, g, u, xa_g, xa_u, hd, list(params), ctx.has_bias, ctx.activation, ctx.dropouts,
+                             seeds, ctx.scales, needs)
+    return (dx if needs[0] else None, [t if n else None for t, n in zip(grads, need_params)],
+            None, None, None, None, None)
+
+
+register_autograd(lora_mlp_fwd, backward=_backward, save=_save)
 
 
 def lora_mlp(x: torch.Tensor, gate, up, down, activation: str = "silu", dropout=0.0, seeds=None) -> torch.Tensor:
@@ -330,7 +425,8 @@ def lora_mlp(x: torch.Tensor, gate, up, down, activation: str = "silu", dropout=
 
     gate, up, down: (W, b or None, A, B, scale) each, W in nn.Linear's [out, in] layout.
     activation: "silu" (SwiGLU), "gelu_tanh" or "gelu" (GeGLU). dropout: one float or three (gate,
-    up, down); seeds: three ints, drawn from torch's generator in the order gate, up, down when None.
+    up, down); seeds: three (ints or draw_seed() tensors), drawn from torch's generator in the order
+    gate, up, down when None.
     """
     if activation not in _ACT_ID:
         raise ValueError(f"lora_mlp: activation {activation!r} is not one of {ACTIVATIONS}")
@@ -349,7 +445,10 @@ def lora_mlp(x: torch.Tensor, gate, up, down, activation: str = "silu", dropout=
     tensors = [t for t in (wg, bg, ag, bmg, wu, bu, au, bmu, wd, bd, ad, bmd) if t is not None]
     if not use_triton(x, *tensors):
         return lora_mlp_reference(x, gate, up, down, activation, drops, seeds)
-    y = LoRAMLPFunction.apply(x, activation, drops, tuple(int(s) for s in seeds),
-                              (float(sg), float(su), float(sd)),
-                              wg, bg, ag, bmg, wu, bu, au, bmu, wd, bd, ad, bmd)
+    if not _fused_fits(x, ag, au, ad):
+        g = lora_linear(x, wg, ag, bmg, sg, bg, drops[0], seeds[0])
+        u = lora_linear(x, wu, au, bmu, su, bu, drops[1], seeds[1])
+        return lora_linear(activation_reference(g, activation) * u, wd, ad, bmd, sd, bd, drops[2], seeds[2])
+    y, *_ = lora_mlp_fwd(x, tensors, [bg is not None, bu is not None, bd is not None], activation, list(drops),
+                         _seed_tensor(seeds), [float(sg), float(su), float(sd)])
     return y.view(*x.shape[:-1], y.shape[-1])

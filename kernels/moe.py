@@ -61,6 +61,7 @@ CPU anyway, sizes its grid exactly).
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -68,7 +69,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import as_rows, interpreting, round_to, use_triton
+from torch import Tensor
+
+from ._common import absent, as_rows, capability_of, interpreting, kernel_op, register_autograd, round_to, use_triton
 from .lora import _fp32_dot
 from .lora_mlp import ACTIVATIONS, _act_and_grad, activation_reference
 
@@ -448,7 +451,7 @@ def grouped_mm(x, w3, routing: Routing, *, gather: bool, lr=None, scatter: bool 
         n_out, k_dim, GATHER=gather, SCATTER=scatter, ROW_SCALE=row_w is not None, HAS_LR=lr is not None,
         SPLIT=split is not None,
         BLOCK_E=triton.next_power_of_2(routing.num_experts), BLOCK_M=routing.block_m, BLOCK_N=bl.block_n,
-        BLOCK_K=bl.block_k, BLOCK_R=block_r, FP32_DOT=_fp32_dot(x, w3), num_warps=bl.num_warps,
+        BLOCK_K=bl.block_k, BLOCK_R=block_r, FP32_DOT=_fp32_dot(capability_of(x.device), x, w3), num_warps=bl.num_warps,
         num_stages=bl.num_stages)
     return out
 
@@ -466,7 +469,7 @@ def weight_grad(a, b, routing: Routing, out: torch.Tensor, *, gather_a=False, ga
         a, routing.token, a.stride(0), b, routing.token, b.stride(0), routing.slot, row_w,
         out, out.stride(0), out.stride(1), out.stride(2), routing.offsets, p_dim, q_dim, float(scale),
         GATHER_A=gather_a, GATHER_B=gather_b, ROW_SCALE=row_w is not None, BLOCK_P=block_p, BLOCK_Q=bl.block_n,
-        BLOCK_M=bl.block_k, FP32_DOT=_fp32_dot(a, b), num_warps=bl.num_warps, num_stages=bl.num_stages)
+        BLOCK_M=bl.block_k, FP32_DOT=_fp32_dot(capability_of(a.device), a, b), num_warps=bl.num_warps, num_stages=bl.num_stages)
     return out
 
 
@@ -498,7 +501,7 @@ def _glu_forward(x, gate_up3, w_up, routing, lr, lb_up, activation):
         routing.tile_cum, routing.offsets, routing.num_experts, inter, gate_up3.shape[2],
         ACT=_ACT_ID[activation], HAS_LR=lr is not None, BLOCK_E=triton.next_power_of_2(routing.num_experts),
         BLOCK_M=routing.block_m, BLOCK_N=bl.block_n, BLOCK_K=bl.block_k, BLOCK_R=block_r,
-        FP32_DOT=_fp32_dot(x, gate_up3), num_warps=bl.num_warps, num_stages=bl.num_stages)
+        FP32_DOT=_fp32_dot(capability_of(x.device), x, gate_up3), num_warps=bl.num_warps, num_stages=bl.num_stages)
     return gu, h
 
 
@@ -519,7 +522,7 @@ def _glu_backward(dout, down_t, routing, gu, topk_w, lr, activation, store_h):
         routing.tile_cum, routing.offsets, routing.num_experts, inter, down_t.shape[2],
         ACT=_ACT_ID[activation], HAS_LR=lr is not None, STORE_H=store_h,
         BLOCK_E=triton.next_power_of_2(routing.num_experts), BLOCK_M=routing.block_m, BLOCK_N=bl.block_n,
-        BLOCK_K=bl.block_k, BLOCK_R=block_r, FP32_DOT=_fp32_dot(dout, down_t), num_warps=bl.num_warps,
+        BLOCK_K=bl.block_k, BLOCK_R=block_r, FP32_DOT=_fp32_dot(capability_of(dout.device), dout, down_t), num_warps=bl.num_warps,
         num_stages=bl.num_stages)
     return dgu, h, dw_part.sum(1)
 
@@ -548,82 +551,132 @@ def _concatenated(t: torch.Tensor, layout: str) -> torch.Tensor:
     return torch.cat([t[:, 0::2], t[:, 1::2]], dim=1) if layout == "interleaved" else t
 
 
-class MoEExpertsFunction(torch.autograd.Function):
-    """Inputs: x [N, H], topk_w [N, K], gate_up [E, 2I, H] and down [E, H, I] (logical views), the
-    LoRA factors a_gu [E, r, H], b_gu [E, 2I, r], a_d [E, r, I], b_d [E, H, r] or None, then the
-    Routing, activation, layout, the two LoRA scales and the scale on the expert
-    parameters' gradients (expert parallelism, fastft/expert_parallel.py). Saves x, the routing,
-    gu, xa, hd."""
+# ------------------------------------------------------------------------------------------------
+# The custom ops (kernels/_common.py): the forward returns the output and what the backward needs
+# (gu, and with LoRA xa, hd); the backward op rebuilds the routing from topk_idx (a sort of S ids,
+# cheaper than saving five vectors) and returns the gradients of x, topk_w, the stacks and the LoRA
+# factors. x [N, H], topk_w [N, K], gate_up [E, 2I, H] and down [E, H, I] (logical views), the LoRA
+# factors a_gu [E, r, H], b_gu [E, 2I, r], a_d [E, r, I], b_d [E, H, r] or None.
+# ------------------------------------------------------------------------------------------------
+def _moe_forward(x: Tensor, topk_idx: Tensor, topk_w: Tensor, gate_up: Tensor, down: Tensor, a_gu: Tensor | None,
+                 b_gu: Tensor | None, a_d: Tensor | None, b_d: Tensor | None, activation: str, layout: str,
+                 s_gu: float, s_d: float, grad_scale: float, block_m: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out [N, H], gu [S, 2I], xa [S, r] or empty, hd [S, r] or empty)."""
+    x = as_rows(x)
+    routing = route(topk_idx, gate_up.shape[0], block_m)
+    w_slot = topk_w.reshape(-1)
+    gate, w_up = gate_up_halves(gate_up, layout)
+    xa = lr_gu = None
+    lb_up = 0
+    if a_gu is not None:
+        xa = grouped_mm(x, a_gu, routing, gather=True)                          # [S, r]
+        b_gate, lb_up = gate_up_halves(b_gu, layout)
+        lr_gu = (xa, b_gate, s_gu)
+    gu, h = _glu_forward(x, gate, w_up, routing, lr_gu, lb_up, activation)      # [S, 2I], [S, I]
+    hd = grouped_mm(h, a_d, routing, gather=False) if a_d is not None else None  # [S, r]
+    ys = grouped_mm(h, down, routing, gather=False, lr=None if hd is None else (hd, b_d, s_d), scatter=True,
+                    row_w=w_slot)                                                # [S, H] by slot
+    del h
+    out = combine(ys, routing, x.shape[0])
+    return out, gu, absent(x) if xa is None else xa, absent(x) if hd is None else hd
 
-    @staticmethod
-    def forward(ctx, x, topk_w, gate_up, down, a_gu, b_gu, a_d, b_d, routing, activation, layout, s_gu, s_d,
-                grad_scale):
-        w_slot = topk_w.reshape(-1)
+
+def _moe_backward(dout: Tensor, x: Tensor, topk_idx: Tensor, topk_w: Tensor, gate_up: Tensor, down: Tensor,
+                  a_gu: Tensor | None, b_gu: Tensor | None, a_d: Tensor | None, b_d: Tensor | None, gu: Tensor,
+                  xa: Tensor, hd: Tensor, activation: str, layout: str, s_gu: float, s_d: float, grad_scale: float,
+                  block_m: int, needs: list[bool]) -> list[Tensor]:
+    """The gradients of x, topk_w, gate_up, down, a_gu, b_gu, a_d, b_d (needs: one flag each, in
+    that order); an empty tensor for one not asked for."""
+    x = as_rows(x)
+    routing = route(topk_idx, gate_up.shape[0], block_m)
+    w_slot = topk_w.reshape(-1)
+    xa, hd = (xa if a_gu is not None else None), (hd if a_d is not None else None)
+    need = needs
+    dout = as_rows(dout)
+    grads = [None] * 8
+    # Down projection (and the activation's backward, fused into its epilogue).
+    u = grouped_mm(dout, b_d.transpose(1, 2), routing, gather=True) if a_d is not None else None  # dout·B_d
+    store_h = need[3] or (a_d is not None and need[6])
+    dgu, h, dw_sorted = _glu_backward(dout, down.transpose(1, 2), routing, gu, w_slot,
+                                      None if u is None else (u, a_d.transpose(1, 2), s_d), activation, store_h)
+    if need[3]:
+        grads[3] = weight_grad(dout, h, routing, torch.empty_like(down), gather_a=True, row_w=w_slot, scale=grad_scale)
+    if a_d is not None and need[6]:
+        grads[6] = weight_grad(u, h, routing, torch.empty_like(a_d), row_w=w_slot, scale=s_d * grad_scale)
+    if a_d is not None and need[7]:
+        grads[7] = weight_grad(dout, hd, routing, torch.empty_like(b_d), gather_a=True, row_w=w_slot,
+                               scale=s_d * grad_scale)
+    del h, u
+    inter = gu.shape[1] // 2
+    dg, du = dgu[:, :inter], dgu[:, inter:]
+    # Gate/up: LoRA's rank-r gradient first (dX needs it), then the weight gradients, then dX.
+    dxa = None
+    if a_gu is not None and (need[0] or need[4]):
+        b_gate, lb_up = gate_up_halves(b_gu, layout)
+        dxa = grouped_mm(dgu, b_gate.transpose(1, 2), routing, gather=False, split=lb_up)  # dg·B_g + du·B_u
+        dxa.mul_(s_gu)
+    if a_gu is not None and need[5]:
+        grads[5] = torch.empty_like(b_gu)
+        weight_grad(dg, xa, routing, gate_up_halves(grads[5], layout)[0], scale=s_gu * grad_scale)
+        weight_grad(du, xa, routing, _up_view(grads[5], layout), scale=s_gu * grad_scale)
+    if a_gu is not None and need[4]:
+        grads[4] = weight_grad(dxa, x, routing, torch.empty_like(a_gu), gather_b=True, scale=grad_scale)
+    if need[2]:
+        grads[2] = torch.empty_like(gate_up)
+        weight_grad(dg, x, routing, gate_up_halves(grads[2], layout)[0], gather_b=True, scale=grad_scale)
+        weight_grad(du, x, routing, _up_view(grads[2], layout), gather_b=True, scale=grad_scale)
+    if need[0]:
         gate, w_up = gate_up_halves(gate_up, layout)
-        xa = lr_gu = None
-        lb_up = 0
-        if a_gu is not None:
-            xa = grouped_mm(x, a_gu, routing, gather=True)                          # [S, r]
-            b_gate, lb_up = gate_up_halves(b_gu, layout)
-            lr_gu = (xa, b_gate, s_gu)
-        gu, h = _glu_forward(x, gate, w_up, routing, lr_gu, lb_up, activation)      # [S, 2I], [S, I]
-        hd = grouped_mm(h, a_d, routing, gather=False) if a_d is not None else None  # [S, r]
-        ys = grouped_mm(h, down, routing, gather=False, lr=None if hd is None else (hd, b_d, s_d), scatter=True,
-                        row_w=w_slot)                                                # [S, H] by slot
-        del h
-        ctx.save_for_backward(x, w_slot, gate_up, down, a_gu, b_gu, a_d, b_d, gu, xa, hd, *routing[:5])
-        ctx.meta = routing[5:], activation, layout, s_gu, s_d, grad_scale, topk_w.shape
-        return combine(ys, routing, x.shape[0])
+        dxs = grouped_mm(dgu, gate.transpose(1, 2), routing, gather=False, split=w_up, scatter=True,
+                         lr=None if dxa is None else (dxa, a_gu.transpose(1, 2), 1.0))  # [S, H] by slot
+        grads[0] = combine(dxs, routing, x.shape[0])
+    if need[1]:
+        dw = torch.empty_like(dw_sorted).index_copy_(0, routing.slot.long(), dw_sorted)
+        grads[1] = dw.view(topk_w.shape).to(topk_w.dtype)
+    return [absent(x) if g is None else g for g in grads]
 
-    @staticmethod
-    def backward(ctx, dout):
-        x, w_slot, gate_up, down, a_gu, b_gu, a_d, b_d, gu, xa, hd, *routing = ctx.saved_tensors
-        meta, activation, layout, s_gu, s_d, grad_scale, w_shape = ctx.meta
-        routing = Routing(*routing, *meta)
-        need = ctx.needs_input_grad
-        dout = as_rows(dout)
-        grads = [None] * 8
-        # Down projection (and the activation's backward, fused into its epilogue).
-        u = grouped_mm(dout, b_d.transpose(1, 2), routing, gather=True) if a_d is not None else None  # dout·B_d
-        store_h = need[3] or (a_d is not None and need[6])
-        dgu, h, dw_sorted = _glu_backward(dout, down.transpose(1, 2), routing, gu, w_slot,
-                                          None if u is None else (u, a_d.transpose(1, 2), s_d), activation, store_h)
-        if need[3]:
-            grads[3] = weight_grad(dout, h, routing, torch.empty_like(down), gather_a=True, row_w=w_slot,
-                                   scale=grad_scale)
-        if a_d is not None and need[6]:
-            grads[6] = weight_grad(u, h, routing, torch.empty_like(a_d), row_w=w_slot, scale=s_d * grad_scale)
-        if a_d is not None and need[7]:
-            grads[7] = weight_grad(dout, hd, routing, torch.empty_like(b_d), gather_a=True, row_w=w_slot,
-                                   scale=s_d * grad_scale)
-        del h, u
-        inter = gu.shape[1] // 2
-        dg, du = dgu[:, :inter], dgu[:, inter:]
-        # Gate/up: LoRA's rank-r gradient first (dX needs it), then the weight gradients, then dX.
-        dxa = None
-        if a_gu is not None and (need[0] or need[4]):
-            b_gate, lb_up = gate_up_halves(b_gu, layout)
-            dxa = grouped_mm(dgu, b_gate.transpose(1, 2), routing, gather=False, split=lb_up)  # dg·B_g + du·B_u
-            dxa.mul_(s_gu)
-        if a_gu is not None and need[5]:
-            grads[5] = torch.empty_like(b_gu)
-            weight_grad(dg, xa, routing, gate_up_halves(grads[5], layout)[0], scale=s_gu * grad_scale)
-            weight_grad(du, xa, routing, _up_view(grads[5], layout), scale=s_gu * grad_scale)
-        if a_gu is not None and need[4]:
-            grads[4] = weight_grad(dxa, x, routing, torch.empty_like(a_gu), gather_b=True, scale=grad_scale)
-        if need[2]:
-            grads[2] = torch.empty_like(gate_up)
-            weight_grad(dg, x, routing, gate_up_halves(grads[2], layout)[0], gather_b=True, scale=grad_scale)
-            weight_grad(du, x, routing, _up_view(grads[2], layout), gather_b=True, scale=grad_scale)
-        if need[0]:
-            gate, w_up = gate_up_halves(gate_up, layout)
-            dxs = grouped_mm(dgu, gate.transpose(1, 2), routing, gather=False, split=w_up, scatter=True,
-                             lr=None if dxa is None else (dxa, a_gu.transpose(1, 2), 1.0))  # [S, H] by slot
-            grads[0] = combine(dxs, routing, x.shape[0])
-        if need[1]:
-            dw = torch.empty_like(dw_sorted).index_copy_(0, routing.slot.long(), dw_sorted)
-            grads[1] = dw.view(w_shape).to(w_slot.dtype)
-        return (*grads, None, None, None, None, None, None)
+
+def _moe_forward_fake(x, topk_idx, topk_w, gate_up, down, a_gu, b_gu, a_d, b_d, activation, layout, s_gu, s_d,
+                      grad_scale, block_m):
+    slots = topk_idx.numel()
+    return (x.new_empty(x.shape), x.new_empty(slots, gate_up.shape[1]),
+            x.new_empty(slots, a_gu.shape[1]) if a_gu is not None else absent(x),
+            x.new_empty(slots, a_d.shape[1]) if a_d is not None else absent(x))
+
+
+def _moe_backward_fake(dout, x, topk_idx, topk_w, gate_up, down, a_gu, b_gu, a_d, b_d, gu, xa, hd, activation,
+                       layout, s_gu, s_d, grad_scale, block_m, needs):
+    inputs = (x, topk_w, gate_up, down, a_gu, b_gu, a_d, b_d)
+    return [torch.empty_like(t) if t is not None and needed else absent(x) for t, needed in zip(inputs, needs)]
+
+
+moe_experts_fwd = kernel_op("moe_experts", fake=_moe_forward_fake)(_moe_forward)
+moe_experts_bwd = kernel_op("moe_experts_bwd", fake=_moe_backward_fake)(_moe_backward)
+
+
+def _save(ctx, inputs, output):
+    x, topk_idx, topk_w, gate_up, down, a_gu, b_gu, a_d, b_d, activation, layout, s_gu, s_d, grad_scale, block_m = inputs
+    _, gu, xa, hd = output
+    ctx.save_for_backward(x, topk_idx, topk_w, gate_up, down, a_gu, b_gu, a_d, b_d, gu, xa, hd)
+    ctx.meta = activation, layout, s_gu, s_d, grad_scale, block_m
+    ctx.mark_non_differentiable(gu, xa, hd)
+
+
+def _backward(ctx, dout, *_):
+    x, topk_idx, topk_w, gate_up, down, a_gu, b_gu, a_d, b_d, gu, xa, hd = ctx.saved_tensors
+    if dout is None:
+        return (None,) * 15
+    need = ctx.needs_input_grad
+    # in the order the backward op takes: x, topk_w, gate_up, down, a_gu, b_gu, a_d, b_d
+    needs = [bool(need[i]) and t is not None for i, t in zip((0, 2, 3, 4, 5, 6, 7, 8),
+                                                            (x, topk_w, gate_up, down, a_gu, b_gu, a_d, b_d))]
+    grads = moe_experts_bwd(dout, x, topk_idx, topk_w, gate_up, down, a_gu, b_gu, a_d, b_d, gu, xa, hd,
+                            *ctx.meta, needs)
+    g = [t if n else None for t, n in zip(grads, needs)]
+    return (g[0], None, *g[1:], None, None, None, None, None, None)
+
+
+register_autograd(moe_experts_fwd, backward=_backward, save=_save)
 
 
 def _check(x, topk_idx, topk_w, gate_up, down, activation, layout, loras):
@@ -665,7 +718,7 @@ def moe_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor, g
     loras = (gate_up_lora, down_lora)
     _check(x, topk_idx, topk_w, gate_up, down, activation, layout, loras)
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):  # as autocast runs each expert's F.linear
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):  # as autocast runs each expert's F.linear
         dtype = torch.get_autocast_dtype(device_type)
         x, gate_up, down = x.to(dtype), gate_up.to(dtype), down.to(dtype)
     loras = tuple(None if lo is None else ExpertLoRA(lo.a.to(x.dtype), lo.b.to(x.dtype), float(lo.scale))
@@ -680,13 +733,15 @@ def moe_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor, g
         loras = [None if lo is None else ExpertLoRA(_scaled_grad(lo.a, scale), _scaled_grad(
             _concatenated(lo.b, layout) if lo is loras[0] else lo.b, scale), lo.scale) for lo in loras]
         return moe_experts_reference(x, topk_idx, topk_w, gate_up, down, activation, *loras)
-    with torch.autocast(device_type, enabled=False):
-        x = as_rows(x)
-        routing = route(topk_idx, gate_up.shape[0], row_block(device_type, topk_idx.numel(), gate_up.shape[0]))
+    no_autocast = torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) \
+        else contextlib.nullcontext()  # the meta device has no autocast
+    with no_autocast:
         (a_gu, b_gu, s_gu), (a_d, b_d, s_d) = ((lo.a, lo.b, lo.scale) if lo is not None else (None, None, 0.0)
                                                for lo in loras)
-        return MoEExpertsFunction.apply(x, topk_w, gate_up, down, a_gu, b_gu, a_d, b_d, routing, activation, layout,
-                                        s_gu, s_d, float(weight_grad_scale))
+        out, *_ = moe_experts_fwd(x, topk_idx, topk_w, gate_up, down, a_gu, b_gu, a_d, b_d, activation, layout,
+                                  float(s_gu), float(s_d), float(weight_grad_scale),
+                                  row_block(device_type, topk_idx.numel(), gate_up.shape[0]))
+        return out
 
 
 def _scaled_grad(t: torch.Tensor, scale: float) -> torch.Tensor:

@@ -35,8 +35,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (as_rows, check_row_op_inputs, persistent_programs, round_to, row_block, sum_partials,
-                      use_triton)
+from torch import Tensor
+
+from ._common import (absent, as_rows, capability_of, check_row_op_inputs, kernel_op, launch, norm_dx_wide,
+                      norm_param_grads, persistent_programs, register_autograd, round_to, row_block, sum_partials,
+                      use_triton, wide_row)
 
 CASTING_MODES = ("llama", "gemma", "none")
 _CASTING_ID = {name: i for i, name in enumerate(CASTING_MODES)}
@@ -85,7 +88,7 @@ def _rms_norm_fwd_kernel(
     tl.store(RSTD + row, rstd)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ROWS"])
 def _rms_norm_bwd_kernel(
     DY, X, W, RSTD, DX, DW_PARTIAL,   # DY, X, DX [rows, H]; W [H]; RSTD [rows]; DW_PARTIAL [programs, H] fp32
     STRIDE_DY, STRIDE_X, STRIDE_DX, ROWS, H, offset,
@@ -128,69 +131,102 @@ def _check_casting(casting: str) -> None:
                          "use 'llama' (Llama, Mistral, Qwen...), 'gemma' (Gemma: fp32 throughout) or 'none'")
 
 
-def _output_dtype(x: torch.Tensor, weight: torch.Tensor, casting: str) -> torch.dtype:
-    return torch.promote_types(x.dtype, weight.dtype) if casting == "llama" else x.dtype
+def _casting_id(casting: str, x: Tensor, weight: Tensor) -> int:
+    """The CASTING constexpr. With x and the weight in fp32 every mode rounds to fp32, i.e. not at
+    all: one compiled kernel (gemma's) serves the three."""
+    if x.dtype == weight.dtype == torch.float32:
+        return _GEMMA
+    return _CASTING_ID[casting]
 
 
-def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, casting: str
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel: returns (y [rows, H], x as rows, rstd [rows] fp32)."""
+def _output_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype, casting: str) -> torch.dtype:
+    return torch.promote_types(x_dtype, w_dtype) if casting == "llama" else x_dtype
+
+
+# ------------------------------------------------------------------------------------------------
+# Host side: launchers (launch choices from kernels/_common.py), the custom ops, the functional API.
+# ------------------------------------------------------------------------------------------------
+def rms_norm_forward(x: Tensor, weight: Tensor, eps: float, offset: float, casting: str) -> tuple[Tensor, Tensor]:
+    """Launch the forward kernel: returns (y [rows, H], rstd [rows] fp32)."""
     rows = as_rows(x)
     n_rows, hidden = rows.shape
-    y = torch.empty((n_rows, hidden), dtype=_output_dtype(x, weight, casting), device=x.device)
+    y = torch.empty((n_rows, hidden), dtype=_output_dtype(x.dtype, weight.dtype, casting), device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    block, num_warps = row_block(hidden)
+    block, num_warps = row_block(capability_of(x.device), hidden)
     if n_rows > 0:
-        _rms_norm_fwd_kernel[(n_rows,)](
-            rows, weight, y, rstd, rows.stride(0), y.stride(0), hidden, eps, offset,
-            CASTING=_CASTING_ID[casting], BLOCK=block, num_warps=num_warps,
-        )
-    return y, rows, rstd
+        launch(_rms_norm_fwd_kernel, (n_rows,), rows, weight, y, rstd, rows.stride(0), y.stride(0), hidden, eps,
+               offset, CASTING=_casting_id(casting, x, weight), BLOCK=block, num_warps=num_warps)
+    return y, rstd
 
 
-def rms_norm_backward(dy: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-                      offset: float, casting: str, compute_dw: bool
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launch the backward kernel: returns (dx as rows, dw or None)."""
-    dy = as_rows(dy)
+def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, offset: float, casting: str,
+                      compute_dw: bool) -> tuple[Tensor, Tensor]:
+    """Launch the backward kernel: returns (dx shaped like x, dw, or an empty tensor without compute_dw)."""
+    rows, dy = as_rows(x), as_rows(dy)
     n_rows, hidden = rows.shape
-    dx = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
-    programs = persistent_programs(rows.device, n_rows)
-    dw_partial = torch.empty((programs, hidden) if compute_dw else (1,), dtype=torch.float32, device=rows.device)
-    block, num_warps = row_block(hidden)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    programs = persistent_programs(x.device, n_rows)
+    capability = capability_of(x.device)
+    block, num_warps = row_block(capability, hidden)
+    casting_id = _casting_id(casting, x, weight)
+    if wide_row(block, num_warps):  # kernels/_common.py: dX in chunks, dW by a column-tiled pass
+        norm_dx_wide(dy, rows, weight, None, rstd, dx, offset, rounding=casting_id)  # the ids are _norm_weight's
+        if not compute_dw:
+            return dx, absent(weight)
+        dw, _ = norm_param_grads(dy, rows, None, rstd, weight, None, round_rstd=casting_id == _NONE,
+                                 round_x_hat=casting_id != _GEMMA)
+        return dx, dw
+    dw_partial = torch.empty((programs, hidden) if compute_dw else (1,), dtype=torch.float32, device=x.device)
     if n_rows > 0:
-        _rms_norm_bwd_kernel[(programs,)](
-            dy, rows, weight, rstd, dx, dw_partial, dy.stride(0), rows.stride(0), dx.stride(0), n_rows,
-            hidden, offset, CASTING=_CASTING_ID[casting], BLOCK=block, COMPUTE_DW=compute_dw,
-            num_warps=num_warps,
-        )
-    return dx, sum_partials(dw_partial if compute_dw else None, n_rows, weight)
+        launch(_rms_norm_bwd_kernel, (programs,), dy, rows, weight, rstd, dx, dw_partial, dy.stride(0),
+               rows.stride(0), hidden, n_rows, hidden, offset, CASTING=casting_id, BLOCK=block,
+               COMPUTE_DW=compute_dw, num_warps=num_warps)
+    return dx, sum_partials(dw_partial, n_rows, weight) if compute_dw else absent(weight)
 
 
-class RMSNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, eps, offset, casting):
-        y, rows, rstd = rms_norm_forward(x, weight, eps, offset, casting)
-        ctx.save_for_backward(rows, weight, rstd)
-        ctx.offset, ctx.casting, ctx.x_shape = offset, casting, x.shape
-        return y  # [rows, H]: never a view (kernels/_common.py, as_rows)
-
-    @staticmethod
-    def backward(ctx, dy):
-        rows, weight, rstd = ctx.saved_tensors
-        dx, dw = rms_norm_backward(dy, rows, weight, rstd, ctx.offset, ctx.casting, ctx.needs_input_grad[1])
-        return dx.view(ctx.x_shape), dw, None, None, None
+def _rms_norm_fwd_fake(x, weight, eps, offset, casting):
+    n_rows = x.numel() // x.shape[-1]
+    return (x.new_empty((n_rows, x.shape[-1]), dtype=_output_dtype(x.dtype, weight.dtype, casting)),
+            x.new_empty(n_rows, dtype=torch.float32))
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: float = 0.0,
-             casting: str = "llama") -> torch.Tensor:
+def _rms_norm_bwd_fake(dy, x, weight, rstd, offset, casting, compute_dw):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), \
+        torch.empty_like(weight) if compute_dw else absent(weight)
+
+
+rms_norm_fwd = kernel_op("rms_norm_fwd", fake=_rms_norm_fwd_fake)(rms_norm_forward)
+rms_norm_bwd = kernel_op("rms_norm_bwd", fake=_rms_norm_bwd_fake)(rms_norm_backward)
+
+
+def _save(ctx, inputs, output):
+    x, weight, _, offset, casting = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.offset, ctx.casting = offset, casting
+
+
+def _backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    if dy is None:
+        return None, None, None, None, None
+    compute_dw = ctx.needs_input_grad[1]
+    dx, dw = rms_norm_bwd(dy, x, weight, rstd, ctx.offset, ctx.casting, compute_dw)
+    return dx, dw if compute_dw else None, None, None, None
+
+
+register_autograd(rms_norm_fwd, backward=_backward, save=_save)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, offset: float = 0.0, casting: str = "llama") -> Tensor:
     """RMSNorm over the last dimension of x (any leading shape), differentiable in x and weight.
 
-    Uses the Triton kernels on CUDA (or on the CPU under TRITON_INTERPRET=1), the torch
-    reference elsewhere. See the module docstring for `offset` and `casting`.
+    Runs torch.ops.fastft.rms_norm_fwd (the Triton kernels) on CUDA, on the CPU under
+    TRITON_INTERPRET=1 and on the meta device (its fake); the torch reference elsewhere. See the
+    module docstring for `offset` and `casting`.
     """
     _check_casting(casting)
     check_row_op_inputs("rms_norm", x, weight=weight)
     if not use_triton(x, weight):
         return rms_norm_reference(x, weight, eps, offset, casting)
-    return RMSNormFunction.apply(x, weight, float(eps), float(offset), casting).view(x.shape)
+    y, _ = rms_norm_fwd(x, weight, float(eps), float(offset), casting)
+    return y.view(x.shape)  # [rows, H] from the op: never a view of x (kernels/_common.py, as_rows)

@@ -161,9 +161,10 @@ def test_e2e_benchmark_trl_provider_smoke(tmp_path):
     from benchmarks import e2e
 
     rows = e2e.main(["--smoke", "--out", str(tmp_path), "--modes", "full", "--models", "Llama-3.2-1B",
-                     "--providers", "hf,trl"])
+                     "--providers", "hf,trl", "--isolation", "none"])
     by = {r["provider"]: r for r in rows}
     assert not any(r.get("error") for r in rows), rows
+    assert all(r["foreign"] == [] for r in rows)  # one process, each model its own provider's code only
     assert by["trl"]["real_tokens_per_step"] == by["hf"]["real_tokens_per_step"] > 0
     assert by["trl"]["slots_per_step"] == by["trl"]["real_tokens_per_step"]  # padding-free: no padding slots
 

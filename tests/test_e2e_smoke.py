@@ -1,12 +1,32 @@
 """The end-to-end benchmark runs every architecture for one step (tiny shapes, --smoke), and the
-report renders its rows; timings are never asserted."""
+report renders its rows; timings are never asserted. Each row's model contains its own provider's
+code only (benchmarks/e2e.py, census), and providers run in separate processes stay apart even
+after Liger, which rebinds transformers' module-level names."""
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
 from benchmarks import e2e, report
 from benchmarks.e2e_configs import MODELS
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _rows(path: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _assert_own_code_only(rows: list[dict]) -> None:
+    for r in rows:
+        own = e2e.providers_in(r["census"])
+        assert r["foreign"] == [] and own == ({r["provider"]} - {"hf"}), (
+            f"{r['model']} {r['mode']} {r['provider']}: runs code of {sorted(own)}: "
+            f"{r['census']['rebound'] or [c for c in r['census']['classes'] if not c.startswith(('torch.', 'transformers.', 'peft.'))]}")
 
 
 @pytest.mark.parametrize("modes", [
@@ -15,10 +35,12 @@ from benchmarks.e2e_configs import MODELS
     pytest.param("lora", marks=pytest.mark.slow),
 ])
 def test_e2e_smoke_every_architecture(tmp_path, modes):
-    e2e.main(["--smoke", "--out", str(tmp_path), "--modes", modes, "--providers", "hf,fastft"])
-    rows = [json.loads(line) for line in (tmp_path / "e2e_smoke.jsonl").read_text().splitlines()]
+    # in one process: hf and fastft rows patch per instance (their census checks it)
+    e2e.main(["--smoke", "--out", str(tmp_path), "--modes", modes, "--providers", "hf,fastft", "--isolation", "none"])
+    rows = _rows(tmp_path / "e2e_smoke.jsonl")
     errors = [(r["model"], r["provider"], r["mode"], r["error"]) for r in rows if r.get("error")]
     assert not errors, errors
+    _assert_own_code_only(rows)
     assert {(r["model"], r["mode"], r["provider"]) for r in rows} == {
         (m.name, mode, p) for m in MODELS for mode in modes.split(",") for p in ("hf", "fastft")}
     for r in rows:
@@ -34,9 +56,28 @@ def test_e2e_smoke_every_architecture(tmp_path, modes):
 
 
 def test_e2e_smoke_lora_one_model(tmp_path):
-    e2e.main(["--smoke", "--out", str(tmp_path), "--modes", "lora", "--models", "Llama-3.2-1B", "--providers", "hf,fastft"])
-    rows = [json.loads(line) for line in (tmp_path / "e2e_smoke.jsonl").read_text().splitlines()]
+    e2e.main(["--smoke", "--out", str(tmp_path), "--modes", "lora", "--models", "Llama-3.2-1B", "--providers", "hf,fastft",
+              "--isolation", "none"])
+    rows = _rows(tmp_path / "e2e_smoke.jsonl")
     assert {r["provider"] for r in rows} == {"hf", "fastft"} and not any(r.get("error") for r in rows)
+    _assert_own_code_only(rows)
+
+
+@pytest.mark.skipif(not __import__("benchmarks.harness").harness.liger_importable(), reason="liger-kernel not installed")
+def test_providers_in_separate_processes_stay_apart(tmp_path):
+    """After a Liger row in the same process, an hf model is partly Liger's (the census catches
+    it); with --isolation process (the default) every row runs only its own provider's code."""
+    together, apart = tmp_path / "together", tmp_path / "apart"
+    common = ["--smoke", "--inspect", "--models", "Llama-3.2-1B", "--modes", "full", "--providers", "liger,hf"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    subprocess.run([sys.executable, "-m", "benchmarks.e2e", *common, "--isolation", "none", "--out", str(together)],
+                   cwd=ROOT, env=env, check=True, capture_output=True)
+    contaminated = {r["provider"]: r for r in _rows(together / "e2e_smoke.jsonl")}
+    assert contaminated["hf"]["foreign"] == ["liger"]
+    assert "transformers.models.llama.modeling_llama.LlamaRMSNorm" in contaminated["hf"]["census"]["rebound"]
+    rows = e2e.main([*common, "--out", str(apart)])  # --isolation process
+    assert {r["provider"] for r in rows} == {"liger", "hf"} and all(r["isolation"] == "process (own)" for r in rows)
+    _assert_own_code_only(rows)
 
 
 def test_flops_convention():

@@ -82,7 +82,9 @@ def test_fused_mlp_block_matches_peft_mlp(case, dtype, device):
         return fn
 
     out = call(fused)(inputs["x"].to(device).requires_grad_(), **{k: v.to(device) for k, v in inputs.items() if k != "x"})
-    assert "LoRAMLP" in producer(out)
+    # fp32 adapters above rank 32 do not fit the fused kernel's registers on a GPU (lora_mlp.py,
+    # _fused_fits): the block then runs as three fused lora_linear ops, on every device
+    assert ("fastft_lora_mlp" if r <= 32 else "fastft_lora_linear") in producer(out)
     check_against_reference(call(fused), call(reference), inputs, dtype, device, grad_names=grads)
 
 
