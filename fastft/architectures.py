@@ -65,8 +65,10 @@ ARCHITECTURES: list[Architecture] = [
     Architecture("GraniteMoeShared", "native", "granitemoeshared", dict(_MOE, logits_scaling=4.0),
                  covered_by=_MATRIX),
     Architecture("Llama", "native", "llama", covered_by=_MATRIX),
+    # MLA expands its latent KV to every head (its checkpoints have as many KV heads as heads).
     Architecture("MiniCPM3", "native", "minicpm3", dict(q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8,
-                                                        qk_rope_head_dim=8, v_head_dim=16), covered_by=_MATRIX),
+                                                        qk_rope_head_dim=8, v_head_dim=16, num_key_value_heads=4),
+                 covered_by=_MATRIX),
     Architecture("Mistral", "native", "mistral", dict(sliding_window=8), covered_by=_MATRIX),
     Architecture("Mixtral", "native", "mixtral", dict(_MOE), covered_by=_MATRIX),
     Architecture("Nemotron", "native", "nemotron", covered_by=_MATRIX),
