@@ -200,6 +200,38 @@ def build_model(config: FinetuneConfig, tokenizer, dtype: torch.dtype, *, meta: 
     return model, report
 
 
+def batching_for(data, model, patch_report) -> tuple[object, list[str]]:
+    """The data section to use: packed batches only for a model the packed probe found safe to
+    pack (fastft/patching/packed_probe.py; run here when the model is not patched); otherwise
+    padded batches with a start-up line saying why, or a ConfigError for data.batching='flat'
+    (padding-free rows cannot be padded instead). Returns (data config, start-up lines)."""
+    if data.batching == "padded":
+        return data, []
+    if patch_report is not None:
+        verdict = patch_report.packing
+    else:
+        from fastft.patching import _hf_model, packed_probe
+
+        result = packed_probe.run(model, _hf_model(model))
+        verdict = result.verdict if result.verdict == "safe" else f"{result.verdict}: {result.why}"
+    if verdict.startswith("safe"):
+        return data, []
+    if data.batching == "flat":
+        raise ConfigError(f"data.batching='flat' packs documents into shared rows, but this model is not safe to "
+                          f"pack ({verdict}); use --data.batching=padded")
+    return dataclasses.replace(data, batching="padded"), [
+        f"data: packing off, padded batches instead: this model is not safe to pack ({verdict})"]
+
+
+def log_attention_paths(patch_report, mlog, step: int, log) -> None:
+    """After the first step: which path each attention call took (the PatchReport's counters)."""
+    if patch_report is None:
+        return
+    log(f"attention in step {step}: {patch_report.paths_line()}")
+    layers = {layer for layer, _ in patch_report.attention_calls}
+    mlog.write("attention", step, paths=dict(patch_report.paths()), layers=len(layers))
+
+
 # -- evaluation ----------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -341,8 +373,10 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
     layers, d_attn = flops.attention_dims(flops.text_config(model))
 
     # 3. data -----------------------------------------------------------------------------------
-    train_batches, data_report = build_train_batches(c.data, tokenizer, rank=env.rank, world_size=env.world_size)
-    eval_data = dataclasses.replace(c.data, source=c.data.eval_source or c.data.source,
+    data, packing_note = batching_for(c.data, model, patch_report)
+    train_batches, data_report = build_train_batches(data, tokenizer, rank=env.rank, world_size=env.world_size)
+    data_report.lines += packing_note
+    eval_data = dataclasses.replace(data, source=data.eval_source or data.source,
                                     train_split=c.data.eval_split, streaming=False)
     # The first eval_batches micro-batches of the one-process plan (rounded up to a multiple of the
     # world size: under FSDP2 every rank must run as many forwards), dealt to the ranks: the val
@@ -442,6 +476,8 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
         result.eval_before = evaluate_now()
         mlog.write("eval", 0, **{k: v for k, v in result.eval_before.items() if k != "sample"})
         log(_eval_line("before training", result.eval_before))
+    if patch_report is not None:
+        patch_report.reset_counts()  # from here on: what the training steps run
     bar = None
     if env.is_main and c.logging.progress_bar and not c.logging.quiet:
         from tqdm import tqdm
@@ -486,6 +522,8 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
             step += 1
             result.steps = step
             result.losses.append(loss)
+            if step == start_step + 1:
+                log_attention_paths(patch_report, mlog, step, bar.write if bar is not None else log)
 
             # Metrics: global tokens over the step's wall time (includes the loss sync above).
             if cuda:
