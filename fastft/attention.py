@@ -44,12 +44,12 @@ gets to the documents it can find in its own kwargs.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import inspect
 import sys
 import threading
-import weakref
 from collections import Counter
 from collections.abc import Callable
 from functools import lru_cache
@@ -568,29 +568,59 @@ def state_for(installed: Installed, module: torch.nn.Module, args: tuple, kwargs
                         documents)
 
 
-def _block_forward(original, memory: _BlockMemory):
-    """A decoder block's instance forward: remember which state its input belongs to, and re-enter
-    that state when the block is recomputed in the backward (activation checkpointing)."""
+def _block_forward(block: torch.nn.Module, original, memory: _BlockMemory):
+    """A decoder block's instance forward: make a recomputation of the block in the backward
+    (activation checkpointing) run in the state of the forward it recomputes. Two ways in:
+    - the checkpoint wraps this forward (fastft.distributed's checkpointing, and transformers
+      up to 5.17, which checkpoints the layer's __call__): the recomputation calls it again,
+      with the same input (or, reentrant, a detached alias of it): `memory` finds the state;
+    - the checkpoint is inside the class's forward (transformers 5.24 wraps it in
+      `forward_with_checkpointing`, which calls the layer's own `_gradient_checkpointing_func`):
+      for the duration of the call that function is wrapped so that what it recomputes runs in
+      this state."""
 
     def forward(*args, **kwargs):
         x = next((a for a in args if isinstance(a, torch.Tensor)), kwargs.get("hidden_states"))
         state = current()
-        if state is not None:
-            memory.remember(x, state)
+        if state is None:
+            with active(memory.recall(x)):
+                return original(*args, **kwargs)
+        memory.remember(x, state)
+        checkpointing = block.__dict__.get("_gradient_checkpointing_func")
+        if checkpointing is None:
             return original(*args, **kwargs)
-        with active(memory.recall(x)):
+        block.__dict__["_gradient_checkpointing_func"] = _in_state_checkpointing(checkpointing, state)
+        try:
             return original(*args, **kwargs)
+        finally:
+            block.__dict__["_gradient_checkpointing_func"] = checkpointing
 
     forward.__wrapped__ = original
     return forward
 
 
+def _in_state_checkpointing(checkpointing, state: ForwardState):
+    def checkpoint(function, *args, **kwargs):
+        def run(*a, **k):
+            with active(state):
+                return function(*a, **k)
+
+        return checkpointing(run, *args, **kwargs)
+
+    return checkpoint
+
+
 class _BlockMemory:
-    """Block input -> the ForwardState it belonged to, while that input lives. Keyed by storage:
-    non-reentrant checkpointing recomputes with the same tensor, reentrant with a detached alias."""
+    """Block input -> the ForwardState it belonged to, for the last CAPACITY forwards. Keyed by
+    storage: non-reentrant checkpointing recomputes with the same tensor, reentrant with a
+    detached alias of a saved one (whose Python object may be gone: no weak references). A block
+    input's storage is remembered anew by every forward that uses it, so a reused address never
+    finds an older forward's state."""
+
+    CAPACITY = 64
 
     def __init__(self):
-        self._map: dict[tuple, tuple[weakref.ref, ForwardState]] = {}
+        self._map: collections.OrderedDict[tuple, ForwardState] = collections.OrderedDict()
 
     @staticmethod
     def _key(x) -> tuple | None:
@@ -602,12 +632,13 @@ class _BlockMemory:
         key = self._key(x)
         if key is None:
             return
-        self._map = {k: v for k, v in self._map.items() if v[0]() is not None}  # forget dead inputs
-        self._map[key] = (weakref.ref(x), state)
+        self._map.pop(key, None)
+        self._map[key] = state
+        while len(self._map) > self.CAPACITY:
+            self._map.popitem(last=False)
 
     def recall(self, x) -> ForwardState | None:
-        entry = self._map.get(self._key(x))
-        return entry[1] if entry is not None and entry[0]() is not None else None
+        return self._map.get(self._key(x))
 
 
 def install(model: torch.nn.Module, blocks: list[torch.nn.Module], config) -> Installed:
@@ -628,7 +659,7 @@ def install(model: torch.nn.Module, blocks: list[torch.nn.Module], config) -> In
     installed.handles.append(model.register_forward_hook(post, with_kwargs=True, always_call=True))
     for block in blocks:
         if "forward" not in block.__dict__:
-            block.forward = _block_forward(block.forward, _BlockMemory())
+            block.forward = _block_forward(block, block.forward, _BlockMemory())
             installed.blocks.append(block)
     setattr(model, INSTALLED, installed)
     return installed
