@@ -36,7 +36,11 @@ from fastft.patching.preserve import preserved
 
 LENGTHS = (5, 6)
 BUILD_LIMIT = 200_000_000
-PROBE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}  # 16-bit dtypes: 5e-2
+# Median relative error per token of document 2, packed vs alone. Loose on purpose: a leak or a
+# position that does not restart moves every token by tens of percent, while the same document in
+# a longer row may legitimately round differently (bitsandbytes' 4-bit matmul takes another kernel
+# for one row than for many: 4e-3 in fp32). The exact test is the gradient's.
+PROBE_TOLERANCE = {torch.float32: 1e-2, torch.float64: 1e-6}  # 16-bit dtypes: 5e-2
 _ATTENTION_NAME = re.compile(r"attention|attn", re.IGNORECASE)
 
 
