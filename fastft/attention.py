@@ -173,16 +173,16 @@ class Path(tuple):
 
 def decide(*, device: torch.device, dtype: torch.dtype, head_dim: int | None, dropout: float = 0.0,
            window: int | None = None, softcap: float | None = None, kv_cache: bool = False,
-           padded: bool = False) -> Path:
+           padded: bool = False, backends: tuple[VarlenBackend, ...] | None = None) -> Path:
     """The attention path for these conditions (module docstring). `dtype` is what attention sees:
-    the autocast dtype under autocast."""
+    the autocast dtype under autocast. `backends`: this process's (default) or others."""
     fallback = "eager" if softcap else "sdpa"
     if kv_cache:
         return Path(fallback, why="KV cache (decoding)")
     if padded:
         return Path(fallback, why="padded batch (attention_mask given)")
     why = "no varlen backend for this device"
-    for backend in varlen_backends():
+    for backend in varlen_backends() if backends is None else backends:
         if device.type not in backend.devices:
             continue
         if dtype not in backend.dtypes:
@@ -680,6 +680,11 @@ def installed(model: torch.nn.Module) -> Installed | None:
 
 
 # -- reporting ---------------------------------------------------------------------------------
+
+# The GPU backends as documented (docs/ARCHITECTURES.md), whatever this process has installed.
+DOCUMENTED_BACKENDS = (VarlenBackend("flash_attn", _flash_attn, frozenset({"cuda"}), softcap=True, dropout=True),
+                       VarlenBackend("torch", _torch_varlen, frozenset({"cuda"})))
+
 
 def describe(config, device: torch.device, dtype: torch.dtype) -> str:
     """Which path the fastft attention takes in training for this model: on a GPU in bf16 (bf16
