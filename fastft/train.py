@@ -208,13 +208,13 @@ def batching_for(data, model, patch_report) -> tuple[object, list[str]]:
     if data.batching == "padded":
         return data, []
     if patch_report is not None:
-        verdict = patch_report.packing
+        safe, verdict = patch_report.packing_safe, patch_report.packing
     else:
         from fastft.patching import _hf_model, packed_probe
 
         result = packed_probe.run(model, _hf_model(model))
-        verdict = result.verdict if result.verdict == "safe" else f"{result.verdict}: {result.why}"
-    if verdict.startswith("safe"):
+        safe, verdict = result.verdict == "safe", f"{result.verdict}: {result.why}"
+    if safe:
         return data, []
     if data.batching == "flat":
         raise ConfigError(f"data.batching='flat' packs documents into shared rows, but this model is not safe to "

@@ -90,7 +90,7 @@ def run(model: nn.Module, hf: nn.Module) -> ProbeResult:
             return ProbeResult("unverified", f"on the meta device, and a CPU build of its config failed "
                                f"({type(exc).__name__}: {str(exc)[:120]})")
         result = _probe(proxy, proxy)
-        result.where = "a CPU build of its config (the model is on the meta device)"
+        result.where = "a CPU build of its config: the model is on the meta device"
         return result
     return _probe(model, hf)
 
