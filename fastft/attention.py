@@ -315,11 +315,14 @@ class ForwardState:
                                         kv_cache=self.kv_cache, padded=self.padded)
         return self.paths[window]
 
-    def document_mask(self, window: int | None, device: torch.device) -> torch.Tensor:
-        """[B, 1, T, T] bool: causal within each document (and the window), built once per forward."""
-        key = (window, device)
+    def document_mask(self, window: int | None, query: torch.Tensor) -> torch.Tensor:
+        """[B, 1, T, T] bool: causal within each document (one per row when the batch is not
+        packed) and within the window; built once per forward and window."""
+        key = (window, query.device)
         if key not in self._masks:
-            self._masks[key] = _document_mask(self.documents.ids.to(device), window)
+            docs = self.documents
+            ids = docs.ids if docs is not None else torch.zeros(query.shape[0], query.shape[2], dtype=torch.int32)
+            self._masks[key] = _document_mask(ids.to(query.device), window)
         return self._masks[key]
 
     def count(self, module: torch.nn.Module, path: str) -> None:
@@ -406,11 +409,11 @@ def fastft_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
             return _varlen(backend, query, key, value, scaling, sliding_window, softcap, dropout,
                            state.documents), None
         # Exact all the same: the documents and the window go into a mask built here.
-        attention_mask = state.document_mask(sliding_window, query.device) if state.documents else None
+        attention_mask = state.document_mask(sliding_window, query) if key.shape[2] == query.shape[2] else None
         state.count(module, f"sdpa (varlen refused: {refusal})")
     else:
-        if state.packed and attention_mask is None and key.shape[2] == query.shape[2]:
-            attention_mask = state.document_mask(sliding_window, query.device)  # no mask came through the model
+        if attention_mask is None and key.shape[2] == query.shape[2] and (state.packed or sliding_window):
+            attention_mask = state.document_mask(sliding_window, query)  # no mask came through the model
         state.count(module, path.kind)
     return _sdpa_or_eager(module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap,
                           kwargs)
