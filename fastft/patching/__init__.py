@@ -76,6 +76,23 @@ def _patch(model: nn.Module, hf: nn.Module, enabled: dict[str, bool], report: Pa
         state["attention"], state["recurrent"] = _install_attention(hf, getattr(hf, "config", None), report)
     _verify_attention_and_packing(model, hf, report, state)
 
+    # The loss: fused linear cross-entropy on the LM head (probed before the norms are swapped in,
+    # so that its probe forward runs the model's own norms: cheaper under the interpreter).
+    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    if not enabled["cross_entropy"]:
+        pass
+    elif head is None:
+        report.add("cross_entropy", "", type(hf).__name__, reason="no output embeddings (LM head)")
+    else:
+        spec = loss_patch.detect(hf, head)
+        if isinstance(spec, str):
+            report.add("cross_entropy", "lm_head", type(head).__name__, reason=spec)
+        else:
+            loss_patch.install(hf, head, spec, report.loss_calls)
+            state["loss"] = True
+            report.add("cross_entropy", "lm_head", type(head).__name__, "fused_linear_cross_entropy",
+                       spec.describe())
+
     # Norms: every candidate module, probed for what it computes.
     for name, module in list(model.named_modules()):
         ok, why = norms.candidate(module)
@@ -95,31 +112,9 @@ def _patch(model: nn.Module, hf: nn.Module, enabled: dict[str, bool], report: Pa
         state["norms"].append(name)
         report.add(spec.kind, name, type(module).__name__, type(fused).__name__, spec.describe())
 
-    # The loss: fused linear cross-entropy on the LM head.
-    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
-    if not enabled["cross_entropy"]:
-        pass
-    elif head is None:
-        report.add("cross_entropy", "", type(hf).__name__, reason="no output embeddings (LM head)")
-    else:
-        spec = loss_patch.detect(hf, head)
-        if isinstance(spec, str):
-            report.add("cross_entropy", "lm_head", type(head).__name__, reason=spec)
-        else:
-            loss_patch.install(hf, head, spec, report.loss_calls)
-            state["loss"] = True
-            report.add("cross_entropy", "lm_head", type(head).__name__, "fused_linear_cross_entropy",
-                       spec.describe())
-
     # LoRA: PEFT LoRA layers through the fused kernels (the LM head's adapter belongs to the loss).
     if enabled["lora"]:
         state["lora"] = lora_patch.install(model, report, skip={id(head)} if head is not None else set())
-
-
-def _set_attn_implementation(hf: nn.Module, name: str) -> None:
-    """Set the attention implementation; where transformers refuses a dynamic change (it only
-    warns) the config is left as it was, which the packed probe then finds out."""
-    hf.set_attn_implementation(name)
 
 
 def _install_attention(hf: nn.Module, config, report: PatchReport) -> tuple[str | None, list[str]]:
@@ -135,8 +130,8 @@ def _install_attention(hf: nn.Module, config, report: PatchReport) -> tuple[str 
     else:
         attention.register()
         previous = getattr(config, "_attn_implementation", None) or "eager"
-        try:
-            _set_attn_implementation(hf, attention.NAME)
+        try:  # where transformers refuses a dynamic change it only warns: the packed probe finds out
+            hf.set_attn_implementation(attention.NAME)
         except (ValueError, ImportError) as exc:
             report.add("attention", "", previous, reason=f"kept {previous}: {exc}"[:200])
             previous = None
@@ -169,7 +164,7 @@ def _verify_attention_and_packing(model: nn.Module, hf: nn.Module, report: Patch
             report.add("attention", "", previous, reason=f"kept {previous}: no attention layer called the fastft "
                        f"function in a packed probe (the model's code does not read attn_implementation{warned})")
             if config._attn_implementation == attention.NAME:
-                _set_attn_implementation(hf, previous)
+                hf.set_attn_implementation(previous)
             state["attention"] = None
             if not state["recurrent"]:
                 attention.uninstall(hf)
@@ -231,7 +226,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     recurrent.uninstall(hf, state.get("recurrent", []))
     attention.uninstall(hf)
     if state["attention"] is not None:
-        _set_attn_implementation(hf, state["attention"])
+        hf.set_attn_implementation(state["attention"])
     for name in state["norms"]:
         model.set_submodule(name, norms.restore(model.get_submodule(name)))
     if state["loss"]:
