@@ -7,7 +7,7 @@ Registered with transformers' AttentionInterface (the attention call) and Attent
 One forward, one decision, one document structure:
 - `install(model)` gives the causal-LM module a forward pre-hook and post-hook (per instance)
   that open a `ForwardState` for each forward. The state holds the batch's documents, computed
-  once and lazily (`Documents.of`): from `cu_seq_lens_q/k` + `max_length_q/k` when the collator
+  once, when first asked for (`Documents`): from `cu_seq_lens_q/k` + `max_length_q/k` when the collator
   gives them (transformers' FlashAttentionKwargs names; no host sync), else from the runs of
   `position_ids` (a new document wherever a position is not its predecessor + 1, transformers'
   own packing rule): one device-to-host copy of position_ids per batch, none per layer. So no
@@ -23,10 +23,11 @@ One forward, one decision, one document structure:
   attention call of the forward obey that answer. When the answer is varlen the mask function
   returns None (no [T, T] mask is ever built); when it is SDPA or eager the mask function builds
   the mask with the documents and the window in it.
-- Activation checkpointing recomputes a block outside the forward: the decoder blocks get a
-  per-instance forward wrapper that remembers which state their input belonged to (keyed by the
-  input's storage, which both torch checkpoint modes hand back) and re-enters it, so a
-  recomputed layer takes the same path over the same documents.
+- Activation checkpointing recomputes a block in the backward, after the forward's state is
+  gone: the decoder blocks get a per-instance forward wrapper (`_block_forward`) that makes the
+  recomputation re-enter the state of the forward it recomputes, so a recomputed layer takes
+  the same path over the same documents (fastft's checkpointing and transformers', reentrant
+  or not, 5.17 and 5.24).
 - Every attention call is counted per layer and path (`ForwardState.counts`, surfaced as
   `model.fastft_report.attention_calls`); recomputations are not counted twice.
 
@@ -275,12 +276,6 @@ class Documents:
         return cls(cu.to(device, non_blocking=True), int((cu[1:] - cu[:-1]).max()), cu.numel() - 1, batch, seq)
 
 
-def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """cu_seqlens (int32, [docs + 1]) over the flattened batch and the longest document."""
-    docs = Documents.from_position_ids(position_ids, *position_ids.shape)
-    return docs.cu_seqlens, docs.max_length
-
-
 # -- the per-forward state ---------------------------------------------------------------------
 
 class ForwardState:
@@ -496,7 +491,6 @@ def register() -> None:
 
 # -- per-instance installation -----------------------------------------------------------------
 
-_FORWARD_SIGNATURES: dict[type, inspect.Signature] = {}
 INSTALLED = "_fastft_attention"
 
 
@@ -509,21 +503,16 @@ class Installed:
     names: dict[int, str]
     handles: list
     blocks: list
+    signature: inspect.Signature | None = None  # of the model's forward
 
 
-def _forward_arguments(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
-    cls = type(module)
-    if cls not in _FORWARD_SIGNATURES:
-        _FORWARD_SIGNATURES[cls] = inspect.signature(cls.forward)
-    try:
-        bound = _FORWARD_SIGNATURES[cls].bind_partial(module, *args, **kwargs).arguments
-    except TypeError:
-        return dict(kwargs)
-    out = {k: v for k, v in bound.items() if k != "self"}
-    for name, param in _FORWARD_SIGNATURES[cls].parameters.items():
+def call_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
+    """All arguments of a call by name (a forward's **kwargs flattened in)."""
+    arguments = dict(signature.bind_partial(*args, **kwargs).arguments)
+    for name, param in signature.parameters.items():
         if param.kind is inspect.Parameter.VAR_KEYWORD:
-            out.update(out.pop(name, {}))
-    return out
+            arguments.update(arguments.pop(name, {}))
+    return arguments
 
 
 def _batch_shape(arguments: dict) -> tuple[int, int] | None:
@@ -550,7 +539,10 @@ def _has_past(arguments: dict) -> bool:
 
 def state_for(installed: Installed, module: torch.nn.Module, args: tuple, kwargs: dict) -> ForwardState:
     """The ForwardState of one forward call of the installed model."""
-    arguments = _forward_arguments(module, args, kwargs)
+    try:
+        arguments = call_arguments(installed.signature, args, kwargs) if installed.signature else dict(kwargs)
+    except TypeError:  # a call the signature does not take: its own forward will say so
+        arguments = dict(kwargs)
     shape = _batch_shape(arguments)
     mask = arguments.get("attention_mask")
     padded = isinstance(mask, torch.Tensor) and mask.dim() == 2
@@ -648,7 +640,7 @@ def install(model: torch.nn.Module, blocks: list[torch.nn.Module], config) -> In
     """Give `model` (the causal-LM module) the per-forward state hooks and its decoder `blocks`
     the recompute-safe forward wrapper. Returns what `uninstall` undoes."""
     installed = Installed(ModelFeatures.of(config) if config is not None else None, Counter(),
-                          {id(m): n for n, m in model.named_modules()}, [], [])
+                          {id(m): n for n, m in model.named_modules()}, [], [], inspect.signature(model.forward))
     stack: list[ForwardState | None] = []
 
     def pre(module, args, kwargs):

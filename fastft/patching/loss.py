@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastft.attention import call_arguments
 from fastft.flops import text_config
 from fastft.patching.preserve import preserved
 from fastft.kernels import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
@@ -228,7 +229,7 @@ def install(model: nn.Module, head: nn.Module, spec: HeadSpec, counts: dict | No
     config = text_config(model)
 
     def forward(*args, **kwargs):
-        arguments = _as_keywords(signature, args, kwargs)
+        arguments = call_arguments(signature, args, kwargs)
         labels = arguments.pop("labels", None)
         shift_labels = arguments.get("shift_labels")
         if labels is None and shift_labels is None:
@@ -272,15 +273,6 @@ def uninstall(model: nn.Module) -> bool:
     model.__dict__.pop("forward", None)
     head.__dict__.pop("forward", None)
     return True
-
-
-def _as_keywords(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
-    """All arguments by name (a forward's **kwargs flattened in)."""
-    arguments = dict(signature.bind_partial(*args, **kwargs).arguments)
-    for name, param in signature.parameters.items():
-        if param.kind is inspect.Parameter.VAR_KEYWORD:
-            arguments.update(arguments.pop(name, {}))
-    return arguments
 
 
 def causal_lm_loss(hidden: torch.Tensor, head: nn.Module, spec: HeadSpec, labels: torch.Tensor | None,
