@@ -185,8 +185,8 @@ def _verify_attention_and_packing(model: nn.Module, hf: nn.Module, report: Patch
                 report.add("attention", layer, type(modules[layer]).__name__, reason=f"kept {previous}: this layer "
                            "did not call the fastft function in the packed probe")
     report.packing = result.verdict if result.verdict == "safe" else f"{result.verdict}: {result.why}"
-    if result.verdict == "safe" and where:
-        report.packing += where
+    if result.verdict == "safe":
+        report.packing += where + (f"; {result.why.split('; ', 1)[1]}" if "; only with" in result.why else "")
 
 
 def _device_dtype(hf: nn.Module) -> tuple[torch.device, torch.dtype]:

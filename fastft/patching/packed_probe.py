@@ -9,7 +9,9 @@ run through the model as it will run (eval mode, no cache), answers:
       alone (median relative error per token within PROBE_TOLERANCE of the dtype: a cross-
       document leak changes every token, a rounding flip of a MoE router only one), both when
       the documents come from position_ids and from cu_seq_lens_q/k (the trainer's collator
-      gives both); and the gradient of document 2's logits with respect to document 1's input
+      gives both), with use_cache=False as the trainer's batches say (a leak only with the
+      model's default cache, as transformers' own SDPA masks have, is noted in the verdict);
+      and the gradient of document 2's logits with respect to document 1's input
       embeddings must be exactly zero (no path carries anything across; masked scores give
       exact zeros, not small numbers). A model failing (b) is packing-unsafe: the trainer then
       pads (fastft/train.py).
@@ -192,6 +194,7 @@ def _probe(model: nn.Module, hf: nn.Module) -> ProbeResult:
                 except TypeError as exc:
                     return ProbeResult("unsafe", f"its forward does not take the packed collator's cu_seq_lens_q/k "
                                        f"({str(exc)[:100]})", calls, attention_layers(hf))
+                with_cache = _logits(model(input_ids=ids, position_ids=positions))  # the model's default use_cache
             if "x" in leaf and packed.requires_grad:
                 weights = torch.randn(packed[0, first:].shape, generator=generator).to(packed.device)
                 grad, = torch.autograd.grad((packed[0, first:] * weights).sum(), leaf["x"], allow_unused=True)
@@ -213,4 +216,8 @@ def _probe(model: nn.Module, hf: nn.Module) -> ProbeResult:
     if leaks:
         return ProbeResult("unsafe", "; ".join(leaks), calls, layers)
     how = "outputs and gradients" if crossed is not None else "outputs (no input embeddings to take gradients at)"
-    return ProbeResult("safe", f"document 2 of a packed row is independent of document 1 ({how})", calls, layers)
+    why = f"document 2 of a packed row is independent of document 1 ({how})"
+    if not _median_rel(with_cache[0, first:], alone) <= tol:  # transformers' own masks ignore packing with a cache
+        why += ("; only with use_cache=False (as fastft's trainer passes): with the model's default cache its own "
+                "attention lets packed documents see each other")
+    return ProbeResult("safe", why, calls, layers)

@@ -33,7 +33,7 @@ class PatchReport:
 
     @property
     def packing_safe(self) -> bool:
-        return self.packing == "safe" or self.packing.startswith("safe ")
+        return self.packing.startswith("safe")  # "safe", "safe (probed on ...)", "safe; only with ..."
 
     def reset_counts(self) -> None:
         self.attention_calls.clear()
