@@ -20,7 +20,8 @@ ForwardState, computed once per batch) and, when the batch is packed:
   so the padding after a document cannot reach it). Costs documents x longest-document slots
   instead of batch x seq: a row of one long and many short documents pays for the padding.
 
-Decoding (a cache) and unpacked batches run the mixer untouched.
+Decoding (a cache holding earlier tokens) and unpacked batches run the mixer untouched; an
+empty cache that use_cache=True made for a packed training batch is not written.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch import nn
 from fastft import attention
 
 FORWARD_ATTR = "_fastft_recurrent_forward"
+CACHE_ARGUMENTS = ("cache", "cache_params", "past_key_values")
 
 
 def is_mixer(module: nn.Module) -> bool:
@@ -70,9 +72,11 @@ def _mixer_forward(module: nn.Module, original):
             hidden, args = args[0], args[1:]
         state = attention.current()
         docs = state.documents if state is not None and not state.kv_cache else None
-        cache = kwargs.get("cache", kwargs.get("cache_params", kwargs.get("past_key_values")))
-        if docs is None or not docs.packed or cache is not None or args:
+        if docs is None or not docs.packed or args:
             return original(hidden, *args, **kwargs)
+        # A packed row is trained on, never decoded from: an (empty) cache the model made because
+        # of use_cache=True is left out, so the mixer runs its training path.
+        kwargs.update({k: None for k in CACHE_ARGUMENTS if k in kwargs})
         if kernels_available(hidden.device):
             state.count(module, "recurrent/seq_idx")
             return original(hidden, seq_idx=docs.ids, **kwargs)
