@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM
 
 import fastft
 import varlen_reference
+from fastft import attention as fastft_attention
 from fastft.architectures import NATIVE
 from fastft.data.collate import collate_packed, model_inputs
 from numerics import assert_within_eager
@@ -115,19 +116,23 @@ def _norm_calls(model, report):
     return calls
 
 
-def _assert_report_ran(report, counted, norm_calls, dtype, config):
+def _assert_report_ran(report, counted, norm_calls, dtype, config, device):
     """In the packed training forward every attention layer the report names called fastft
-    once, on the path this dtype must take, every recurrent mixer reset its state, the fused loss
-    ran once and every fused norm ran."""
+    once, on the path the decision gives for this device and dtype (on a CPU: varlen through the
+    reference backend in bf16, SDPA with document masks in fp32, eager for soft-capped scores),
+    every recurrent mixer reset its state, the fused loss ran once and every fused norm ran."""
     attention_calls, loss_calls = counted
     attention = {e.module for e in report.patched("attention")}
     layers = {layer for layer, path in attention_calls if not path.startswith("recurrent")}
     assert layers == attention, (layers, str(report))
     paths = {path for _, path in attention_calls if not path.startswith("recurrent")}
     if attention:
-        softcap = getattr(config, "attn_logit_softcapping", None)
-        want = {"varlen/reference"} if dtype == torch.bfloat16 else {"eager" if softcap else "sdpa"}
-        assert paths == want, (paths, dict(attention_calls))
+        f = fastft_attention.ModelFeatures.of(config)
+        want = {fastft_attention.decide(device=torch.device(device), dtype=dtype, head_dim=f.head_dim, window=w,
+                                        softcap=f.softcap).label for w in {None, getattr(config, "sliding_window", None)}}
+        assert paths <= want, (paths, want, dict(attention_calls))
+        if device == "cpu":
+            assert paths == ({"varlen/reference"} if dtype == torch.bfloat16 else {"eager" if f.softcap else "sdpa"})
     assert all(n == 1 for n in attention_calls.values()), dict(attention_calls)
     mixers = {e.module for e in report.patched("recurrent")}
     assert {layer for layer, path in attention_calls if path.startswith("recurrent")} == mixers
@@ -167,7 +172,7 @@ def test_patched_matches_unpatched(arch, dtype, device):
         # the packed comparison is of the cross-entropy (the unpacked one above includes it).
         extra = {"output_router_logits": False} if getattr(config, "output_router_logits", False) else {}
         got, counted = _packed_run(patched, batch, device, report, extra)
-        _assert_report_ran(report, counted, norm_calls, dtype, config)
+        _assert_report_ran(report, counted, norm_calls, dtype, config, device)
         targets = batch["num_target_tokens"]
         _assert_matches("packed vs one at a time", got, _alone_run(eager_model, docs, targets, device, extra),
                         _alone_run(truth_model, docs, targets, device, extra), dtype)
