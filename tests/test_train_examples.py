@@ -17,6 +17,7 @@ RECIPES = sorted(EXAMPLES.glob("*.yaml"))
 MODEL_TYPES = {
     "meta-llama/Llama-3.2-1B": "llama", "meta-llama/Llama-3.1-8B": "llama", "Qwen/Qwen3-0.6B": "qwen3",
     "Qwen/Qwen3-8B": "qwen3", "google/gemma-3-1b-pt": "gemma3_text", "mistralai/Mistral-7B-v0.3": "mistral",
+    "Qwen/Qwen3-30B-A3B": "qwen3_moe",
 }
 EXPECTED = {"Llama-3.2-1B", "Qwen3-0.6B", "Qwen3-8B", "gemma-3-1b", "Mistral-7B", "Llama-3.1-8B"}
 
@@ -55,7 +56,7 @@ def test_example_recipe_validates_and_runs_tiny(path, patched, tmp_path):
     raw["model"] = {**raw["model"], "name": None, "config": tiny_model_config(recipe), "tokenizer": "byte",
                     "patch": patched}
     raw["data"] = {**raw.get("data", {}), "source": "builtin", "max_seq_len": 64, "batch_size": 2,
-                   "eval_max_new_tokens": 4}
+                   "eval_max_new_tokens": 4, "builtin_examples": 200}
     raw["train"] = {**raw.get("train", {}), "max_steps": 2, "global_batch_tokens": None, "global_batch_rows": 4,
                     "precision": "fp32", "eval_every": 0, "eval_before": False, "eval_batches": 1,
                     "eval_generate": 2}

@@ -16,10 +16,11 @@ from fastft import attention
 from fastft.patching import lora as lora_patch
 from fastft.patching import packed_probe, recurrent
 from fastft.patching import loss as loss_patch
+from fastft.patching import moe as moe_patch
 from fastft.patching import norms
 from fastft.patching.report import PatchEntry, PatchReport
 
-OPTIONS = ("rms_norm", "layer_norm", "cross_entropy", "attention", "lora")
+OPTIONS = ("rms_norm", "layer_norm", "cross_entropy", "attention", "lora", "moe")
 STATE = "_fastft_patch_state"
 
 
@@ -48,7 +49,7 @@ def _check_options(options: dict[str, Any]) -> dict[str, bool]:
 def patch(model: nn.Module, **options: bool) -> PatchReport:
     """Patch a model in place with the fused kernels; returns what was replaced and what was not.
 
-    Options (all default True): rms_norm, layer_norm, cross_entropy, attention, lora. Patching a
+    Options (all default True): rms_norm, layer_norm, cross_entropy, attention, lora, moe. Patching a
     patched model first restores it, so options can be changed by patching again.
     """
     enabled = _check_options(options)
@@ -56,7 +57,7 @@ def patch(model: nn.Module, **options: bool) -> PatchReport:
         unpatch(model)
     hf = _hf_model(model)
     report = PatchReport(type(hf).__name__)
-    state = {"norms": [], "attention": None, "recurrent": [], "loss": False, "lora": []}
+    state = {"norms": [], "attention": None, "recurrent": [], "loss": False, "moe": [], "lora": []}
     object.__setattr__(model, STATE, state)
     try:
         _patch(model, hf, enabled, report, state)
@@ -118,6 +119,10 @@ def _patch(model: nn.Module, hf: nn.Module, enabled: dict[str, bool], report: Pa
         model.set_submodule(name, fused)
         state["norms"].append(name)
         report.add(spec.kind, name, type(module).__name__, type(fused).__name__, spec.describe())
+
+    # MoE: experts modules through the grouped-GEMM kernel (with their PEFT LoRA ParamWrappers).
+    if enabled["moe"]:
+        state["moe"] = moe_patch.install(model, hf, report)
 
     # LoRA: PEFT LoRA layers through the fused kernels (the LM head's adapter belongs to the loss).
     if enabled["lora"]:
@@ -229,6 +234,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     if state is None:
         return model
     lora_patch.uninstall(model, state.get("lora", []))
+    if state.get("moe"):
+        moe_patch.uninstall(model, state["moe"])
     hf = _hf_model(model)
     recurrent.uninstall(hf, state.get("recurrent", []))
     attention.uninstall(hf)
