@@ -191,7 +191,7 @@ def _patch_summary(arch: Architecture) -> tuple[str, str, str, str]:
     config = arch.tiny_config()
     report = patch(AutoModelForCausalLM.from_config(config))
     parts = []
-    for kind in ("rms_norm", "layer_norm", "cross_entropy", "recurrent"):
+    for kind in ("rms_norm", "layer_norm", "cross_entropy", "moe", "recurrent"):
         entries = report.patched(kind)
         if entries:
             notes = sorted({e.reason for e in entries if e.reason})
