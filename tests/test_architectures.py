@@ -6,7 +6,8 @@ model in float64; "eager" is the unpatched model in the test dtype; the patched 
 within FACTOR x eager's error (tests/numerics.py) on the loss, the logits (called without labels)
 and every parameter gradient. Model-level errors compound over layers, so the factor here is 4.
 
-The same three models then take a packed batch (collate_packed's layout: 3 documents of
+(The unpacked bfloat16 comparison is in the slow suite: the packed one below compares the patched
+model with the unpacked one in bfloat16 too.) The same three models then take a packed batch (collate_packed's layout: 3 documents of
 different lengths over 2 rows, restarting position_ids, cu_seq_lens, a padded tail): the
 patched model runs it packed, the truth and eager run each document alone, and the loss (summed
 token losses over the step's target count, as the trainer normalises), the documents' logits and
@@ -140,9 +141,8 @@ def _assert_report_ran(report, counted, norm_calls, dtype, config, device):
     assert norm_calls and all(n > 0 for n in norm_calls.values()), norm_calls
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("arch", NATIVE, ids=lambda a: a.name.replace(" ", "_"))
-def test_patched_matches_unpatched(arch, dtype, device):
+def _models(arch, dtype, device):
+    """(config, float64 truth, eager, patched + its report), patching checked bit-for-bit."""
     config = arch.tiny_config()
     base = AutoModelForCausalLM.from_config(config).eval()
     truth_model = copy.deepcopy(base).to(device, torch.float64)
@@ -152,30 +152,51 @@ def test_patched_matches_unpatched(arch, dtype, device):
     eager_model = copy.deepcopy(base).to(device, dtype)
     patched = copy.deepcopy(base).to(device, dtype)
     before = {k: v.clone() for k, v in patched.state_dict().items()}
-    with varlen_reference.registered():
-        report = fastft.patch(patched)
-        after = patched.state_dict()
-        assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items()), \
-            "patching changed a parameter or buffer"
-        assert report.count("cross_entropy") == 1, str(report)
-        assert report.count("rms_norm") + report.count("layer_norm") >= config.num_hidden_layers + 1, str(report)
-        assert report.packing_safe, str(report)
+    report = fastft.patch(patched)
+    after = patched.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items()), \
+        "patching changed a parameter or buffer"
+    assert report.count("cross_entropy") == 1, str(report)
+    assert report.count("rms_norm") + report.count("layer_norm") >= config.num_hidden_layers + 1, str(report)
+    assert report.packing_safe, str(report)
+    return config, truth_model, eager_model, patched, report
 
-        ids, labels = _batch(device)
-        _assert_matches("unpacked", _run(patched, ids, labels), _run(eager_model, ids, labels),
-                        _run(truth_model, ids, labels), dtype)
+
+def _check_unpacked(truth_model, eager_model, patched, dtype, device):
+    ids, labels = _batch(device)
+    _assert_matches("unpacked", _run(patched, ids, labels), _run(eager_model, ids, labels),
+                    _run(truth_model, ids, labels), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("arch", NATIVE, ids=lambda a: a.name.replace(" ", "_"))
+def test_patched_matches_unpatched(arch, dtype, device):
+    """Unpacked (float32 here; bfloat16 in the slow test below: the packed bfloat16 check already
+    compares the patched model with the unpatched one) and packed vs one document at a time."""
+    with varlen_reference.registered():
+        config, truth_model, eager_model, patched, report = _models(arch, dtype, device)
+        if dtype == torch.float32:
+            _check_unpacked(truth_model, eager_model, patched, dtype, device)
 
         docs = _documents()
         batch = collate_packed([docs[:2], docs[2:]], pad_id=0, row_len=LENGTHS[0] + LENGTHS[1])
         norm_calls = _norm_calls(patched, report)
         # A MoE router's auxiliary loss is a statistic of the whole batch, not of each document:
-        # the packed comparison is of the cross-entropy (the unpacked one above includes it).
+        # the packed comparison is of the cross-entropy (the unpacked one includes it).
         extra = {"output_router_logits": False} if getattr(config, "output_router_logits", False) else {}
         got, counted = _packed_run(patched, batch, device, report, extra)
         _assert_report_ran(report, counted, norm_calls, dtype, config, device)
         targets = batch["num_target_tokens"]
         _assert_matches("packed vs one at a time", got, _alone_run(eager_model, docs, targets, device, extra),
                         _alone_run(truth_model, docs, targets, device, extra), dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", NATIVE, ids=lambda a: a.name.replace(" ", "_"))
+def test_patched_matches_unpatched_unpacked_bf16(arch, device):
+    with varlen_reference.registered():
+        _, truth_model, eager_model, patched, _ = _models(arch, torch.bfloat16, device)
+        _check_unpacked(truth_model, eager_model, patched, torch.bfloat16, device)
 
 
 @pytest.mark.parametrize("arch", [a for a in NATIVE if a.name in ("Llama", "Gemma2", "Granite", "Mixtral", "Bamba")],
