@@ -73,6 +73,32 @@ elif [ "$PART" = moe ]; then
 else
   echo "unknown PART $PART (kernels, e2e or moe)"; exit 2
 fi
+if [ "$PART" = e2e ]; then
+  # Attention paths (issue 12): the trainer's step-1 counters (metrics.jsonl, kind "attention")
+  # and every fastft e2e row's `attention_paths` must show the varlen path only.
+  step attention_paths 30 python3 - "$OUT" <<'PY'
+import json, pathlib, sys
+out, bad = pathlib.Path(sys.argv[1]), []
+def varlen_only(paths):
+    return bool(paths) and all(p.startswith("varlen/") for p in paths)
+metrics = out / "train_llama1b_shape" / "metrics.jsonl"
+records = [json.loads(l) for l in metrics.read_text().splitlines()] if metrics.is_file() else []
+paths = next((r["paths"] for r in records if r["kind"] == "attention"), None)
+print("trainer:", paths)
+if not varlen_only(paths or {}):
+    bad.append(f"trainer run: {paths}")
+for f in sorted(out.glob("e2e*.jsonl")):
+    for row in map(json.loads, f.read_text().splitlines()):
+        if row.get("op") != "e2e" or row.get("provider") != "fastft" or row.get("error"):
+            continue
+        paths = row.get("attention_paths")
+        print(row["model"], row["mode"], paths)
+        if not varlen_only(paths or {}):
+            bad.append(f"{row['model']} {row['mode']}: {paths if paths is not None else 'no attention_paths recorded'}")
+print("\n".join(["NOT VARLEN:", *bad]) if bad else "varlen everywhere")
+sys.exit(1 if bad else 0)
+PY
+fi
 step report 30 python3 -m benchmarks.report "$OUT"
 cat "$OUT/report.md" 2>/dev/null | tail -n 60
 exit $status

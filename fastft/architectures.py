@@ -65,8 +65,10 @@ ARCHITECTURES: list[Architecture] = [
     Architecture("GraniteMoeShared", "native", "granitemoeshared", dict(_MOE, logits_scaling=4.0),
                  covered_by=_MATRIX),
     Architecture("Llama", "native", "llama", covered_by=_MATRIX),
+    # MLA expands its latent KV to every head (its checkpoints have as many KV heads as heads).
     Architecture("MiniCPM3", "native", "minicpm3", dict(q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8,
-                                                        qk_rope_head_dim=8, v_head_dim=16), covered_by=_MATRIX),
+                                                        qk_rope_head_dim=8, v_head_dim=16, num_key_value_heads=4),
+                 covered_by=_MATRIX),
     Architecture("Mistral", "native", "mistral", dict(sliding_window=8), covered_by=_MATRIX),
     Architecture("Mixtral", "native", "mixtral", dict(_MOE), covered_by=_MATRIX),
     Architecture("Nemotron", "native", "nemotron", covered_by=_MATRIX),
@@ -128,24 +130,58 @@ def markdown() -> str:
         "",
         "Native rows are built from a tiny config (2 layers) by the matrix test, patched, and compared with",
         "the unpatched model in float32 and bfloat16 under the Triton interpreter: loss, logits and every",
-        "parameter gradient. The `patched` column is what that test's PatchReport shows on transformers 5.24",
-        "(`fastft patch-report` prints the same for any model). Remote-code rows cannot be loaded here: their",
-        "structural variants are built as local modules in the named test.",
+        "parameter gradient, on an unpacked batch and on a packed one against each document alone. The",
+        "`patched` column is what that test's PatchReport shows on transformers 5.24 (`fastft patch-report`",
+        "prints the same for any model). `attention in training` is the path fastft's one decision per",
+        "forward (fastft/attention.py) takes for packed batches on a GPU in bf16 (bf16 weights, or fp32",
+        "masters under bf16 autocast) with flash-attn installed / with torch's varlen_attn only; elsewhere",
+        "(a CPU, fp32 without autocast) SDPA with document masks runs. The packed probe checks at patch",
+        "time that every attention layer calls it and that packed documents stay independent (`packing`:",
+        "a model that is not safe is trained on padded batches). Remote-code rows cannot be loaded here:",
+        "their structural variants are built as local look-alikes in the named test, whose packed probe",
+        "gives the attention and packing columns.",
         "",
-        "| architecture | loads as | patched | left alone | test |",
-        "|---|---|---|---|---|",
+        "| architecture | loads as | patched | attention in training | packing | left alone | test |",
+        "|---|---|---|---|---|---|---|",
     ]
     for arch in ARCHITECTURES:
         if arch.model_type is None:
-            lines.append(f"| {arch.name} | remote code | expected: {arch.expected} | | `{arch.covered_by}` |")
+            lines.append(f"| {arch.name} | remote code | expected: {arch.expected} | {REMOTE_ATTENTION} | "
+                         f"{REMOTE_PACKING} | | `{arch.covered_by}` |")
             continue
-        patched, kept = _patch_summary(arch)
+        patched, attention, packing, kept = _patch_summary(arch)
         loads = f"`{arch.model_type}`" + (" (LlamaForCausalLM)" if arch.source == "llama-class" else "")
-        lines.append(f"| {arch.name} | {loads} | {patched} | {kept} | `{arch.covered_by}` |")
+        lines.append(f"| {arch.name} | {loads} | {patched} | {attention} | {packing} | {kept} | `{arch.covered_by}` |")
     return "\n".join(lines) + "\n"
 
 
-def _patch_summary(arch: Architecture) -> tuple[str, str]:
+REMOTE_ATTENTION = ("kept: its own attention code, which never calls fastft's function "
+                    "(`set_attn_implementation` only warns)")
+REMOTE_PACKING = "unsafe (its attention ignores packing): trained on padded batches"
+
+
+def _training_attention(config) -> str:
+    """The path of a packed training forward on a GPU in bf16, with flash-attn / with torch only."""
+    import torch
+
+    from fastft import attention
+
+    features = attention.ModelFeatures.of(config)
+    window = getattr(config, "sliding_window", None) or None
+    texts = []
+    for backends in (attention.DOCUMENTED_BACKENDS, attention.DOCUMENTED_BACKENDS[1:]):
+        paths = sorted({attention.decide(device=torch.device("cuda"), dtype=torch.bfloat16, head_dim=features.head_dim,
+                                         dropout=features.dropout, window=w, softcap=features.softcap,
+                                         backends=backends).label for w in {None, window}})
+        texts.append(" + ".join(paths))
+    text = texts[0] if texts[0] == texts[1] else f"{texts[0]} (with flash-attn), {texts[1]} (torch only)"
+    notes = [f"sliding window {window}" if window else "",
+             "soft-capped scores" if features.softcap else "",
+             f"attention dropout {features.dropout:g}" if features.dropout else ""]
+    return text + "".join(f"; {n}" for n in notes if n)
+
+
+def _patch_summary(arch: Architecture) -> tuple[str, str, str, str]:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -155,20 +191,18 @@ def _patch_summary(arch: Architecture) -> tuple[str, str]:
     config = arch.tiny_config()
     report = patch(AutoModelForCausalLM.from_config(config))
     parts = []
-    for kind in ("rms_norm", "layer_norm", "cross_entropy"):
+    for kind in ("rms_norm", "layer_norm", "cross_entropy", "moe", "recurrent"):
         entries = report.patched(kind)
         if entries:
             notes = sorted({e.reason for e in entries if e.reason})
             parts.append(f"{kind} ×{len(entries)}" + (f" ({'; '.join(notes)})" if notes else ""))
-    if report.patched("attention"):
-        notes = []
-        if getattr(config, "sliding_window", None):
-            notes.append("sliding window")
-        if getattr(config, "attn_logit_softcapping", None):
-            notes.append("soft-capped scores: flash-attn varlen, else the model's eager attention")
-        parts.append("attention: varlen on CUDA, SDPA elsewhere" + (f" ({'; '.join(notes)})" if notes else ""))
-    kept = "; ".join(sorted({f"{e.original}: {e.reason}" for e in report.skipped()}))
-    return "<br>".join(parts), kept
+    layers = report.patched("attention")
+    if layers:
+        attention = f"fastft in {len(layers)} layer{'s' * (len(layers) != 1)}: {_training_attention(config)}"
+    else:
+        attention = "; ".join(sorted({e.reason for e in report.skipped("attention")}))
+    kept = "; ".join(sorted({f"{e.original}: {e.reason}" for e in report.skipped() if e.kind != "attention"}))
+    return "<br>".join(parts), attention, report.packing, kept
 
 
 if __name__ == "__main__":

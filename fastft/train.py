@@ -270,6 +270,29 @@ def validation_data(config: FinetuneConfig, tokenizer, env: distributed.DistEnv)
     return Validation(mine, weight, prompts, golds)
 
 
+def batching_for(data, model, patch_report) -> tuple[object, list[str]]:
+    """The data section to use: packed batches only for a model the packed probe found safe to
+    pack (fastft/patching/packed_probe.py; run here when the model is not patched); otherwise
+    padded batches with a start-up line saying why, or a ConfigError for data.batching='flat'
+    (padding-free rows cannot be padded instead). Returns (data config, start-up lines)."""
+    if data.batching == "padded":
+        return data, []
+    if patch_report is not None:
+        safe, verdict = patch_report.packing_safe, patch_report.packing
+    else:
+        from fastft.patching import _hf_model, packed_probe
+
+        result = packed_probe.run(model, _hf_model(model))
+        safe, verdict = result.verdict == "safe", f"{result.verdict}: {result.why}"
+    if safe:
+        return data, []
+    if data.batching == "flat":
+        raise ConfigError(f"data.batching='flat' packs documents into shared rows, but this model is not safe to "
+                          f"pack ({verdict}); use --data.batching=padded")
+    return dataclasses.replace(data, batching="padded"), [
+        f"data: packing off, padded batches instead: this model is not safe to pack ({verdict})"]
+
+
 # -- 4. parallelism ----------------------------------------------------------------------------------
 
 def parallelize(model, full, config: FinetuneConfig, precision: Precision, env: distributed.DistEnv, patch_report,
@@ -522,6 +545,15 @@ def train_step(s: Step, micro_batches: list[dict], targets: float, upcoming: lis
                       targets)
 
 
+def log_attention_paths(patch_report, mlog, step: int, log) -> None:
+    """After the first step: which path each attention call took (the PatchReport's counters)."""
+    if patch_report is None:
+        return
+    log(f"attention in step {step}: {patch_report.paths_line()}")
+    layers = {layer for layer, _ in patch_report.attention_calls}
+    mlog.write("attention", step, paths=dict(patch_report.paths()), layers=len(layers))
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -646,11 +678,13 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
     layers, d_attn = flops.attention_dims(flops.text_config(model))
 
     # 3. data -----------------------------------------------------------------------------------
-    train_batches, data_report = build_train_batches(c.data, tokenizer, rank=env.rank, world_size=env.world_size)
+    data, packing_note = batching_for(c.data, model, patch_report)
+    train_batches, data_report = build_train_batches(data, tokenizer, rank=env.rank, world_size=env.world_size)
+    data_report.lines += packing_note
     if getattr(train_batches, "map_style", False) and len(train_batches) == 0:
         raise ConfigError(f"data: no training micro-batches for rank {env.rank} of {env.world_size} (the data makes "
                           f"{train_batches.stats.micro_batches}); use more data, or a smaller data.batch_size")
-    val = validation_data(config, tokenizer, env)
+    val = validation_data(dataclasses.replace(config, data=data), tokenizer, env)
 
     # 4. parallelism, from outside the model: activation checkpointing -> compile -> FSDP2 ----------
     n_ac, ep_mesh, ep_params = parallelize(model, full_model, config, precision, env, patch_report, log)
@@ -681,6 +715,8 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
                                and not c.logging.quiet)
     if t.eval_before and start_step == 0:
         result.eval_before = evaluate_now(0, "before training")
+    if patch_report is not None:
+        patch_report.reset_counts()  # from here on: what the training steps run
     last_step = t.max_steps if t.run_steps is None else min(t.max_steps, start_step + t.run_steps)
     split = {id(p) for p in ep_params}
     clip_groups = [g for g in ([p for p in params if id(p) not in split], [p for p in params if id(p) in split]) if g]
@@ -708,6 +744,8 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
             step += 1
             result.steps = step
             result.losses.append(out.loss)
+            if step == start_step + 1:
+                log_attention_paths(patch_report, mlog, step, bar.write if bar is not None else log)
             micro_batches, targets = upcoming, out.next_targets
             record = metrics.step_record(out, n_params, layers, d_attn, device, env.world_size, epoch=stream.epoch)
             if step % c.logging.log_every == 0 or step == last_step:

@@ -46,6 +46,10 @@ def test_meta_patch_then_verify_matches_the_loaded_model(name, lora):
     decisions = lambda r: sorted((e.kind, e.module, e.replacement) for e in r.entries)  # noqa: E731
     assert decisions(report) == decisions(patched_real)
     assert "checked when loaded" in next(e.reason for e in report.entries if e.kind == "cross_entropy")
+    # The packed probe cannot run without weights: it ran on a CPU build of the config instead.
+    assert report.packing == "safe (probed on a CPU build of its config: the model is on the meta device)"
+    assert report.packing_safe
+    assert patched_real.packing == "safe"
 
     load_weights(meta, real)
     said = fastft.patching.verify_loaded(meta)

@@ -38,7 +38,15 @@ def test_remote_structure_is_patched_and_matches(name):
     overrides, (kind, casting), fused_loss = VARIANTS[name]
     model = RemoteLikeForCausalLM(**overrides)
     reference = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     report = fastft.patch(model)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items()), "patching changed a parameter"
+    # Its attention is its own code: the packed probe finds that fastft's function is never called
+    # and that documents leak, so the report keeps its attention and marks it packing-unsafe.
+    kept = report.skipped("attention")
+    assert not report.patched("attention") and "no attention layer called the fastft function" in kept[0].reason
+    assert report.packing.startswith("unsafe: ") and "gradient of document 2 reaches document 1" in report.packing
     n_norms = sum(1 for m in reference.modules() if "norm" in type(m).__name__.lower() and m is not
                   reference.get_output_embeddings())
     assert report.count(kind) == n_norms, str(report)
@@ -51,7 +59,11 @@ def test_remote_structure_is_patched_and_matches(name):
     ids = torch.randint(0, 96, (2, 10))
     labels = ids.clone()
     labels[:, :3] = -100
+    norm_calls = {e.module: 0 for e in report.patched(kind)}
+    for name in norm_calls:
+        model.get_submodule(name).register_forward_hook(lambda m, i, o, n=name: norm_calls.__setitem__(n, 1))
     out, ref = model(input_ids=ids, labels=labels), reference(input_ids=ids, labels=labels)
+    assert all(norm_calls.values()) and report.loss_calls["fused"] == int(fused_loss)  # what the report claims ran
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
     out.loss.backward()
     ref.loss.backward()
@@ -68,3 +80,20 @@ def test_bf16_casting_detected_per_module():
     llama = fastft.patch(RemoteLikeForCausalLM(norm="llama_rms"))
     assert {e.reason for e in glm.patched("rms_norm")} == {"eps=1e-05, casting=gemma"}
     assert {e.reason for e in llama.patched("rms_norm")} == {"eps=1e-06, casting=llama"}
+
+
+def test_normhead_is_fused_with_its_normalisation_and_its_weight_left_alone():
+    """Baichuan 2's NormHead normalises its weight rows in place on its first eval-mode call, and
+    the loss probe is an eval-mode call: patching must leave the rows as they were, fuse the
+    normalisation into the loss, and give the head the gradient through the normalisation."""
+    model = RemoteLikeForCausalLM(norm="bare_rms_epsilon", norm_head=True)
+    model.get_output_embeddings().weight.data.mul_(3.0)  # rows far from unit length
+    reference = copy.deepcopy(model)
+    report = fastft.patch(model)
+    head = model.get_output_embeddings()
+    assert torch.equal(head.weight, reference.get_output_embeddings().weight) and head.first_flag
+    assert "normalised head rows" in report.patched("cross_entropy")[0].reason
+    ids = torch.randint(0, 96, (2, 10))
+    model(input_ids=ids, labels=ids).loss.backward()
+    reference(input_ids=ids, labels=ids).loss.backward()
+    torch.testing.assert_close(head.weight.grad, reference.get_output_embeddings().weight.grad, rtol=1e-4, atol=1e-6)

@@ -145,13 +145,14 @@ def test_export_full_and_lora_load_with_transformers_and_peft(tmp_path):
 
 
 def _on_call(model_builder, n, action):
-    """Wrap fastft.train.build_model so that `action(output)` runs from the n-th forward on."""
+    """Wrap fastft.train.build_model so that `action(output)` runs from the n-th training forward on
+    (eval-mode forwards, such as the trainer's packed probe of an unpatched model, do not count)."""
     def build(*args, **kwargs):
         model, report = model_builder(*args, **kwargs)
         calls = {"n": 0}
 
         def hook(module, inputs, output):
-            calls["n"] += 1
+            calls["n"] += module.training
             if module.training and calls["n"] >= n:
                 return action(output)
         model.register_forward_hook(hook)

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
+from fastft import attention
 from fastft.patching import lora as lora_patch
+from fastft.patching import packed_probe, recurrent
 from fastft.patching import loss as loss_patch
 from fastft.patching import moe as moe_patch
 from fastft.patching import norms
@@ -54,7 +57,49 @@ def patch(model: nn.Module, **options: bool) -> PatchReport:
         unpatch(model)
     hf = _hf_model(model)
     report = PatchReport(type(hf).__name__)
-    state = {"norms": [], "attention": None, "loss": False, "lora": []}
+    state = {"norms": [], "attention": None, "recurrent": [], "loss": False, "moe": [], "lora": []}
+    object.__setattr__(model, STATE, state)
+    try:
+        _patch(model, hf, enabled, report, state)
+    except BaseException:
+        unpatch(model)
+        raise
+    if not report.patched():
+        unpatch(model)
+        raise ValueError(f"fastft.patch: found nothing to patch in {type(hf).__name__}.\n{report}\n"
+                         "If this model has RMSNorm/LayerNorm modules or an LM head fastft should handle, "
+                         "the report above says why each was left alone.")
+    report.reset_counts()  # the probes' forwards are not training calls
+    model.fastft_report = report
+    return report
+
+
+def _patch(model: nn.Module, hf: nn.Module, enabled: dict[str, bool], report: PatchReport, state: dict) -> None:
+    # Attention (the registered "fastft" implementation) and recurrent mixers get the per-forward
+    # document state; then the packed probe says which layers call fastft's attention and whether
+    # packing is safe. It runs before the per-token kernels below are swapped in: norms, the loss
+    # and LoRA act on each token alone (and have probes of their own), so they cannot carry
+    # anything from one document to the next, and the probe stays cheap under the interpreter.
+    if enabled["attention"]:
+        state["attention"], state["recurrent"] = _install_attention(hf, getattr(hf, "config", None), report)
+    _verify_attention_and_packing(model, hf, report, state)
+
+    # The loss: fused linear cross-entropy on the LM head (probed before the norms are swapped in,
+    # so that its probe forward runs the model's own norms: cheaper under the interpreter).
+    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    if not enabled["cross_entropy"]:
+        pass
+    elif head is None:
+        report.add("cross_entropy", "", type(hf).__name__, reason="no output embeddings (LM head)")
+    else:
+        spec = loss_patch.detect(hf, head)
+        if isinstance(spec, str):
+            report.add("cross_entropy", "lm_head", type(head).__name__, reason=spec)
+        else:
+            loss_patch.install(hf, head, spec, report.loss_calls)
+            state["loss"] = True
+            report.add("cross_entropy", "lm_head", type(head).__name__, "fused_linear_cross_entropy",
+                       spec.describe())
 
     # Norms: every candidate module, probed for what it computes.
     for name, module in list(model.named_modules()):
@@ -75,37 +120,6 @@ def patch(model: nn.Module, **options: bool) -> PatchReport:
         state["norms"].append(name)
         report.add(spec.kind, name, type(module).__name__, type(fused).__name__, spec.describe())
 
-    # The loss: fused linear cross-entropy on the LM head.
-    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
-    if not enabled["cross_entropy"]:
-        pass
-    elif head is None:
-        report.add("cross_entropy", "", type(hf).__name__, reason="no output embeddings (LM head)")
-    else:
-        spec = loss_patch.detect(hf, head)
-        if isinstance(spec, str):
-            report.add("cross_entropy", "lm_head", type(head).__name__, reason=spec)
-        else:
-            loss_patch.install(hf, head, spec)
-            state["loss"] = True
-            report.add("cross_entropy", "lm_head", type(head).__name__, "fused_linear_cross_entropy",
-                       spec.describe())
-
-    # Attention: the registered "fastft" implementation.
-    config = getattr(hf, "config", None)
-    if enabled["attention"] and config is not None and hasattr(hf, "set_attn_implementation"):
-        from fastft import attention
-
-        attention.register()
-        previous = getattr(config, "_attn_implementation", None)
-        try:
-            hf.set_attn_implementation(attention.NAME)
-        except (ValueError, ImportError) as exc:
-            report.add("attention", "", type(hf).__name__, reason=f"kept {previous}: {exc}"[:200])
-        else:
-            state["attention"] = previous
-            report.add("attention", "", previous or "default", f"fastft ({attention.describe(config)})")
-
     # MoE: experts modules through the grouped-GEMM kernel (with their PEFT LoRA ParamWrappers).
     if enabled["moe"]:
         state["moe"] = moe_patch.install(model, hf, report)
@@ -113,13 +127,80 @@ def patch(model: nn.Module, **options: bool) -> PatchReport:
     # LoRA: PEFT LoRA layers through the fused kernels (the LM head's adapter belongs to the loss).
     if enabled["lora"]:
         state["lora"] = lora_patch.install(model, report, skip={id(head)} if head is not None else set())
-    if not report.patched():
-        raise ValueError(f"fastft.patch: found nothing to patch in {type(hf).__name__}.\n{report}\n"
-                         "If this model has RMSNorm/LayerNorm modules or an LM head fastft should handle, "
-                         "the report above says why each was left alone.")
-    object.__setattr__(model, STATE, state)
-    model.fastft_report = report
-    return report
+
+
+def _install_attention(hf: nn.Module, config, report: PatchReport) -> tuple[str | None, list[str]]:
+    """Select "fastft" attention, give the model its per-forward document state (and the
+    decoder blocks their recompute-safe wrapper) and the recurrent mixers their document resets.
+    Returns (the previous attention implementation or None, the patched mixers)."""
+    from fastft import distributed
+
+    previous = None
+    if config is None or not hasattr(hf, "set_attn_implementation"):
+        report.add("attention", "", type(hf).__name__,
+                   reason="kept: not a transformers PreTrainedModel (no set_attn_implementation)")
+    else:
+        attention.register()
+        previous = getattr(config, "_attn_implementation", None) or "eager"
+        try:  # where transformers refuses a dynamic change it only warns: the packed probe finds out
+            hf.set_attn_implementation(attention.NAME)
+        except (ValueError, ImportError) as exc:
+            report.add("attention", "", previous, reason=f"kept {previous}: {exc}"[:200])
+            previous = None
+    mixers = recurrent.install(hf, report)
+    if previous is not None or mixers:
+        try:
+            blocks = list(distributed.decoder_blocks(hf)[1])
+        except ValueError:
+            blocks = []
+        installed = attention.install(hf, blocks, config if previous is not None else None)
+        installed.counts = report.attention_calls
+    return previous, mixers
+
+
+def _verify_attention_and_packing(model: nn.Module, hf: nn.Module, report: PatchReport, state: dict) -> None:
+    """The packed probe: the attention entries say which layers call fastft's function, and
+    `report.packing` whether packed batches are safe (fastft/patching/packed_probe.py)."""
+    result = packed_probe.run(model, hf)
+    where = f" (probed on {result.where})" if result.where else ""
+    previous = state["attention"]
+    if previous is not None:
+        config = hf.config
+        called, missing = result.fastft_layers, result.missing
+        if result.verdict == "unverified" and not result.calls:
+            report.add("attention", "", previous, f"fastft ({attention.describe(config, *_device_dtype(hf))})",
+                       f"not verified: {result.why}")
+        elif not called:
+            warned = "" if config._attn_implementation == attention.NAME else (
+                "; transformers refused to change it dynamically")
+            report.add("attention", "", previous, reason=f"kept {previous}: no attention layer called the fastft "
+                       f"function in a packed probe (the model's code does not read attn_implementation{warned})")
+            if config._attn_implementation == attention.NAME:
+                hf.set_attn_implementation(previous)
+            state["attention"] = None
+            if not state["recurrent"]:
+                attention.uninstall(hf)
+        else:
+            modules = dict(hf.named_modules())
+            what = f"fastft ({attention.describe(config, *_device_dtype(hf))})"
+            for layer in sorted(called, key=_natural):
+                report.add("attention", layer, type(modules[layer]).__name__ if layer in modules else layer, what,
+                           f"called in the packed probe{where}")
+            for layer in missing:
+                report.add("attention", layer, type(modules[layer]).__name__, reason=f"kept {previous}: this layer "
+                           "did not call the fastft function in the packed probe")
+    report.packing = result.verdict if result.verdict == "safe" else f"{result.verdict}: {result.why}"
+    if result.verdict == "safe":
+        report.packing += where + (f"; {result.why.split('; ', 1)[1]}" if "; only with" in result.why else "")
+
+
+def _device_dtype(hf: nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(hf.parameters(), None)
+    return (p.device, p.dtype) if p is not None and not p.is_meta else (torch.device("cpu"), torch.float32)
+
+
+def _natural(name: str):
+    return [int(part) if part.isdigit() else part for part in name.split(".")]
 
 
 def verify_loaded(model: nn.Module) -> str | None:
@@ -142,7 +223,7 @@ def verify_loaded(model: nn.Module) -> str | None:
         state["loss"] = False
         entry.replacement, entry.reason = "", spec
         return f"LM head loss: {spec}"
-    loss_patch.install(hf, head, spec)
+    loss_patch.install(hf, head, spec, model.fastft_report.loss_calls)
     entry.reason = spec.describe()
     return f"LM head loss: fused_linear_cross_entropy, logit map verified ({spec.describe() or 'plain'})"
 
@@ -155,13 +236,15 @@ def unpatch(model: nn.Module) -> nn.Module:
     lora_patch.uninstall(model, state.get("lora", []))
     if state.get("moe"):
         moe_patch.uninstall(model, state["moe"])
-    for name in state["norms"]:
-        model.set_submodule(name, norms.restore(model.get_submodule(name)))
     hf = _hf_model(model)
-    if state["loss"]:
-        loss_patch.uninstall(hf)
+    recurrent.uninstall(hf, state.get("recurrent", []))
+    attention.uninstall(hf)
     if state["attention"] is not None:
         hf.set_attn_implementation(state["attention"])
+    for name in state["norms"]:
+        model.set_submodule(name, norms.restore(model.get_submodule(name)))
+    if state["loss"]:
+        loss_patch.uninstall(hf)
     object.__delattr__(model, STATE)
     model.__dict__.pop("fastft_report", None)
     return model

@@ -9,8 +9,9 @@ adapters enabled and unmerged, one plain LoRA adapter active, no LoRA bias, drop
 nn.Dropout or Identity. In any other state at call time (adapters disabled, merged, a second
 adapter activated later, `adapter_names=` mixed batches) PEFT's own forward runs. What cannot be
 fused when patching (DoRA and every other LoRA variant PEFT registers in `lora_variant`, several
-active adapters, `lora_bias`, `fan_in_fan_out` Conv1D bases, custom dropout modules) is left on
-PEFT's path and named in the PatchReport with the reason.
+active adapters, `lora_bias`, `fan_in_fan_out` Conv1D bases, quantized bases such as
+bitsandbytes' Linear4bit (QLoRA: an nn.Linear subclass over packed NF4 weights), custom dropout
+modules) is left on PEFT's path and named in the PatchReport with the reason.
 
 The LM head's LoRA layer is left alone: the fused loss (fastft/patching/loss.py) reads its
 adapter and includes the delta in fused_linear_cross_entropy.
@@ -63,11 +64,20 @@ def is_lora_layer(module: nn.Module) -> bool:
             and isinstance(getattr(module, "lora_B", None), nn.ModuleDict) and hasattr(module, "scaling"))
 
 
+def _quantized(base: nn.Module) -> bool:
+    weight = getattr(base, "weight", None)
+    return (not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point
+            or getattr(weight, "quant_state", None) is not None or type(base).__module__.startswith("bitsandbytes"))
+
+
 def static_reason(module: nn.Module) -> str:
     """Why this LoRA layer cannot be fused in its current configuration, or '' when it can."""
     base = module.base_layer
     if not isinstance(base, nn.Linear) or getattr(module, "fan_in_fan_out", False):
         return f"base layer {type(base).__name__} is not an nn.Linear (e.g. Conv1D, embedding): kept on PEFT"
+    if _quantized(base):  # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear over packed weights
+        return (f"quantized base layer {type(base).__name__} ({type(base.weight).__name__} weight): kept on PEFT's "
+                "own path (the fused LoRA kernels take a floating-point base weight)")
     active = [a for a in module.active_adapters if a in module.lora_A.keys()]
     if len(active) > 1:
         return f"{len(active)} LoRA adapters active: kept on PEFT"

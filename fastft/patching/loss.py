@@ -32,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastft.attention import call_arguments
 from fastft.flops import text_config
+from fastft.patching.preserve import preserved
 from fastft.kernels import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
 
 TAP = "_fastft_head_tap"
@@ -165,8 +167,11 @@ def detect(model: nn.Module, head: nn.Module) -> HeadSpec | str:
 
 
 def _probe(model, head, tap, ids, weight, maps, config) -> HeadSpec | str:
+    # The forward runs under `preserved`: a head that rewrites its own weight on its first eval
+    # call (Baichuan 2's NormHead normalises its rows in place) gets it back before the candidate
+    # maps below are compared with the original weight.
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[weight.device] if weight.is_cuda else []):
+        with preserved(model), torch.no_grad(), torch.random.fork_rng(devices=[weight.device] if weight.is_cuda else []):
             out = model(input_ids=ids, labels=ids, use_cache=False)
     except Exception as exc:  # a model whose forward wants more than input_ids
         return f"probe forward failed ({type(exc).__name__}: {str(exc)[:80]})"
@@ -214,8 +219,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def install(model: nn.Module, head: nn.Module, spec: HeadSpec) -> None:
-    """Give the causal-LM module and its head the instance forwards described in the docstring."""
+def install(model: nn.Module, head: nn.Module, spec: HeadSpec, counts: dict | None = None) -> None:
+    """Give the causal-LM module and its head the instance forwards described in the docstring;
+    `counts["fused"]` counts the forwards whose loss the fused op computed."""
     tap = _HeadTap(head)
     head.forward = tap
     original = model.forward
@@ -223,7 +229,7 @@ def install(model: nn.Module, head: nn.Module, spec: HeadSpec) -> None:
     config = text_config(model)
 
     def forward(*args, **kwargs):
-        arguments = _as_keywords(signature, args, kwargs)
+        arguments = call_arguments(signature, args, kwargs)
         labels = arguments.pop("labels", None)
         shift_labels = arguments.get("shift_labels")
         if labels is None and shift_labels is None:
@@ -239,6 +245,8 @@ def install(model: nn.Module, head: nn.Module, spec: HeadSpec) -> None:
                                "call fastft.unpatch(model) or patch with cross_entropy=False")
         loss = causal_lm_loss(tap.inputs.pop(), head, spec, labels, shift_labels,
                               arguments.get("num_items_in_batch"), arguments.get("ignore_index", -100))
+        if counts is not None:
+            counts["fused"] += 1
         aux = getattr(out, "aux_loss", None)
         if aux is not None and getattr(config, "router_aux_loss_coef", None) is not None:
             loss = loss + config.router_aux_loss_coef * aux.to(loss.device)
@@ -265,15 +273,6 @@ def uninstall(model: nn.Module) -> bool:
     model.__dict__.pop("forward", None)
     head.__dict__.pop("forward", None)
     return True
-
-
-def _as_keywords(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
-    """All arguments by name (a forward's **kwargs flattened in)."""
-    arguments = dict(signature.bind_partial(*args, **kwargs).arguments)
-    for name, param in signature.parameters.items():
-        if param.kind is inspect.Parameter.VAR_KEYWORD:
-            arguments.update(arguments.pop(name, {}))
-    return arguments
 
 
 def causal_lm_loss(hidden: torch.Tensor, head: nn.Module, spec: HeadSpec, labels: torch.Tensor | None,

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class PatchEntry:
-    kind: str          # "rms_norm", "layer_norm", "cross_entropy", "attention", "lora"
+    kind: str          # "rms_norm", "layer_norm", "cross_entropy", "attention", "recurrent", "lora"
     module: str        # the module's name in the model ("" for the model itself)
     original: str      # the class it had
     replacement: str   # what runs now, or "" when left alone
@@ -21,8 +21,40 @@ class PatchEntry:
 
 @dataclass
 class PatchReport:
+    """`packing` is the packed probe's verdict (fastft/patching/packed_probe.py): "safe",
+    "unsafe: <why>" or "unverified: <why>"; only a "safe" model is trained on packed batches.
+    `attention_calls` counts, live, the attention calls of every forward since patching (or
+    `reset_counts()`) per (layer, path), e.g. ("model.layers.0.self_attn", "varlen/flash_attn")."""
     model: str
     entries: list[PatchEntry] = field(default_factory=list)
+    packing: str = "unverified: not probed"
+    attention_calls: Counter = field(default_factory=Counter)
+    loss_calls: Counter = field(default_factory=Counter)  # "fused" -> forwards whose loss the fused op computed
+
+    @property
+    def packing_safe(self) -> bool:
+        return self.packing.startswith("safe")  # "safe", "safe (probed on ...)", "safe; only with ..."
+
+    def reset_counts(self) -> None:
+        self.attention_calls.clear()
+        self.loss_calls.clear()
+
+    def paths(self) -> Counter:
+        """Attention (and recurrent mixer) calls per path, over all layers."""
+        totals = Counter()
+        for (_, path), n in self.attention_calls.items():
+            totals[path] += n
+        return totals
+
+    def paths_line(self) -> str:
+        """One line: the calls of each path and in how many layers, e.g. for the trainer's log."""
+        layers: dict[str, set] = {}
+        for (layer, path), n in self.attention_calls.items():
+            layers.setdefault(path, set()).add(layer)
+        totals = self.paths()
+        if not totals:
+            return "no attention calls through fastft"
+        return ", ".join(f"{path} {n} calls in {len(layers[path])} layers" for path, n in sorted(totals.items()))
 
     def add(self, kind: str, module: str, original: str, replacement: str = "", reason: str = "") -> None:
         self.entries.append(PatchEntry(kind, module, original, replacement, reason))
@@ -50,4 +82,5 @@ class PatchReport:
             lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
         if not rows:
             lines.append("(nothing found to patch)")
+        lines.append(f"packing: {self.packing}")
         return "\n".join(lines)
