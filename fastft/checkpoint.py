@@ -4,7 +4,9 @@ A checkpoint is a folder `<run_dir>/checkpoints/step_00000100/`:
   .metadata, __*.distcp   model + optimizer state, written by torch.distributed.checkpoint (DCP):
                           each rank writes its own shards, in parallel; loads reshard to any world size
   trainer_rank<r>.pt      per rank: the scheduler, the data position (epoch, micro-batches consumed)
-                          and the RNG states (python, torch CPU, CUDA)
+                          and the RNG states (python, torch CPU, CUDA), as plain data only (tensors,
+                          numbers, strings, lists, dicts): it is read with torch.load(weights_only=True),
+                          so a checkpoint from someone else cannot run code when resumed
   meta.json               step, world size, time
   COMPLETE                written last
 Atomicity: everything goes to `step_XXXXXXXX.tmp/`; after every rank has finished, rank 0 writes
@@ -19,9 +21,11 @@ fine-tuning; the adapter (adapter_model.safetensors + adapter_config.json) + tok
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import pathlib
+import pickle
 import random
 import shutil
 import time
@@ -39,14 +43,16 @@ def checkpoint_dir(run_dir: str | os.PathLike) -> pathlib.Path:
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    version, internal, gauss = random.getstate()
+    state = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -111,11 +117,12 @@ def load(path, model, optimizer, *, scheduler, env: distributed.DistEnv) -> dict
         raise FileNotFoundError(f"{path} is not a complete fastft checkpoint (no {COMPLETE} marker): it was "
                                 "being written when the run stopped; resume from an older one")
     meta = json.loads((path / "meta.json").read_text())
+    _read_metadata(path / ".metadata")  # refused here, in plain words, before DCP reads it (inside its own errors)
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, storage_reader=_safe_reader(str(path)))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rank_file = path / f"trainer_rank{env.rank}.pt"
     if not rank_file.is_file():
@@ -123,11 +130,76 @@ def load(path, model, optimizer, *, scheduler, env: distributed.DistEnv) -> dict
             rank_file = path / "trainer_rank0.pt"  # another world size: model/optimizer reshard, data restarts
         else:
             raise FileNotFoundError(f"{rank_file} missing from the checkpoint")
-    trainer = torch.load(rank_file, weights_only=False)
+    trainer = _load_plain(rank_file)
     scheduler.load_state_dict(trainer["scheduler"])
     if meta["world_size"] == env.world_size:
         _set_rng_state(trainer["rng"])
     return {"step": meta["step"], "data": trainer["data"], "world_size": meta["world_size"]}
+
+
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint file holds more than plain data: loading it could run code it carries."""
+
+
+def _refuse(path, exc: Exception) -> UnsafeCheckpoint:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return UnsafeCheckpoint(
+        f"{path}: refused to resume from this checkpoint: it holds more than plain data (tensors, numbers, "
+        f"strings, lists, dicts, DCP's own metadata), and loading it could run code it carries ({first[:300]}). "
+        "fastft never writes such files; if you did not make this checkpoint yourself, do not trust it. To "
+        "start without it, drop --checkpoint.resume / --checkpoint.resume_from")
+
+
+def _load_plain(path: pathlib.Path) -> dict:
+    """A trainer state file, refusing anything but plain data (no pickled code is ever run)."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        raise _refuse(path, exc) from None
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's `.metadata` is a pickle (torch's FileSystemReader reads it with plain pickle.load,
+    which would run any callable the file names). Only the classes DCP itself writes there are
+    let through: its metadata dataclasses and enums, torch.Size, dtypes, layouts, paths."""
+
+    MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+
+    def find_class(self, module: str, name: str):
+        if module in self.MODULES and isinstance(getattr(importlib.import_module(module), name, None), type):
+            return super().find_class(module, name)
+        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        if (module, name) in {("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                              ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+                              ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint's metadata")
+
+
+def _read_metadata(path: pathlib.Path):
+    try:
+        with open(path, "rb") as f:
+            return _MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as exc:
+        raise _refuse(path, exc) from None
+
+
+def _safe_reader(path):
+    """torch's FileSystemReader with the metadata read by _MetadataUnpickler."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            rank = kwargs.get("rank")  # newer torch can keep one metadata file per rank
+            metadata = _read_metadata(pathlib.Path(self.path) / (".metadata" if rank is None else f"__{rank}.metadata"))
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(path)
 
 
 def export(out_dir, model, tokenizer, *, env: distributed.DistEnv) -> pathlib.Path | None:

@@ -127,6 +127,7 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
     # On a CPU the fused kernels fall back to their torch references unless TRITON_INTERPRET=1 is
     # set by the user (the interpreter is correct but far too slow for training: ~35 s per step of
     # the default model, measured on 2 cores). So, unlike `demo`, train does not set it.
+    from fastft.checkpoint import UnsafeCheckpoint
     from fastft.config import ConfigError, load_config
     from fastft.train import TrainingDiverged, finetune
 
@@ -147,7 +148,7 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
     except ConfigError as exc:
         print(f"fastft train: bad config: {exc}", file=sys.stderr)
         return 2
-    except TrainingDiverged as exc:
+    except (TrainingDiverged, UnsafeCheckpoint) as exc:
         print(f"fastft train: {exc}", file=sys.stderr)
         return 3
     return 0 if result.status in ("finished", "stopped") else 130

@@ -42,7 +42,7 @@ class ModelConfig:
     name: str | None = None  # a hub name or local folder; None: build `config` with random weights
     config: dict | None = None  # a transformers config as a dict with "model_type" (random init); used when name is None
     tokenizer: str | None = None  # a hub name / folder, or "byte" (fastft's byte-level tokenizer); None: the model's own, or "byte"
-    dtype: str = "auto"  # weights as loaded/built: "auto" (bf16 on CUDA, fp32 on CPU), "float32", "bfloat16"
+    dtype: str = "auto"  # weights as loaded/built: "auto" (bf16 on CUDA, fp32 on CPU), "float32", "bfloat16", "float64" (reference runs)
     patch: bool = True  # fastft.patch with the fused kernels (on CPU without TRITON_INTERPRET: their torch references)
     patch_options: dict = dataclasses.field(default_factory=dict)  # passed to fastft.patch, e.g. {attention: false}
     trust_remote_code: bool = False
@@ -117,7 +117,10 @@ class CheckpointConfig:
 
 @dataclasses.dataclass
 class LoggingConfig:
-    run_dir: str = "runs/default"  # metrics.jsonl, checkpoints/, export/, config.yaml
+    # config.yaml, metrics.jsonl, checkpoints/, export/; None: a new runs/<YYYYmmdd-HHMMSS> per run
+    # (runs/latest points at the newest). A folder holding another run's results is refused.
+    run_dir: str | None = None
+    overwrite: bool = False  # true: a run_dir holding an earlier run's results is cleared first
     progress_bar: bool = True
     tensorboard: bool = True  # when the tensorboard package is installed
     log_every: int = 1  # steps between metric lines
@@ -145,7 +148,7 @@ class FinetuneConfig:
 
 SECTIONS = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
 CHOICES = {
-    "model.dtype": ("auto", "float32", "bfloat16"),
+    "model.dtype": ("auto", "float32", "bfloat16", "float64"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.precision": ("auto", "bf16", "fp32"),
     "distributed.param_dtype": ("auto", "float32", "bfloat16"),
@@ -379,6 +382,9 @@ def validate(config: FinetuneConfig) -> FinetuneConfig:
                                config.logging, config.data)
     if m.name is None and m.config is None:
         m.config = dict(DEFAULT_TINY_MODEL)
+    if m.dtype == "float64" and t.precision != "fp32":
+        raise ConfigError(f"model.dtype=float64 (a reference run) needs train.precision=fp32, not {t.precision!r}: "
+                          "bf16 autocast would undo what float64 weights are for")
     if m.name is not None and m.config is not None:
         raise ConfigError("model.name and model.config are both set: give a pretrained model (name) or a config "
                           "to build with random weights, not both")
@@ -390,6 +396,10 @@ def validate(config: FinetuneConfig) -> FinetuneConfig:
         unknown = sorted(set(m.patch_options) - set(OPTIONS))
         if unknown:
             raise ConfigError(f"model.patch_options: unknown option(s) {unknown}; the options are {list(OPTIONS)}")
+        for name, value in m.patch_options.items():
+            if not isinstance(value, bool):
+                raise ConfigError(f"model.patch_options.{name}={value!r}: must be true or false "
+                                  "(LoRA adapters are configured in the lora section)")
     positive = {"train.max_steps": t.max_steps, "lora.r": config.lora.r, "logging.log_every": lo.log_every,
                 "checkpoint.keep": c.keep, "distributed.checkpoint_every": d.checkpoint_every}
     for key, value in positive.items():

@@ -81,6 +81,9 @@ def init(backend: str | None = None, *, force: bool = False, timeout_minutes: in
 
 def shutdown(env: DistEnv) -> None:
     if env.initialized_here and dist.is_initialized():
+        # Every rank reaches this point before any tears down: a rank that destroys its group
+        # while gloo still runs another rank's last collective can abort at exit.
+        barrier()
         dist.destroy_process_group()
 
 

@@ -38,7 +38,7 @@ import time
 import torch
 
 from fastft import checkpoint as ckpt
-from fastft import distributed, flops, metrics
+from fastft import distributed, flops, metrics, rundir
 from fastft.config import ConfigError, FinetuneConfig, load_config, to_yaml, validate
 
 
@@ -134,7 +134,7 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 # -- model and tokenizer -------------------------------------------------------------------------
@@ -179,7 +179,9 @@ def build_model(config: FinetuneConfig, tokenizer, dtype: torch.dtype, *, meta: 
                 fields.setdefault(name, getattr(tokenizer, name))
             hf_config = AutoConfig.for_model(model_type, **fields)
         with torch.device("meta") if meta else contextlib.nullcontext():
-            model = AutoModelForCausalLM.from_config(hf_config, **kwargs)
+            # A float64 reference run starts from the same random weights as a float32 one.
+            init = {**kwargs, "dtype": torch.float32} if dtype == torch.float64 else kwargs
+            model = AutoModelForCausalLM.from_config(hf_config, **init).to(dtype)
         if m.name is not None:  # what from_pretrained would also read: eos ids etc. for generation and export
             from transformers import GenerationConfig
 
@@ -312,10 +314,11 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
         weight_dtype = torch.bfloat16 if (c.lora.enabled and bf16 and not use_fsdp) else torch.float32
     autocast_on = bf16 and not use_fsdp  # FSDP2's MixedPrecisionPolicy casts instead
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if autocast_on else contextlib.nullcontext
-    run_dir = c.logging.run_dir
+    run_dir = rundir.prepare(config, env)  # never another run's folder, unless resuming or told to overwrite
     if env.is_main:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
+        resumed = bool(c.checkpoint.resume or c.checkpoint.resume_from)
+        name = "config.resume.yaml" if resumed and os.path.exists(os.path.join(run_dir, "config.yaml")) else "config.yaml"
+        with open(os.path.join(run_dir, name), "w", encoding="utf-8") as f:
             f.write(to_yaml(config))
 
     # 2. tokenizer and model --------------------------------------------------------------------

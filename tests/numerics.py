@@ -5,15 +5,27 @@ A kernel is compared with the float64 reference ("truth"). Its relative error
 must stay within FACTOR times the error eager torch makes on the same inputs in the same dtype
 (the reference run without upcasting the inputs). The eager error is floored so that an
 exactly-rounded eager result does not demand the impossible: at the unit roundoff u for 16-bit
-dtypes (where the output rounding dominates), and at 16·u (about 1e-6) for float32, where the
-error is the summation order of the row reductions (√H·u for H up to 32768), which differs
-between any two correct kernels. A wrong formula or a missed element gives errors of 1e-2 and
-more, far above either bound.
+dtypes (where the output rounding dominates), and at 16·u (about 1e-6) for float32 and float64,
+where the error is the summation order of the row reductions (√H·u for H up to 32768), which
+differs between any two correct kernels. A wrong formula or a missed element gives errors of 1e-2
+and more, far above either bound.
+
+The same rule serves model-level comparisons (patched vs unpatched, packed vs one document at a
+time, packed vs padded): "truth" is the reference computation in float64, "eager" the reference
+in the tested dtype, and every output and gradient of the tested computation must be within
+FACTOR x eager's error (`ModelRun`, `run_model`, `assert_runs_within_eager`). Where the model
+itself rounds to float32 on the way (transformers' loss upcasts the logits with `.float()`, its
+eager attention takes the softmax in float32), a float64 model is compared at float32's floor:
+`precision(model)` says which.
 
 FACTOR = 2 unless a test states another multiple and why.
 """
 
 from __future__ import annotations
+
+import copy
+import dataclasses
+import os
 
 import torch
 
@@ -34,7 +46,7 @@ def unit_roundoff(dtype: torch.dtype) -> float:
 
 
 def error_floor(dtype: torch.dtype) -> float:
-    return unit_roundoff(dtype) * (16 if dtype == torch.float32 else 1)
+    return unit_roundoff(dtype) * (16 if dtype in (torch.float32, torch.float64) else 1)
 
 
 def assert_within_eager(name: str, kernel: torch.Tensor, eager: torch.Tensor, truth: torch.Tensor,
@@ -43,8 +55,10 @@ def assert_within_eager(name: str, kernel: torch.Tensor, eager: torch.Tensor, tr
     k_err = rel_err(kernel, truth)
     e_err = rel_err(eager, truth)
     bound = factor * max(e_err, error_floor(dtype))
+    if os.environ.get("FASTFT_NUMERICS_VERBOSE"):  # margins, for tuning a test: err / bound per check
+        print(f"numerics {name}: {k_err:.2e} / {bound:.2e} = {k_err / bound:.2f} (eager {e_err:.2e}, {dtype})")
     assert k_err <= bound, (
-        f"{name}: kernel rel. error {k_err:.3e} > {factor} x max(eager {e_err:.3e}, "
+        f"{name}: rel. error {k_err:.3e} > {factor} x max(eager {e_err:.3e}, "
         f"floor {error_floor(dtype):.1e}) in {dtype}"
     )
 
@@ -100,3 +114,73 @@ def producer(y):
     while node is not None and type(node).__name__.startswith("ViewBackward"):
         node = node.next_functions[0][0]
     return type(node).__name__
+
+
+# -- model-level comparisons ----------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ModelRun:
+    """What a model computed on one batch: the loss, optionally the logits, every parameter gradient."""
+
+    loss: torch.Tensor
+    grads: dict[str, torch.Tensor]
+    logits: torch.Tensor | None = None
+
+
+def run_model(model, loss_fn=None, logits_inputs: dict | None = None, **inputs) -> ModelRun:
+    """Forward `inputs`, backward the loss (the model's own, or `loss_fn(output)`), and collect the
+    gradients (zeroed first); with `logits_inputs`, a no-grad forward of those gives the logits."""
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs)
+    loss = out.loss if loss_fn is None else loss_fn(out)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    logits = None
+    if logits_inputs is not None:
+        with torch.no_grad():
+            logits = model(**logits_inputs).logits
+    return ModelRun(loss.detach(), grads, logits)
+
+
+def float64_twin(model):
+    """The truth for a model-level comparison: an unpatched float64 copy of `model` (eager
+    experts: grouped_mm has no float64 kernel)."""
+    twin = copy.deepcopy(model)
+    if getattr(twin, "_fastft_patch_state", None) is not None:
+        import fastft
+
+        fastft.unpatch(twin)
+    twin = twin.to(torch.float64)
+    inner = twin.get_base_model() if hasattr(twin, "get_base_model") else twin
+    if getattr(inner, "get_experts_implementation", lambda: None)() not in (None, "eager"):
+        inner.set_experts_implementation("eager")
+    return twin
+
+
+def precision(model) -> torch.dtype:
+    """The dtype whose rounding bounds what `model` computes: its parameters' dtype, but never
+    finer than float32 (transformers' loss and eager softmax round to float32 whatever the model)."""
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    return torch.float32 if dtype == torch.float64 else dtype
+
+
+def assert_runs_within_eager(got: ModelRun, eager: ModelRun, truth: ModelRun, dtype: torch.dtype,
+                             factor: float = FACTOR, context: str = "") -> None:
+    """Loss, logits (when all three have them) and every gradient of `got` within `factor` x the
+    error `eager` makes against `truth`, in `dtype`'s terms (assert_within_eager)."""
+    assert_within_eager(f"{context}loss", got.loss, eager.loss, truth.loss, dtype, factor)
+    if got.logits is not None and eager.logits is not None and truth.logits is not None:
+        assert_within_eager(f"{context}logits", got.logits, eager.logits, truth.logits, dtype, factor)
+    assert set(got.grads) == set(truth.grads) == set(eager.grads) and truth.grads, (
+        f"{context}gradients for different parameters: {sorted(set(got.grads) ^ set(truth.grads))}")
+    for name in truth.grads:
+        assert_within_eager(f"{context}d {name}", got.grads[name], eager.grads[name], truth.grads[name], dtype,
+                            factor)
+
+
+def assert_curves_within_eager(name: str, got, eager, truth, factor: float = FACTOR) -> None:
+    """Training curves (a loss per step): `got` within `factor` x the error of `eager` (the
+    reference run in float32) against `truth` (the same run in float64, `model.dtype=float64`)."""
+    as_tensor = lambda xs: torch.as_tensor(xs, dtype=torch.float64)  # noqa: E731
+    assert len(got) == len(eager) == len(truth), f"{name}: {len(got)}, {len(eager)}, {len(truth)} steps"
+    assert_within_eager(name, as_tensor(got), as_tensor(eager), as_tensor(truth), torch.float32, factor)

@@ -58,3 +58,41 @@ def test_half_written_checkpoints_are_never_resumed_from(tmp_path):
     # Writing step 9 again replaces the stale temporary folder.
     ckpt.save(tmp_path, 9, model, optimizer, scheduler=scheduler, data_state={}, env=env)
     assert ckpt.latest(tmp_path).name == "step_00000009" and not (root / "step_00000009.tmp").exists()
+
+
+class _Boom:
+    """A pickled callable: unpickling it would run os.system (here: it would only mark a file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resume_refuses_a_trainer_state_that_carries_code(tmp_path):
+    env = DistEnv()
+    model, optimizer, scheduler = _state()
+    path = ckpt.save(tmp_path, 1, model, optimizer, scheduler=scheduler, data_state={"epoch": 0, "consumed": 1},
+                     env=env)
+    marker = tmp_path / "code-ran"
+    state = torch.load(path / "trainer_rank0.pt", weights_only=True)  # what fastft writes is plain data
+    torch.save({**state, "scheduler": _Boom(marker)}, path / "trainer_rank0.pt")
+    with pytest.raises(ckpt.UnsafeCheckpoint, match="refused to resume from this checkpoint"):
+        ckpt.load(path, model, optimizer, scheduler=scheduler, env=env)
+    assert not marker.exists(), "the checkpoint's code ran"
+
+
+def test_resume_refuses_dcp_metadata_that_carries_code(tmp_path):
+    import pickle
+
+    env = DistEnv()
+    model, optimizer, scheduler = _state()
+    path = ckpt.save(tmp_path, 1, model, optimizer, scheduler=scheduler, data_state={}, env=env)
+    marker = tmp_path / "code-ran"
+    (path / ".metadata").write_bytes(pickle.dumps(_Boom(marker)))
+    with pytest.raises(ckpt.UnsafeCheckpoint, match=r"\.metadata: refused to resume"):
+        ckpt.load(path, model, optimizer, scheduler=scheduler, env=env)
+    assert not marker.exists(), "the checkpoint's code ran"

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from fastft.data.collate import collate_packed, collate_padded, model_inputs
 from fastft.data.packing import PackedBatches, best_fit_decreasing
+from numerics import ModelRun, assert_runs_within_eager, assert_within_eager, float64_twin, precision, run_model
 
 IGNORE = -100
 
@@ -269,18 +270,51 @@ def per_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits[:-1], labels[1:], ignore_index=IGNORE, reduction="sum")
 
 
+def _per_document_losses(model, batch, bins, lengths, mode):
+    """Per-document loss sums read off the packed logits at each document's offsets (stacked in
+    document order)."""
+    inputs = model_inputs(batch)
+    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits  # (a fused loss keeps none)
+    logits = logits.reshape(-1, logits.shape[-1])
+    labels = batch["labels"].reshape(-1)
+    T = batch["input_ids"].shape[1]
+    losses = {}
+    for r, b in enumerate(bins if mode != "flat" else [[i for b in bins for i in b]]):
+        offset = r * T
+        for i in b:
+            n = lengths[i]
+            # Per document, with the document's own labels (first one aside: it is never a target).
+            losses[i] = per_token_loss_sum(logits[offset : offset + n], labels[offset : offset + n])
+            offset += n
+    return torch.stack([losses[i] for i in range(len(lengths))])
+
+
+def _alone_losses(model, docs):
+    return torch.stack([per_token_loss_sum(model(input_ids=torch.tensor([d["input_ids"]]), use_cache=False).logits[0],
+                                           torch.tensor(d["labels"])) for d in docs])
+
+
+def _losses_and_grads(model, losses_fn) -> ModelRun:
+    model.zero_grad(set_to_none=True)
+    losses = losses_fn(model)
+    losses.sum().backward()
+    return ModelRun(losses.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", list(MODEL_FACTORIES))
 @pytest.mark.parametrize("mode", ["packed", "flat"])
 def test_packed_batch_matches_documents_one_at_a_time(family, attn, mode):
-    # A real difference (cross-document attention, a wrong position, a loss term across a
-    # boundary) moves losses by 1e-2 and more. In fp64 with sdpa the rest agrees to ~1e-15;
-    # transformers' eager attention takes its softmax in fp32, and fp32 models round at ~1e-7, so
-    # rows of different lengths (different reduction orders) differ at fp32 level there.
-    model = MODEL_FACTORIES[family](attn)
-    fp64 = next(model.parameters()).dtype == torch.float64
-    rtol = 1e-10 if attn == "sdpa" and fp64 else 1e-5
-    model.train()
+    """Per-document losses and every gradient of a packed batch against the same documents run one
+    at a time, by the tolerance rule (tests/numerics.py): truth = one at a time, float64, SDPA;
+    eager = one at a time in the model's own precision and attention; packed must be within
+    FACTOR x eager's error. A real difference (cross-document attention, a wrong position, a loss
+    term across a boundary) moves the losses by 1e-2 and more. transformers' eager attention takes
+    its softmax in float32, so it is judged at float32's floor even for a float64 model."""
+    model = MODEL_FACTORIES[family](attn).train()
+    dtype = precision(model) if attn == "eager" else next(model.parameters()).dtype
+    truth_model = float64_twin(model)
+    truth_model.config._attn_implementation = "sdpa"
     rng = random.Random(f"{family}-{attn}-{mode}")
     docs = make_docs(rng, 7, vocab=64, max_len=14, min_len=1)
     docs[0]["labels"] = list(docs[0]["input_ids"])  # a pretraining-style document: first label not -100
@@ -290,69 +324,43 @@ def test_packed_batch_matches_documents_one_at_a_time(family, attn, mode):
     if mode == "flat":
         rows = [[doc for row in rows for doc in row]]  # one padding-free row
     batch = collate_packed(rows, pad_id=0, row_len=None if mode == "flat" else 16)
-    order = [i for b in bins for i in b]
 
-    # Packed: per-document loss sums read off the packed logits at each document's offsets.
-    model.zero_grad()
-    inputs = model_inputs(batch)
-    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits  # (a fused loss keeps none)
-    logits = logits.reshape(-1, logits.shape[-1])
-    labels = batch["labels"].reshape(-1)
-    T = batch["input_ids"].shape[1]
-    packed_losses = {}
-    for r, b in enumerate(bins if mode != "flat" else [order]):
-        offset = r * T
-        for i in b:
-            n = lengths[i]
-            # Per document, with the document's own labels (first one aside: it is never a target).
-            packed_losses[i] = per_token_loss_sum(logits[offset : offset + n], labels[offset : offset + n])
-            offset += n
-    total = sum(packed_losses.values())
-    # transformers' own loss on the packed batch (mean over targets) equals the sum of the
-    # per-document sums: no loss term crosses a document boundary. (transformers upcasts the
-    # logits to fp32 "for precision", which here rounds fp64 down: fp32-level agreement, while
-    # one stray cross-document term would change the sum by about a whole log(vocab).)
-    hf_sum = model(**inputs).loss.double() * batch["num_target_tokens"]
-    torch.testing.assert_close(hf_sum, total.detach().double(), rtol=1e-5, atol=1e-5)
-    total.backward()
-    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    got = _losses_and_grads(model, lambda m: _per_document_losses(m, batch, bins, lengths, mode))
+    eager = _losses_and_grads(model, lambda m: _alone_losses(m, docs))
+    truth = _losses_and_grads(truth_model, lambda m: _alone_losses(m, docs))
+    assert_runs_within_eager(got, eager, truth, dtype)
+    # transformers' own loss on the packed batch (mean over targets, times the target count) is the
+    # sum of the per-document sums: no loss term crosses a document boundary.
+    hf_sum = model(**model_inputs(batch)).loss * batch["num_target_tokens"]
+    assert_within_eager("transformers' packed loss", hf_sum, eager.loss.sum(), truth.loss.sum(), precision(model))
 
-    # One at a time.
-    model.zero_grad()
-    alone_losses = {}
-    for i, doc in enumerate(docs):
-        ids = torch.tensor([doc["input_ids"]])
-        doc_labels = torch.tensor(doc["labels"])
-        alone_losses[i] = per_token_loss_sum(model(input_ids=ids, use_cache=False).logits[0], doc_labels)
-    sum(alone_losses.values()).backward()
-    alone_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    for i in range(len(docs)):
-        torch.testing.assert_close(packed_losses[i], alone_losses[i], rtol=rtol, atol=rtol * 1e-2)
-    assert packed_grads.keys() == alone_grads.keys() and packed_grads
-    for name in packed_grads:
-        torch.testing.assert_close(packed_grads[name], alone_grads[name], rtol=10 * rtol, atol=rtol * 1e-2, msg=name)
+def _exact_loss_sum(out, labels):
+    """The summed next-token loss from the logits, in float64 (transformers' own loss rounds the
+    logits to float32 first)."""
+    logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1]).double()
+    return F.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum")
 
 
 @pytest.mark.parametrize("family", list(MODEL_FACTORIES))
 def test_packed_and_padded_batches_give_the_same_loss_and_gradients(family):
     """The trainer's view: the same documents as one packed batch or one padded batch (attention
-    mask), loss from the model (mean over targets) times num_target_tokens: same sum, same grads."""
+    mask), loss from the model (mean over targets) times num_target_tokens: same sum, same grads,
+    by the tolerance rule: truth = the padded batch on a float64 unpatched twin with the loss taken
+    in float64; eager = the padded batch on the model itself; packed within FACTOR x eager's error."""
     model = MODEL_FACTORIES[family]("sdpa").train()
     docs = make_docs(random.Random(f"padded-{family}"), 6, vocab=64, max_len=12, min_len=2)
     packed = collate_packed([docs[:3], docs[3:]], pad_id=0, row_len=40)
     padded = collate_padded(docs, pad_id=0)
     assert int(packed["num_target_tokens"]) == int(padded["num_target_tokens"])
-    sums, grads = [], []
-    for batch in (packed, padded):
-        model.zero_grad()
-        loss = model(**model_inputs(batch)).loss * batch["num_target_tokens"]
-        loss.backward()
-        sums.append(loss.detach())
-        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
-    torch.testing.assert_close(sums[0], sums[1], rtol=1e-6, atol=1e-6)  # fp32 loss inside transformers
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    n = padded["num_target_tokens"]
+    summed = lambda out: out.loss * n  # noqa: E731
+    got = run_model(model, summed, **model_inputs(packed))
+    eager = run_model(model, summed, **model_inputs(padded))
+    inputs = model_inputs(padded)
+    labels = inputs.pop("labels")
+    truth = run_model(float64_twin(model), lambda out: _exact_loss_sum(out, labels), **inputs)
+    assert_runs_within_eager(got, eager, truth, precision(model))
 
 
 def test_packed_batch_without_use_cache_false_is_not_isolated():

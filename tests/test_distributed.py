@@ -12,6 +12,7 @@ import torch
 
 from fastft.train import finetune
 
+from numerics import assert_curves_within_eager
 from test_train import ROOT, tiny
 
 WORKER = """
@@ -24,6 +25,15 @@ if int(__import__("os").environ["RANK"]) == 0:
     json.dump({"losses": result.losses, "plan": result.plan, "status": result.status,
                "eval": result.eval_after, "export": result.export_dir}, open(sys.argv[2], "w"))
 """
+
+
+def float64_losses(tmp_path, **sections) -> list[float]:
+    """The truth for a training-curve comparison (tests/numerics.py): the one-process run of the
+    same recipe with float64 weights."""
+    model = {**sections.get("model", {}), "dtype": "float64"}
+    recipe = tiny(tmp_path / "float64", **{**sections, "model": model})
+    recipe["train"]["eval_generate"] = 0  # only the losses are needed
+    return finetune(recipe).losses
 
 
 def torchrun(tmp_path, recipe, nproc=2, timeout=240):
@@ -64,8 +74,8 @@ def test_fsdp2_two_processes_match_one_process(tmp_path):
     sharded_recipe["distributed"]["load"] = "every_rank"
     second = torchrun(tmp_path, sharded_recipe)
     assert single.plan["accumulation"] == 2 and second["plan"]["accumulation"] == 1
-    torch.testing.assert_close(torch.tensor(first["losses"] + second["losses"]), torch.tensor(single.losses),
-                               rtol=1e-5, atol=1e-6)
+    assert_curves_within_eager("losses", first["losses"] + second["losses"], single.losses,
+                               float64_losses(tmp_path, **common))
     assert abs(second["eval"]["val_loss"] - single.eval_after["val_loss"]) < 1e-4
     assert second["eval"]["count"] == 2  # EM/F1 by generation ran under FSDP2
     # The consolidated export is a plain HF folder.
@@ -83,7 +93,7 @@ def test_fsdp2_lora_two_processes_match_one_process(tmp_path):
     # forward, selective activation checkpointing.
     options = {"cpu_offload": True, "reshard_after_forward": False, "activation_checkpointing": "selective"}
     sharded = torchrun(tmp_path, tiny(tmp_path / "two", checkpoint={"export": True}, distributed=options, **common))
-    torch.testing.assert_close(torch.tensor(sharded["losses"]), torch.tensor(single.losses), rtol=1e-5, atol=1e-6)
+    assert_curves_within_eager("losses", sharded["losses"], single.losses, float64_losses(tmp_path, **common))
     assert sharded["eval"]["count"] == 2
     assert (pathlib.Path(sharded["export"]) / "adapter_model.safetensors").is_file()
 
@@ -98,7 +108,8 @@ def test_fsdp2_patched_model_with_the_kernels_matches_one_process(tmp_path):
                                                        num_key_value_heads=2)})
     single = finetune(tiny(tmp_path / "one", **common))
     sharded = torchrun(tmp_path, tiny(tmp_path / "two", **common))
-    torch.testing.assert_close(torch.tensor(sharded["losses"]), torch.tensor(single.losses), rtol=1e-5, atol=1e-6)
+    truth = {**common, "model": {**common["model"], "patch": False}}  # the truth: unpatched, float64
+    assert_curves_within_eager("losses", sharded["losses"], single.losses, float64_losses(tmp_path, **truth))
     assert abs(sharded["eval"]["val_loss"] - single.eval_after["val_loss"]) < 1e-4
 
 
@@ -121,7 +132,7 @@ def test_fsdp2_rank0_load_of_a_pretrained_checkpoint(tmp_path):
                   checkpoint={"export": True})
     single = finetune(tiny(tmp_path / "one", **common))
     sharded = torchrun(tmp_path, tiny(tmp_path / "two", **common))
-    torch.testing.assert_close(torch.tensor(sharded["losses"]), torch.tensor(single.losses), rtol=1e-5, atol=1e-6)
+    assert_curves_within_eager("losses", sharded["losses"], single.losses, float64_losses(tmp_path, **common))
     assert abs(sharded["eval"]["val_loss"] - single.eval_after["val_loss"]) < 1e-4
     assert sharded["eval"]["count"] == 2
     exported = json.loads((pathlib.Path(sharded["export"]) / "generation_config.json").read_text())

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import fastft
 from fastft.architectures import NATIVE
+from numerics import ModelRun, assert_runs_within_eager, float64_twin, run_model
 
 LLAMA = next(a for a in NATIVE if a.name == "Llama")
 
@@ -27,11 +28,12 @@ def _peft_pair(targets, dropout=0.0, **lora):
     return model, copy.deepcopy(model)
 
 
-def _loss_and_grads(model, ids, labels, seed=0):
-    torch.manual_seed(seed)
-    out = model(input_ids=ids, labels=labels)
-    out.loss.backward()
-    return out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+def _run(model, ids, labels, seed=0) -> ModelRun:
+    torch.manual_seed(seed)  # the same dropout masks on every side
+    return run_model(model, input_ids=ids, labels=labels)
+
+
+FACTOR = 4.0  # model-level errors compound over layers (as in the architecture matrix)
 
 
 @pytest.mark.parametrize("targets,dropout", [(["q_proj", "v_proj"], 0.0), (["q_proj", "lm_head"], 0.0),
@@ -48,12 +50,10 @@ def test_patched_peft_model_matches_peft(targets, dropout):
     ids = torch.randint(3, 128, (2, 12))
     labels = ids.clone()
     labels[:, :3] = -100
-    loss, grads = _loss_and_grads(patched, ids, labels)
-    ref_loss, ref_grads = _loss_and_grads(plain, ids, labels)
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
-    assert set(grads) == set(ref_grads) and any("lora_A" in n for n in grads)
-    for name, g in grads.items():
-        torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    got, eager, truth = (_run(m, ids, labels) for m in (patched, plain, float64_twin(plain)))
+    assert any("lora_A" in n for n in got.grads)
+    assert_runs_within_eager(got, eager, truth, torch.float32, FACTOR)
+    ref_loss = eager.loss
     if "lm_head" in targets:  # the adapter's delta is in the loss: without it the loss differs
         with patched.disable_adapter():
             torch.manual_seed(0)

@@ -32,7 +32,14 @@ def _check_options(options: dict[str, Any]) -> dict[str, bool]:
     if unknown:
         raise TypeError(f"fastft.patch: unknown option(s) {unknown}; the options are {list(OPTIONS)} "
                         "(each True or False)")
-    return {name: bool(options.get(name, True)) for name in OPTIONS}
+    for name, value in options.items():
+        if not isinstance(value, bool):  # never silently truthy: lora=LoraConfig(...) is not lora=True
+            hint = (" To add a LoRA adapter, use fastft.from_pretrained(..., lora=LoraConfig(...)) or wrap the "
+                    "model with peft.get_peft_model first; patch's lora=True routes existing LoRA layers "
+                    "through the fused kernels." if name == "lora" else "")
+            raise TypeError(f"fastft.patch: option {name}={value!r} must be True or False, not "
+                            f"{type(value).__name__}.{hint}")
+    return {name: options.get(name, True) for name in OPTIONS}
 
 
 def patch(model: nn.Module, **options: bool) -> PatchReport:
@@ -154,11 +161,32 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 def from_pretrained(name_or_path: str, *model_args, **kwargs) -> nn.Module:
-    """`AutoModelForCausalLM.from_pretrained(...)`, then `patch`; fastft options go to `patch`."""
+    """`AutoModelForCausalLM.from_pretrained(...)`, then `patch`; fastft options go to `patch`.
+
+    `lora` is either a patch option (True/False: route LoRA layers through the fused kernels) or a
+    PEFT config (e.g. `peft.LoraConfig(r=16, target_modules="all-linear")`): the adapter is added
+    with `peft.get_peft_model` (the result is a PeftModel, with only the adapter trainable) and its
+    layers are then patched onto the fused LoRA path.
+    """
     from transformers import AutoModelForCausalLM
 
     options = {k: kwargs.pop(k) for k in list(kwargs) if k in OPTIONS}
+    adapter = None
+    if "lora" in options and not isinstance(options["lora"], bool):
+        adapter = options.pop("lora")
+        try:
+            from peft import PeftConfig
+        except ImportError as exc:
+            raise TypeError(f"fastft.from_pretrained: lora={adapter!r} needs peft (pip install peft)") from exc
+        if not isinstance(adapter, PeftConfig):
+            raise TypeError(f"fastft.from_pretrained: lora={adapter!r} must be True/False or a peft config such as "
+                            f"peft.LoraConfig(r=16, target_modules='all-linear'), not {type(adapter).__name__}")
+    _check_options(options)  # before the (possibly long) load
     model = AutoModelForCausalLM.from_pretrained(name_or_path, *model_args, **kwargs)
+    if adapter is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, adapter)
     patch(model, **options)
     return model
 

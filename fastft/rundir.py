@@ -1,0 +1,106 @@
+"""The run folder: where a run's config, metrics, checkpoints and export go, chosen so that a new
+run never destroys an earlier one.
+
+- `logging.run_dir` unset (the default): a new folder `runs/<YYYYmmdd-HHMMSS>` for every run, and
+  `runs/latest`, a symbolic link to the newest. `--checkpoint.resume=true` without a run folder
+  continues the run `runs/latest` points at.
+- `logging.run_dir` given: a folder that already holds another run's results (config.yaml,
+  metrics.jsonl, checkpoints/, export/, curves.png) stops the new run before any work, unless the
+  run resumes it (`checkpoint.resume` / `checkpoint.resume_from`) or `logging.overwrite=true`
+  says to delete those results first. Files of other programs in the folder are never touched.
+Under torchrun, rank 0 decides and every rank receives its decision.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pathlib
+import shutil
+
+from fastft import checkpoint, distributed
+from fastft.config import ConfigError
+
+RUNS = pathlib.Path("runs")
+LATEST = "latest"
+# What a fastft run writes into its folder (and what logging.overwrite=true deletes).
+RESULTS = ("config.yaml", "config.resume.yaml", "metrics.jsonl", "checkpoints", "export", "curves.png",
+           "tensorboard")
+
+
+def results_in(folder: pathlib.Path) -> list[str]:
+    """The names of a fastft run's results present in `folder`."""
+    return [name for name in RESULTS if (folder / name).exists()]
+
+
+def prepare(config, env: distributed.DistEnv) -> str:
+    """The run folder for `config` (created, checked, and cleared when overwriting is asked for)."""
+    log, ck = config.logging, config.checkpoint
+    decision = None
+    if env.is_main:
+        decision = _decide(log.run_dir, resume=ck.resume, resume_from=ck.resume_from, overwrite=log.overwrite)
+    decision = distributed.broadcast_object(decision)
+    if isinstance(decision, ConfigError):
+        raise ConfigError(str(decision))
+    return decision
+
+
+def _decide(run_dir: str | None, *, resume: bool, resume_from: str | None, overwrite: bool) -> str | ConfigError:
+    resuming = bool(resume or resume_from)
+    if run_dir is None and resume:
+        latest = RUNS / LATEST
+        if latest.is_dir():
+            return str(latest.resolve())
+    if run_dir is None:
+        folder = _new_timestamped_folder()
+        _point_latest_at(folder)
+        return str(folder)
+    folder = pathlib.Path(run_dir)
+    found = results_in(folder) if folder.is_dir() else []
+    if resume and not resume_from and set(found) - {"config.yaml", "config.resume.yaml"} and not checkpoint.latest(folder):
+        return ConfigError(
+            f"checkpoint.resume=true: logging.run_dir={run_dir!r} holds an earlier run's results ({', '.join(found)}) "
+            "but no complete checkpoint to continue from, so resuming would start again from step 0 over them. "
+            "Choose another folder with --logging.run_dir=..., or replace them with --logging.overwrite=true "
+            "and no --checkpoint.resume")
+    if found and not resuming:
+        if not overwrite:
+            return ConfigError(
+                f"logging.run_dir={run_dir!r} holds the results of an earlier run ({', '.join(found)}); a new run "
+                "would overwrite them. Continue that run with --checkpoint.resume=true, choose another folder "
+                "with --logging.run_dir=..., leave logging.run_dir unset for a new runs/<date>-<time> folder, "
+                "or replace them with --logging.overwrite=true")
+        for name in found:
+            path = folder / name
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder)
+
+
+def _new_timestamped_folder() -> pathlib.Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    RUNS.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        folder = RUNS / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            folder.mkdir()  # fails if another run took this name in the same second
+            return folder
+        except FileExistsError:
+            continue
+    raise ConfigError(f"{RUNS}: could not make a new run folder for {stamp}; set logging.run_dir")
+
+
+def _point_latest_at(folder: pathlib.Path) -> None:
+    """runs/latest -> folder, replaced atomically (a relative link, so the runs folder can move)."""
+    link = RUNS / LATEST
+    if link.exists() and not link.is_symlink():
+        return  # someone's own folder called "latest": leave it alone
+    tmp = RUNS / f".{LATEST}.{os.getpid()}"
+    try:
+        if tmp.is_symlink():
+            tmp.unlink()
+        os.symlink(folder.name, tmp, target_is_directory=True)
+        os.replace(tmp, link)
+    except OSError:  # a file system without symbolic links: the timestamped folder is enough
+        if tmp.is_symlink():
+            tmp.unlink()
