@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from fastft import quantization
 from fastft.patching import lora as lora_patch
 from fastft.patching import loss as loss_patch
 from fastft.patching import norms
@@ -54,6 +55,7 @@ def patch(model: nn.Module, **options: bool) -> PatchReport:
     hf = _hf_model(model)
     report = PatchReport(type(hf).__name__)
     state = {"norms": [], "attention": None, "loss": False, "lora": []}
+    quantization.keep_layout(model)  # before any probe runs a bitsandbytes forward (fastft/quantization.py)
 
     # Norms: every candidate module, probed for what it computes.
     for name, module in list(model.named_modules()):
