@@ -47,6 +47,11 @@ class ModelConfig:
     patch_options: dict = dataclasses.field(default_factory=dict)  # passed to fastft.patch, e.g. {attention: false}
     trust_remote_code: bool = False
     attn_implementation: str | None = None  # for the unpatched model; patching sets "fastft"
+    # QLoRA (fastft/quantization.py; pip install "fastft[qlora]"): "nf4" or "fp4" freezes the
+    # linear layers in 4 bits through bitsandbytes (needs lora.enabled), "none" keeps them dense.
+    quantization: str = "none"
+    double_quant: bool = True  # quantize the 4-bit blocks' scales too (0.37 bit a parameter less)
+    compute_dtype: str = "auto"  # what 4-bit layers dequantize into and multiply in; auto: the model's dtype
 
 
 @dataclasses.dataclass
@@ -61,6 +66,7 @@ class LoraConfig:
 
 @dataclasses.dataclass
 class OptimConfig:
+    name: str = "adamw"  # "adamw" (torch), "adamw_8bit" or "paged_adamw_8bit" (bitsandbytes' 8-bit states)
     lr: float = 3e-3
     weight_decay: float = 0.0
     betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.95])
@@ -113,6 +119,7 @@ class CheckpointConfig:
     resume: bool = False  # continue from the newest complete checkpoint in the run folder
     resume_from: str | None = None  # or from this checkpoint folder
     export: bool = True  # at the end: an HF folder (full) or a PEFT adapter folder (LoRA)
+    export_merged: bool = False  # LoRA: also <run_dir>/merged, the adapter merged into a bf16 HF model
 
 
 @dataclasses.dataclass
@@ -155,6 +162,9 @@ CHOICES = {
     "distributed.reduce_dtype": ("float32", "bfloat16"),
     "distributed.activation_checkpointing": ("none", "full", "selective"),
     "distributed.load": ("rank0", "every_rank"),
+    "model.quantization": ("none", "nf4", "fp4"),
+    "model.compute_dtype": ("auto", "bfloat16", "float32"),
+    "optim.name": ("adamw", "adamw_8bit", "paged_adamw_8bit"),
 }
 
 
@@ -443,10 +453,31 @@ def validate(config: FinetuneConfig) -> FinetuneConfig:
         if os.environ.get("TRITON_INTERPRET") == "1":
             raise ConfigError("distributed.compile=true cannot run under the Triton interpreter "
                               "(TRITON_INTERPRET=1: dynamo cannot trace the kernels); unset one of them")
+    _validate_bitsandbytes(config)
     if c.resume and c.resume_from:
         raise ConfigError("checkpoint.resume and checkpoint.resume_from are both set: resume_from names the "
                           "checkpoint, resume finds the newest in logging.run_dir; give one")
     return config
+
+
+def _validate_bitsandbytes(config: FinetuneConfig) -> None:
+    """QLoRA and 8-bit optimizer combinations (fastft/quantization.py)."""
+    m, o = config.model, config.optim
+    if m.quantization != "none" and not config.lora.enabled:
+        raise ConfigError(f"model.quantization={m.quantization!r} freezes the base in 4 bits: train LoRA adapters "
+                          "over it (QLoRA) with lora.enabled=true, or use model.quantization=none")
+    if config.checkpoint.export_merged and not config.lora.enabled:
+        raise ConfigError("checkpoint.export_merged merges a LoRA adapter into its base: it needs lora.enabled=true "
+                          "(full fine-tuning exports a whole model already)")
+    needs = [f"model.quantization={m.quantization}"] if m.quantization != "none" else []
+    needs += [f"optim.name={o.name}"] if o.name != "adamw" else []
+    if needs:
+        from fastft.quantization import require_bitsandbytes
+
+        try:
+            require_bitsandbytes(" and ".join(needs))
+        except ImportError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 __all__ = [

@@ -208,6 +208,9 @@ def load_from_rank0(model: nn.Module, full: nn.Module | None, device: torch.devi
 
     model.to_empty(device=torch.device("cpu") if cpu_offload else device)
     state = full.state_dict() if full is not None else {}
+    if state:  # only the parameters and buffers (a 4-bit layer also writes its quantization state:
+        keys = set(model.state_dict())  # fastft.quantization.broadcast_states sends those)
+        state = {k: v for k, v in state.items() if k in keys}
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     with torch.no_grad():
         for module_name, module in model.named_modules():

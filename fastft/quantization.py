@@ -27,7 +27,7 @@ fastft adds around it:
 - FSDP2: the packed weight is a uint8 parameter [(out·in + 1) / 2, 1] that fully_shard splits
   along dim 0 like any other; MixedPrecisionPolicy never casts an integer parameter, and FSDP2
   all-gathers mixed dtypes through uint8 views. So uint8 storage shards as it is (a float storage
-  dtype would be cast by a param_dtype that differs from it: config.py refuses that). The
+  dtype, FSDP1's requirement, would be cast as numbers by a param_dtype that differs from it). The
   quantization state (block scales, 1/64 of the weight's elements) stays whole on every rank; for
   the rank-0 load, `broadcast_states` sends rank 0's states to the meta-built ranks.
 - Memory: `parameter_bytes` gives a parameter's real size (a 4-bit weight's packed bytes plus its
@@ -45,7 +45,7 @@ from torch import nn
 
 EXTRA = 'pip install "fastft[qlora]"'
 QUANT_TYPES = ("nf4", "fp4")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def require_bitsandbytes(what: str):
@@ -86,13 +86,12 @@ class Settings(NamedTuple):
                 f"{str(self.compute_dtype).removeprefix('torch.')}, storage {str(self.quant_storage).removeprefix('torch.')}")
 
 
-def settings(quantization: str, double_quant: bool, compute_dtype: str, quant_storage: str,
-             model_dtype: torch.dtype) -> Settings:
-    """Settings from the config fields; compute_dtype "auto" is the model's dtype (float64 reference
-    runs quantize from float32: bitsandbytes has no float64 kernels)."""
+def settings(quantization: str, double_quant: bool, compute_dtype: str, model_dtype: torch.dtype) -> Settings:
+    """Settings from the config fields (model.quantization, double_quant, compute_dtype); "auto" is
+    the model's dtype (float64 reference runs quantize from float32: bitsandbytes has no float64
+    kernels). Storage is uint8, which FSDP2 shards as it is (module docstring)."""
     compute = model_dtype if compute_dtype == "auto" else _DTYPES[compute_dtype]
-    return Settings(quantization, double_quant, torch.float32 if compute == torch.float64 else compute,
-                    _DTYPES[quant_storage])
+    return Settings(quantization, double_quant, torch.float32 if compute == torch.float64 else compute)
 
 
 # -- the 4-bit layers, by structure ----------------------------------------------------------------

@@ -38,7 +38,7 @@ import time
 import torch
 
 from fastft import checkpoint as ckpt
-from fastft import distributed, flops, metrics, rundir
+from fastft import distributed, flops, metrics, quantization, rundir
 from fastft.config import ConfigError, FinetuneConfig, load_config, to_yaml, validate
 
 
@@ -54,6 +54,7 @@ class RunResult:
     eval_before: dict | None = None  # {"val_loss", "exact_match", "f1", ...}
     eval_after: dict | None = None
     export_dir: str | None = None
+    merged_dir: str | None = None  # checkpoint.export_merged: the merged bf16 HF folder
     checkpoint: str | None = None  # the newest complete checkpoint
     run_dir: str = ""
     plan: dict = dataclasses.field(default_factory=dict)  # the derived batch sizes
@@ -99,6 +100,22 @@ def lr_lambda(step: int, *, warmup: int, total: int, schedule: str, min_ratio: f
     if schedule == "linear":
         return 1.0 - (1.0 - min_ratio) * progress
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(o, groups: list[dict], fused: bool) -> torch.optim.Optimizer:
+    """optim.name: "adamw" is torch's AdamW (fused where torch supports it); "adamw_8bit" and
+    "paged_adamw_8bit" are bitsandbytes' AdamW with blockwise 8-bit moments (Dettmers et al. 2022,
+    "8-bit Optimizers via Block-wise Quantization": 2 bytes a parameter instead of 8; paged: the
+    states in CUDA unified memory, evicted to the host under memory pressure). Their states are
+    tensors in the optimizer's state dict, so checkpoints save and resume them as AdamW's."""
+    kwargs = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, fused=fused, **kwargs)
+    from fastft.quantization import require_bitsandbytes
+
+    bnb = require_bitsandbytes(f"optim.name={o.name}")
+    cls = bnb.optim.PagedAdamW8bit if o.name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cls(groups, **kwargs)
 
 
 class BatchStream:
@@ -154,17 +171,40 @@ def load_tokenizer(config: FinetuneConfig):
     return tokenizer
 
 
-def build_model(config: FinetuneConfig, tokenizer, dtype: torch.dtype, *, meta: bool = False, patch: bool = True):
-    """The transformers model (pretrained or random), LoRA applied, fastft-patched. meta=True
-    builds the same structure on the meta device (no weights: the FSDP2 rank-0 load)."""
+def quantization_settings(config: FinetuneConfig, weight_dtype: torch.dtype, bf16: bool):
+    """The 4-bit settings of a QLoRA run, or None. compute_dtype "auto": bf16 when training in bf16
+    (the activations' dtype under autocast or FSDP2's param_dtype), else the weights' dtype."""
+    from fastft import quantization
+
+    m = config.model
+    if m.quantization == "none":
+        return None
+    return quantization.settings(m.quantization, m.double_quant, m.compute_dtype,
+                                 torch.bfloat16 if bf16 else weight_dtype)
+
+
+def build_model(config: FinetuneConfig, tokenizer, dtype: torch.dtype, *, meta: bool = False, patch: bool = True,
+                quant=None):
+    """The transformers model (pretrained or random), quantized (QLoRA: `quant`, from
+    quantization_settings), LoRA applied, fastft-patched. meta=True builds the same structure on
+    the meta device (no weights: the FSDP2 rank-0 load). A float64 reference run of a 4-bit recipe
+    holds the 4-bit values dense in float64 (bitsandbytes has no float64 kernels)."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fastft import quantization
 
     m = config.model
     kwargs = {"dtype": dtype, "trust_remote_code": m.trust_remote_code}
     if m.attn_implementation:
         kwargs["attn_implementation"] = m.attn_implementation
+    if quant is None and m.quantization != "none":
+        quant = quantization_settings(config, dtype, False)
+    reference = quant is not None and dtype == torch.float64
+    if reference:
+        kwargs["dtype"] = torch.float32
     if m.name is not None and not meta:
-        model = AutoModelForCausalLM.from_pretrained(m.name, **kwargs)
+        load = {"quantization_config": quant.bitsandbytes_config()} if quant is not None else {}
+        model = AutoModelForCausalLM.from_pretrained(m.name, **kwargs, **load)
     else:
         if m.name is not None:
             hf_config = AutoConfig.from_pretrained(m.name, trust_remote_code=m.trust_remote_code)
@@ -181,12 +221,17 @@ def build_model(config: FinetuneConfig, tokenizer, dtype: torch.dtype, *, meta: 
         with torch.device("meta") if meta else contextlib.nullcontext():
             # A float64 reference run starts from the same random weights as a float32 one.
             init = {**kwargs, "dtype": torch.float32} if dtype == torch.float64 else kwargs
-            model = AutoModelForCausalLM.from_config(hf_config, **init).to(dtype)
+            model = AutoModelForCausalLM.from_config(hf_config, **init).to(kwargs["dtype"])
         if m.name is not None:  # what from_pretrained would also read: eos ids etc. for generation and export
             from transformers import GenerationConfig
 
             with contextlib.suppress(OSError):
                 model.generation_config = GenerationConfig.from_pretrained(m.name)
+        if quant is not None:
+            quantization.quantize_model(model, quant)
+    if reference:
+        quantization.dequantize_model(model, torch.float64)
+        model.to(torch.float64)
     if config.lora.enabled:
         from peft import LoraConfig, get_peft_model
 
@@ -325,12 +370,13 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
     torch.manual_seed(t.seed)  # the same random init on every rank (FSDP2 shards what each rank holds)
     tokenizer = load_tokenizer(config)
     rank0_load = use_fsdp and env.world_size > 1 and d.load == "rank0"
+    quant = quantization_settings(config, weight_dtype, bf16)  # QLoRA: the 4-bit settings, else None
     full_model = None
     if rank0_load:  # the full weights on rank 0's CPU only; every rank builds and patches on meta
         if env.is_main:
-            full_model, _ = build_model(config, tokenizer, weight_dtype, patch=False)
+            full_model, _ = build_model(config, tokenizer, weight_dtype, patch=False, quant=quant)
         try:
-            model, patch_report = build_model(config, tokenizer, weight_dtype, meta=True)
+            model, patch_report = build_model(config, tokenizer, weight_dtype, meta=True, quant=quant)
         except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:
             if isinstance(exc, ConfigError):
                 raise
@@ -338,7 +384,8 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
                               f"({type(exc).__name__}: {str(exc)[:200]}); use --distributed.load=every_rank "
                               "(each rank then loads the whole model before sharding)") from exc
     else:
-        model, patch_report = build_model(config, tokenizer, weight_dtype)
+        model, patch_report = build_model(config, tokenizer, weight_dtype, quant=quant)
+    qlora_report = quantization.prepare(model, quant)  # what prepare_model_for_kbit_training does that training needs
     torch.manual_seed(t.seed + 1)  # what follows draws the same, however the model was built
     n_trained, n_frozen = flops.matmul_parameters(model)
     layers, d_attn = flops.attention_dims(flops.text_config(model))
@@ -376,6 +423,7 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
                                reshard_after_forward=d.reshard_after_forward, cpu_offload=d.cpu_offload)
     if rank0_load:
         distributed.load_from_rank0(model, full_model, device, cpu_offload=d.cpu_offload)
+        quantization.broadcast_states(model, full_model, device)  # 4-bit layers: rank 0's quantization state
         del full_model
         if patch_report is not None:  # what only a forward with weights can check (the loss's logit map)
             import fastft.patching
@@ -391,9 +439,8 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
     decay = [p for p in params if p.ndim >= 2]  # no weight decay on norms and biases
     no_decay = [p for p in params if p.ndim < 2]
     fused = o.fused if o.fused is not None else (cuda or not use_fsdp)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
+    optimizer = build_optimizer(o, [{"params": decay, "weight_decay": o.weight_decay},
+                                    {"params": no_decay, "weight_decay": 0.0}], fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(
         s, warmup=warmup, total=t.max_steps, schedule=o.schedule, min_ratio=o.min_lr_ratio))
 
@@ -419,8 +466,9 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
     log(f"model: {c.model.name or 'random init from config ' + str(c.model.config.get('model_type'))}, "
         f"{n_trained + n_frozen:,.0f} matmul params ({n_trained:,.0f} trained)"
         + (f", LoRA r={c.lora.r}" if c.lora.enabled else ", full fine-tuning")
+        + (f" over a 4-bit base ({quant.describe()})" if quant is not None else "")
         + (f"; patched: {len(patch_report.patched())} modules, {kernels}" if patch_report is not None else "; not patched"))
-    for line in data_report.lines:
+    for line in qlora_report + data_report.lines:
         log(line)
     log(f"batch: micro-batch {plan['micro_batch_rows']} rows ({plan['micro_batch_tokens']} tokens) x accumulation "
         f"{plan['accumulation']} x {env.world_size} rank(s) = {plan['global_batch_rows']} rows / "
@@ -430,7 +478,8 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
            f", cpu_offload={d.cpu_offload}" if use_fsdp else ("bf16 autocast" if autocast_on else "no autocast"))
         + f"; activation checkpointing: {d.activation_checkpointing} ({n_ac} blocks); compile: {d.compile}")
     peak = flops.peak_flops(device)
-    log(f"optimizer: AdamW lr {o.lr} (fused={fused}), warm-up {warmup} steps then {o.schedule} to "
+    log(f"optimizer: {type(optimizer).__name__} lr {o.lr}" + (f" (fused={fused})" if o.name == "adamw" else "")
+        + f", warm-up {warmup} steps then {o.schedule} to "
         f"{o.min_lr_ratio}x, clip {o.grad_clip}; MFU peak: "
         + (f"{peak / 1e12:.0f} TFLOP/s per device" if peak else "n/a on this device"))
 
@@ -545,6 +594,9 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
     if c.checkpoint.export:
         out = ckpt.export(os.path.join(run_dir, "export"), model, tokenizer, env=env)
         result.export_dir = str(out) if out is not None else None
+    if c.checkpoint.export_merged:  # the adapter merged into a bf16 model (dequantized, for a 4-bit base)
+        out = ckpt.export_merged(os.path.join(run_dir, "merged"), model, tokenizer, env=env)
+        result.merged_dir = str(out) if out is not None else None
     mlog.write("end", step, status=result.status, eval_before=_plain(result.eval_before),
                eval_after=_plain(result.eval_after), export=result.export_dir)
     mlog.close()
@@ -574,3 +626,5 @@ def _summary(log, result: RunResult) -> None:
             log(f"  {qid}: answered {answer!r}, gold {gold}")
     if result.export_dir:
         log(f"exported to {result.export_dir}")
+    if result.merged_dir:
+        log(f"merged into a bf16 model: {result.merged_dir}")
