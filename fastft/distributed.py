@@ -239,7 +239,12 @@ def root_unsharded(model: nn.Module):
         return
     # A forward of the root itself inside the block would reshard it at its end (its
     # reshard_after_forward): keep it gathered until the block ends, then restore the setting.
-    group = model._get_fsdp_state()._fsdp_param_group
+    state = model._get_fsdp_state()
+    # The root initialises FSDP's lazy state first: a forward inside this block that starts below the
+    # root (the loss probe runs a PEFT model's inner HF model) would otherwise make that module act as
+    # the root, and the next real forward fails ("FSDP requires running forward through the root").
+    state._lazy_init()
+    group = state._fsdp_param_group
     reshard = group is not None and group.post_forward_mesh_info is not None
     model.set_reshard_after_forward(False, recurse=False)
     model.unshard()

@@ -152,6 +152,22 @@ def test_8bit_optimizer_states_resume_like_adamw(tmp_path):
     assert torch.uint8 in dtypes, dtypes
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="2-process FSDP2 comparison runs on CPUs (gloo)")
+def test_qlora_fsdp2_two_processes_match_one_process(tmp_path):
+    """The trainer's QLoRA under FSDP2 with the rank-0 load (the default): the same losses as one
+    process. (The default suite checks the same on the model level with 2 processes, adapter
+    gradients included: tests/_qlora_fsdp_worker.py.)"""
+    from test_distributed import torchrun
+
+    common = dict(train={"global_batch_rows": 4, "max_steps": 3}, model={"patch_options": {"rms_norm": False}})
+    single = finetune(qlora(tmp_path / "one", **common))
+    sharded = torchrun(tmp_path, qlora(tmp_path / "two", checkpoint={"export": True}, **common))
+    truth = finetune(qlora(tmp_path / "truth", patch=False, dtype="float64", **common))
+    assert_curves_within_eager("losses", sharded["losses"], single.losses, truth.losses, FACTOR)
+    assert (pathlib.Path(sharded["export"]) / "adapter_model.safetensors").is_file()
+
+
 def test_config_errors_name_the_fix(monkeypatch):
     with pytest.raises(ConfigError, match="lora.enabled=true"):
         load_config({"model": {"quantization": "nf4"}})

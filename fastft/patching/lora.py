@@ -254,7 +254,10 @@ def _random_copy(module: nn.Module) -> nn.Module:
     adapters' terms take part in the probe)."""
     import copy
 
-    clone = copy.deepcopy(module).to_empty(device="cpu")
+    # Parameter subclasses (bitsandbytes' Params4bit) cannot be deep-copied on meta: copy plain ones.
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in module.parameters() if type(p) is not nn.Parameter}
+    clone = copy.deepcopy(module, memo).to_empty(device="cpu")
     for m in clone.modules():  # instance forwards (fused layers) would still call the originals
         m.__dict__.pop("forward", None)
     generator = torch.Generator().manual_seed(0)
