@@ -12,7 +12,11 @@ Providers, on the same documents:
   hf       what a plain HF Trainer user gets: SDPA attention, one document per row, padded
   liger    HF + Liger-Kernel applied to the instance, on the packed rows (when installed)
   fastft   fastft.patch'ed model on the packed rows (varlen attention, fused kernels)
-Full fine-tuning trains every parameter with fused AdamW; LoRA is PEFT r=16 on all linear layers.
+Full fine-tuning trains every parameter with fused AdamW; LoRA is PEFT r=16 on all linear layers;
+QLoRA (`--modes qlora`, needs bitsandbytes) is the same LoRA over an NF4 base (double quantization,
+bf16 compute): the hf and liger rows prepare it as PEFT's QLoRA recipe does
+(prepare_model_for_kbit_training: norms, embeddings and head upcast to fp32; no gradient
+checkpointing for any provider), fastft as fastft does (fastft/quantization.py: nothing upcast).
 `--max-context` finds, per provider, the longest single document that one LoRA step of
 Llama-3.1-8B fits in GPU memory. `--smoke` runs every model's architecture at a tiny size for one
 step on any device (the test suite runs it); its timings mean nothing.
@@ -111,18 +115,35 @@ def build(spec, mode: str, provider: str, device: str, smoke: bool):
         except ValueError:  # e.g. Gemma 2 (soft-capped attention scores)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
     model.config.use_cache = False
-    if mode == "lora":
+    if mode == "qlora":
+        _qlora_base(model, provider)
+    if mode in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
     if provider == "liger":
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
-        _apply_liger_kernel_to_instance(model=model.get_base_model() if mode == "lora" else model)
+        _apply_liger_kernel_to_instance(model=model.get_base_model() if mode != "full" else model)
     elif provider == "fastft":
         fastft.patch(model)
     model.train()
     return model
+
+
+def _qlora_base(model, provider: str) -> None:
+    """Every linear layer but the head in NF4 through bitsandbytes (as from_pretrained with
+    BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+    bnb_4bit_compute_dtype=bf16) holds it), prepared for training by the provider's own recipe."""
+    from fastft import quantization
+
+    quantization.quantize_model(model, quantization.Settings("nf4", True, next(model.parameters()).dtype))
+    if provider == "fastft":
+        quantization.prepare(model)
+    else:
+        from peft import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def train_steps(model, step_batches: list[dict], warmup: int, steps: int, device: str) -> list[float]:
@@ -166,6 +187,8 @@ def run_one(rec, spec, mode, provider, args, docs):
     try:
         _free()
         model = build(spec, mode, provider, args.device, args.smoke)
+        if args.device == "cuda":  # the peak of training with the model in memory (QLoRA builds in bf16 first)
+            torch.cuda.reset_peak_memory_stats()
         step_batches = batches(docs, provider, args.seq, args.rows)
         times = train_steps(model, step_batches, args.warmup, args.steps, args.device)
         attention = getattr(model.config, "_attn_implementation", None)

@@ -28,24 +28,26 @@ def _quant(quant_type="nf4", double_quant=True, compute=torch.float32):
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-@pytest.mark.parametrize("nested", [False, True], ids=["plain", "double-quant"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_dequantize_matches_bitsandbytes_bit_for_bit(quant_type, nested, dtype):
-    """(Even row lengths: for odd ones bitsandbytes' CPU backend torch.compiles a fallback, which
-    costs a minute on two cores; the reference does not care.)"""
+def test_dequantize_matches_bitsandbytes_bit_for_bit(quant_type):
+    """Plain and double quantization, fp32 and bf16 weights, into either compute dtype. (Even row
+    lengths: for odd ones bitsandbytes' CPU backend torch.compiles a fallback, which costs a minute
+    on two cores; the reference does not care.)"""
     import bitsandbytes.functional as F
 
-    for shape, blocksize in (((33, 70), 64), ((16, 256), 128), ((5, 6), 64)):
-        w = torch.randn(shape, dtype=dtype)
-        packed, state = F.quantize_4bit(w, blocksize=blocksize, compress_statistics=nested, quant_type=quant_type)
-        q = dq.Quant4bit(packed, state.absmax, state.code, tuple(state.shape), blocksize, quant_type, dtype,
-                         *((state.state2.absmax, state.state2.code, state.offset, state.state2.blocksize)
-                           if nested else ()))
-        want = F.dequantize_4bit(packed, state)
-        assert torch.equal(dq.dequantize_4bit_reference(q), want), (shape, blocksize)
-        assert torch.equal(dq.dequantize_4bit(q), want)
-        for other in (torch.float32, torch.bfloat16):  # into another compute dtype: one rounding
-            assert torch.equal(dq.dequantize_4bit_reference(q, other), dq.dequantize_4bit(q, other))
+    for nested in (False, True):
+        for dtype in (torch.float32, torch.bfloat16):
+            for shape, blocksize in (((33, 70), 64), ((16, 256), 128), ((5, 6), 64)):
+                w = torch.randn(shape, dtype=dtype)
+                packed, state = F.quantize_4bit(w, blocksize=blocksize, compress_statistics=nested,
+                                                quant_type=quant_type)
+                q = dq.Quant4bit(packed, state.absmax, state.code, tuple(state.shape), blocksize, quant_type, dtype,
+                                 *((state.state2.absmax, state.state2.code, state.offset, state.state2.blocksize)
+                                   if nested else ()))
+                want = F.dequantize_4bit(packed, state)
+                assert torch.equal(dq.dequantize_4bit_reference(q), want), (nested, dtype, shape)
+                assert torch.equal(dq.dequantize_4bit(q), want)
+                for other in (torch.float32, torch.bfloat16):  # into another compute dtype: one rounding
+                    assert torch.equal(dq.dequantize_4bit_reference(q, other), dq.dequantize_4bit(q, other))
 
 
 def _wrap(in_f, out_f, bias, dtype):
@@ -120,9 +122,13 @@ PRECISIONS = {"fp32": (torch.float32, torch.float32, torch.float32, torch.float3
               "mixed": (torch.float32, torch.float32, torch.bfloat16, torch.bfloat16)}
 
 
-@pytest.mark.parametrize("precision", list(PRECISIONS))
-@pytest.mark.parametrize("case", CASES, ids=[f"N{c[0]}-{c[1]}x{c[2]}-r{c[3]}-p{c[4]}{'-bias' if c[5] else ''}"
-                                             f"{'-rs' if c[6] else ''}-{c[7]}{'-dq' if c[8] else ''}" for c in CASES])
+LINEAR = [(c, precision) for c, precisions in zip(CASES, (PRECISIONS, ("fp32", "bf16"), ("mixed",)))
+          for precision in precisions]
+
+
+@pytest.mark.parametrize("case,precision", LINEAR, ids=[
+    f"N{c[0]}-{c[1]}x{c[2]}-r{c[3]}-p{c[4]}{'-bias' if c[5] else ''}{'-rs' if c[6] else ''}-{c[7]}"
+    f"{'-dq' if c[8] else ''}-{precision}" for c, precision in LINEAR])
 def test_fused_4bit_lora_linear_matches_peft(case, precision):
     n, in_f, out_f, r, p, bias, rslora, quant_type, double = case
     x_dtype, w_dtype, compute, rule = PRECISIONS[precision]
