@@ -14,9 +14,10 @@ Providers, on the same documents:
   fastft   fastft.patch'ed model on the packed rows (varlen attention, fused kernels)
 Full fine-tuning trains every parameter with fused AdamW; LoRA is PEFT r=16 on all linear layers;
 QLoRA (`--modes qlora`, needs bitsandbytes) is the same LoRA over an NF4 base (double quantization,
-bf16 compute): the hf and liger rows prepare it as PEFT's QLoRA recipe does
-(prepare_model_for_kbit_training: norms, embeddings and head upcast to fp32; no gradient
-checkpointing for any provider), fastft as fastft does (fastft/quantization.py: nothing upcast).
+bf16 compute) for every provider: the same bf16 model, its linear layers 4-bit and frozen. Not
+prepare_model_for_kbit_training's fp32 upcast for the hf row: this harness runs no autocast, so
+the upcast would put HF's whole residual stream, attention and LoRA in fp32, which is not what
+`Trainer(bf16=True)` runs; no activation checkpointing for any provider.
 `--max-context` finds, per provider, the longest single document that one LoRA step of
 Llama-3.1-8B fits in GPU memory. `--smoke` runs every model's architecture at a tiny size for one
 step on any device (the test suite runs it); its timings mean nothing.
@@ -116,7 +117,7 @@ def build(spec, mode: str, provider: str, device: str, smoke: bool):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
     model.config.use_cache = False
     if mode == "qlora":
-        _qlora_base(model, provider)
+        _qlora_base(model)
     if mode in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
@@ -131,19 +132,13 @@ def build(spec, mode: str, provider: str, device: str, smoke: bool):
     return model
 
 
-def _qlora_base(model, provider: str) -> None:
-    """Every linear layer but the head in NF4 through bitsandbytes (as from_pretrained with
+def _qlora_base(model) -> None:
+    """Every linear layer but the head in NF4 through bitsandbytes, frozen (as from_pretrained with
     BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-    bnb_4bit_compute_dtype=bf16) holds it), prepared for training by the provider's own recipe."""
+    bnb_4bit_compute_dtype=bf16) holds it)."""
     from fastft import quantization
 
     quantization.quantize_model(model, quantization.Settings("nf4", True, next(model.parameters()).dtype))
-    if provider == "fastft":
-        quantization.prepare(model)
-    else:
-        from peft import prepare_model_for_kbit_training
-
-        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def train_steps(model, step_batches: list[dict], warmup: int, steps: int, device: str) -> list[float]:
