@@ -286,8 +286,8 @@ def prepare(model: nn.Module, quant: Settings | None = None) -> list[str]:
     trained = {p.dtype for p in model.parameters() if p.requires_grad}
     kind = quant.describe() if quant is not None else layers[0].weight.quant_type
     name = lambda ds: "/".join(sorted(str(d).removeprefix("torch.") for d in ds)) or "none"  # noqa: E731
-    return [f"QLoRA: {len(layers)} 4-bit layers ({kind}), {four_bit / 2**30:.2f} GiB with their quantization "
-            f"state; frozen",
+    size = f"{four_bit / 2**30:.2f} GiB" if four_bit >= 2**30 else f"{four_bit / 2**20:.2f} MiB"
+    return [f"QLoRA: {len(layers)} 4-bit layers ({kind}), {size} with their quantization state; frozen",
             f"QLoRA: kept as loaded (not upcast as prepare_model_for_kbit_training would): other frozen weights "
             f"{name(others)} (the fused kernels accumulate in fp32); trained parameters {name(trained)}; input "
             "gradients not forced (activation checkpointing is non-reentrant); bitsandbytes' CPU inference "
