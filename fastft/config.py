@@ -103,7 +103,7 @@ class DistributedConfig:
     reduce_dtype: str = "float32"
     activation_checkpointing: str = "none"  # "none", "full" (every block) or "selective"
     checkpoint_every: int = 2  # selective: recompute every n-th block only
-    compile: bool = False  # torch.compile each decoder block (not under the Triton interpreter)
+    compile: bool = False  # torch.compile each decoder block (inductor on a GPU, aot_eager on the CPU)
     backend: str | None = None  # process-group backend; None: nccl on CUDA, gloo on CPU
     # Under FSDP2 with several processes: "rank0" (rank 0 alone loads or builds the full model on
     # its CPU, the others build it on the meta device, and the weights are broadcast into the
@@ -447,12 +447,6 @@ def validate(config: FinetuneConfig) -> FinetuneConfig:
     if d.fsdp is False and (d.cpu_offload or not d.reshard_after_forward):
         raise ConfigError("distributed.cpu_offload / distributed.reshard_after_forward are FSDP2 options: "
                           "they need distributed.fsdp=true (or null with several processes)")
-    if d.compile:
-        import os
-
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            raise ConfigError("distributed.compile=true cannot run under the Triton interpreter "
-                              "(TRITON_INTERPRET=1: dynamo cannot trace the kernels); unset one of them")
     _validate_bitsandbytes(config)
     if c.resume and c.resume_from:
         raise ConfigError("checkpoint.resume and checkpoint.resume_from are both set: resume_from names the "

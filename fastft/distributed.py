@@ -158,12 +158,16 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) 
 
 # -- compile -----------------------------------------------------------------------------------
 
-def apply_compile(model: nn.Module) -> int:
+def apply_compile(model: nn.Module, backend: str | None = None) -> int:
     """torch.compile each decoder block in place (`nn.Module.compile`: names unchanged). Blocks are
-    identical, so dynamo compiles one graph and reuses it."""
+    identical, so dynamo compiles one graph and reuses it. The fused kernels are custom ops
+    (fastft/kernels): opaque nodes in the graph. backend None: inductor on a GPU, aot_eager on the
+    CPU, where the ops run in Triton's interpreter (which only an eager backend calls)."""
+    if backend is None:
+        backend = "inductor" if any(p.is_cuda for p in model.parameters()) else "aot_eager"
     _, blocks = decoder_blocks(model)
     for block in blocks:
-        block.compile(dynamic=False)
+        block.compile(backend=backend, dynamic=False)
     return len(blocks)
 
 

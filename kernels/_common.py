@@ -205,6 +205,77 @@ def row_block(capability: tuple[int, int] | None, n_cols: int) -> tuple[int, int
     return block, num_warps
 
 
+def wide_row(block: int, num_warps: int) -> bool:
+    """Whether a row norm's backward is too wide to keep a dW accumulator in registers beside the
+    row: at 16 elements per thread and more (BLOCK 16384 at 32 warps), x, dy, the weight and one
+    accumulator exceed the 64 registers a 1024-thread program gets and ptxas spills (measured:
+    benchmarks/NOTES.md). Such rows get dX from the row kernel and dW from `_norm_param_grad_kernel`."""
+    return block // (32 * num_warps) >= 16
+
+
+@triton.jit(do_not_specialize=["ROWS"])
+def _norm_param_grad_kernel(
+    DY, X, MEAN, RSTD, DW_PARTIAL, DB_PARTIAL,   # DY, X [rows, H] (row strides); MEAN, RSTD [rows] fp32;
+    STRIDE_DY, STRIDE_X, ROWS, H,                # partials [SPLIT, H] fp32
+    HAS_MEAN: tl.constexpr, ROUND_RSTD: tl.constexpr, ROUND_X_HAT: tl.constexpr,
+    COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Column sums of a row norm's parameter gradients over this split's rows:
+        DW_PARTIAL[split] = sum_rows dy * x_hat,   DB_PARTIAL[split] = sum_rows dy,
+    x_hat = (x - mean) * rstd (LayerNorm) or x * rstd (RMSNorm), rounded as its forward rounded it.
+    Column tiles of BLOCK_C, rows dealt round-robin in [BLOCK_M, BLOCK_C] tiles to SPLIT programs
+    per column tile (no atomics; torch sums the partials). It reads x and dy once more than a
+    fused backward, the price of rows too wide for an accumulator in registers (wide_row)."""
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    split = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    col_mask = cols < H
+    dw = tl.zeros([BLOCK_C], dtype=tl.float32)
+    db = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for m0 in range(split * BLOCK_M, ROWS, n_split * BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_mask = rows < ROWS
+        mask = row_mask[:, None] & col_mask[None, :]
+        dy = tl.load(DY + rows[:, None] * STRIDE_DY + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if COMPUTE_DW:
+            x = tl.load(X + rows[:, None] * STRIDE_X + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+            if ROUND_RSTD:
+                rstd = round_to(rstd, X.dtype.element_ty).to(tl.float32)
+            if HAS_MEAN:
+                x = x - tl.load(MEAN + rows, mask=row_mask, other=0.0)[:, None]
+            x_hat = x * rstd[:, None]
+            if ROUND_X_HAT:
+                x_hat = round_to(x_hat, X.dtype.element_ty).to(tl.float32)
+            dw += tl.sum(dy * x_hat, axis=0)
+        if COMPUTE_DB:
+            db += tl.sum(dy, axis=0)
+    if COMPUTE_DW:
+        tl.store(DW_PARTIAL + split * H + cols, dw, mask=col_mask)
+    if COMPUTE_DB:
+        tl.store(DB_PARTIAL + split * H + cols, db, mask=col_mask)
+
+
+def norm_param_grads(dy: torch.Tensor, rows: torch.Tensor, mean: torch.Tensor | None, rstd: torch.Tensor,
+                     weight: torch.Tensor | None, bias: torch.Tensor | None, *, round_rstd: bool = False,
+                     round_x_hat: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dW, dB) of a row norm by `_norm_param_grad_kernel` (dW when weight is given, dB when bias is)."""
+    n_rows, hidden = rows.shape
+    capability = capability_of(rows.device)
+    block_m, block_c, num_warps = (64, 1024, 1) if capability is None else (8, 256, 4)
+    col_blocks = triton.cdiv(hidden, block_c)
+    split = max(1, min(triton.cdiv(n_rows, block_m), persistent_programs(rows.device, 1 << 30) // col_blocks))
+    dw_partial = torch.empty((split, hidden) if weight is not None else (1,), dtype=torch.float32, device=rows.device)
+    db_partial = torch.empty((split, hidden) if bias is not None else (1,), dtype=torch.float32, device=rows.device)
+    if n_rows > 0:
+        launch(_norm_param_grad_kernel, (col_blocks, split), dy, rows, mean if mean is not None else rstd, rstd,
+               dw_partial, db_partial, dy.stride(0), rows.stride(0), n_rows, hidden, HAS_MEAN=mean is not None,
+               ROUND_RSTD=round_rstd, ROUND_X_HAT=round_x_hat, COMPUTE_DW=weight is not None,
+               COMPUTE_DB=bias is not None, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps)
+    return (None if weight is None else sum_partials(dw_partial, n_rows, weight),
+            None if bias is None else sum_partials(db_partial, n_rows, bias))
+
+
 def as_rows(x: torch.Tensor) -> torch.Tensor:
     """View x as [rows, last dim] with unit stride along the last dim (copies only if it must).
 

@@ -26,7 +26,7 @@ fused linear CE; written anew here)
 Rows are processed in chunks of C rows, C * V * itemsize <= 1 GiB (a power of two, or
 `chunk_size`). Per chunk: A_c = X_c @ W^T (+ b, addmm) in the input dtype; one Triton program
 per row streams A_c's row twice in BLOCK_V blocks: pass 1 keeps a per-lane online max / sum-exp
-(Milakov & Gimelshein 2018), the target logit and sum_j z_j, and writes the loss; pass 2 writes
+(Milakov & Gimelshein 2018) and sum_j z_j, loads the target logit once, and writes the loss; pass 2 writes
 dA (already multiplied by the gradient scale read from a device pointer) in place over A_c. Then
 dX_c = dA_c @ W goes straight into dX, dW += dA_c^T @ X_c (addmm, in the weight's dtype: with
 bf16 weights dW is rounded to bf16 once per chunk, which costs a little accuracy for several
@@ -161,7 +161,6 @@ def _fused_linear_cross_entropy_fwd_kernel(
         # columns never computes exp(-inf - -inf).
         m_vec = tl.full([BLOCK_V], -3.4028234663852886e38, tl.float32)
         d_vec = tl.zeros([BLOCK_V], dtype=tl.float32)
-        zy_vec = tl.zeros([BLOCK_V], dtype=tl.float32)
         zsum_vec = tl.zeros([BLOCK_V], dtype=tl.float32)
         for start in range(0, V, BLOCK_V):
             offs = start + cols
@@ -169,7 +168,6 @@ def _fused_linear_cross_entropy_fwd_kernel(
             z = tl.load(a_row + offs, mask=mask, other=0.0).to(tl.float32) * s
             if HAS_SOFTCAP:
                 z = cap * _softcap_tanh(z, cap)
-            zy_vec += tl.where(offs == y, z, 0.0)
             if HAS_SMOOTHING:
                 zsum_vec += tl.where(mask, z, 0.0)
             z = tl.where(mask, z, float("-inf"))
@@ -178,7 +176,13 @@ def _fused_linear_cross_entropy_fwd_kernel(
             m_vec = m_new
         m = tl.max(m_vec, axis=0)
         lse = m + tl.log(tl.sum(d_vec * tl.exp(m_vec - m), axis=0))
-        z_y = tl.sum(zy_vec, axis=0)
+        # The target logit: one scalar load (a per-lane accumulator would hold BLOCK_V / threads
+        # registers through the loop for one element). A label outside [0, V) reads as 0.
+        valid = (y >= 0) & (y < V)
+        z_y = tl.load(a_row + tl.where(valid, y, 0)).to(tl.float32) * s
+        if HAS_SOFTCAP:
+            z_y = cap * _softcap_tanh(z_y, cap)
+        z_y = tl.where(valid, z_y, 0.0)
         loss = lse - z_y
         if HAS_SMOOTHING:
             loss = (1.0 - eps) * loss + eps * (lse - tl.sum(zsum_vec, axis=0) / V)
@@ -221,12 +225,15 @@ class _Options:
 
 
 def _block_v(capability: tuple[int, int] | None, V: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps). On CUDA 4096 columns per step (16 per thread at 8 warps; untuned
-    until measured on the H100). The interpreter pays per program and per loop iteration, so it
-    gets the biggest block that is reasonable."""
+    """(BLOCK_V, num_warps). On a GPU 2048 columns per step at 8 warps: 8 per thread, one 128-bit
+    load of bf16 each. The per-lane online-softmax state (max, sum, and the smoothing sum) costs a
+    register per column per thread, so BLOCK_V=4096 held 80-107 registers (25-38% occupancy) where
+    2048 holds 32-48 (62-100%): more rows in flight per SM for this streaming pass (compile report,
+    benchmarks/NOTES.md). The interpreter (capability None) pays per program and per loop
+    iteration, so it gets the biggest block that is reasonable."""
     if capability is None:
         return min(32768, triton.next_power_of_2(V)), 1
-    block = min(4096, triton.next_power_of_2(V))
+    block = min(2048, triton.next_power_of_2(V))
     return block, 8 if block >= 2048 else 4
 
 
@@ -458,7 +465,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
             hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, softcap,
             logit_scale, z_loss, normalizer, chunk_size)
     device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         # As autocast runs nn.Linear: the LM head in the autocast dtype (fp32 master weights
         # get a low-precision copy; the cast's backward brings dW back to fp32).
         dtype = torch.get_autocast_dtype(device_type)

@@ -27,8 +27,9 @@ import triton.language as tl
 
 from torch import Tensor
 
-from ._common import (absent, as_rows, capability_of, check_row_op_inputs, kernel_op, launch, persistent_programs,
-                      register_autograd, round_to, row_block, sum_partials, use_triton)
+from ._common import (absent, as_rows, capability_of, check_row_op_inputs, kernel_op, launch, norm_param_grads,
+                      persistent_programs, register_autograd, round_to, row_block, sum_partials, use_triton,
+                      wide_row)
 
 
 def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None = None,
@@ -68,7 +69,7 @@ def _layer_norm_fwd_kernel(
     tl.store(RSTD + row, rstd)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ROWS"])
 def _layer_norm_bwd_kernel(
     DY, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL,   # [rows, H] x3; W [H]; [rows] x2; partials [programs, H] fp32
     STRIDE_DY, STRIDE_X, STRIDE_DX, ROWS, H, offset,
@@ -131,16 +132,22 @@ def layer_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tens
     n_rows, hidden = rows.shape
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     programs = persistent_programs(x.device, n_rows)
-    partial_shape = (programs, hidden)
-    dw_partial = torch.empty(partial_shape if compute_dw else (1,), dtype=torch.float32, device=x.device)
-    db_partial = torch.empty(partial_shape if compute_db else (1,), dtype=torch.float32, device=x.device)
     block, num_warps = row_block(capability_of(x.device), hidden)
+    # Wide rows (kernels/_common.py, wide_row): the row kernel makes dX only, a column-tiled pass dW, dB.
+    in_row = not wide_row(block, num_warps)
+    dw_row, db_row = compute_dw and in_row, compute_db and in_row
+    dw_partial = torch.empty((programs, hidden) if dw_row else (1,), dtype=torch.float32, device=x.device)
+    db_partial = torch.empty((programs, hidden) if db_row else (1,), dtype=torch.float32, device=x.device)
     if n_rows > 0:
         launch(_layer_norm_bwd_kernel, (programs,), dy, rows, weight, mean, rstd, dx, dw_partial, db_partial,
                dy.stride(0), rows.stride(0), hidden, n_rows, hidden, offset, HAS_WEIGHT=weight is not None,
-               BLOCK=block, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, num_warps=num_warps)
-    return (dx, sum_partials(dw_partial, n_rows, weight) if compute_dw else absent(x),
-            sum_partials(db_partial, n_rows, bias) if compute_db else absent(x))
+               BLOCK=block, COMPUTE_DW=dw_row, COMPUTE_DB=db_row, num_warps=num_warps)
+    if in_row:
+        dw = sum_partials(dw_partial, n_rows, weight) if compute_dw else None
+        db = sum_partials(db_partial, n_rows, bias) if compute_db else None
+    else:
+        dw, db = norm_param_grads(dy, rows, mean, rstd, weight if compute_dw else None, bias if compute_db else None)
+    return dx, absent(x) if dw is None else dw, absent(x) if db is None else db
 
 
 def _layer_norm_fwd_fake(x, weight, bias, eps, offset):

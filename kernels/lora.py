@@ -81,7 +81,7 @@ def _keep(seed, rows, cols, K, p):
     return tl.rand(seed, offsets) >= p
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "seed"])
 def _lora_dropout_kernel(
     X, Y,                      # X [N, K] (row stride STRIDE_X), Y [N, K] contiguous
     N, K, STRIDE_X, seed, p,
@@ -96,7 +96,7 @@ def _lora_dropout_kernel(
     tl.store(Y + rows[:, None] * K + cols[None, :], round_to(y, Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "seed"])
 def _lora_down_kernel(
     X, A, U,                   # X [N, K] (row stride STRIDE_X), A [R, K] contiguous, U [N, R] contiguous
     N, K, R, STRIDE_X, seed, p, scale,
@@ -125,7 +125,7 @@ def _lora_down_kernel(
              mask=row_mask[:, None] & (ranks < R)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "seed"])
 def _lora_up_kernel(
     DU, A, DX,                 # DU [N, R] contiguous, A [R, K] contiguous, DX [N, K] contiguous
     N, K, R, seed, p, scale,
@@ -151,7 +151,7 @@ def _lora_up_kernel(
     tl.store(DX + rows[:, None] * K + cols[None, :], round_to(t, DX.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "seed"])
 def _lora_grad_a_kernel(
     DU, X, PARTIAL,            # DU [N, R] contiguous, X [N, K] (row stride STRIDE_X), PARTIAL [SPLIT, R, K] fp32
     N, K, R, STRIDE_X, seed, p,
@@ -186,13 +186,30 @@ def _lora_grad_a_kernel(
 # Host launchers. Launch choices are pure functions of (capability, rank, dtypes); capability None
 # is the interpreter (kernels/_common.py).
 # ------------------------------------------------------------------------------------------------
-def _blocks(capability: tuple[int, int] | None, rank: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_K, BLOCK_R). tl.dot wants every dim >= 16; the interpreter pays per
-    program and per iteration, so it gets big tiles. GPU tiles are untuned until measured."""
+class Tiles(NamedTuple):
+    """Launch choice of the rank-r kernels: tile sizes and warps."""
+    block_m: int
+    block_k: int
+    block_r: int
+    num_warps: int
+
+
+def _blocks(capability: tuple[int, int] | None, rank: int, fp32_dot: bool) -> Tiles:
+    """Tiles for the rank-r kernels. tl.dot wants every dim >= 16; the interpreter pays per
+    program and per iteration, so it gets big tiles.
+
+    On a GPU, from the compile report (sm_90, benchmarks/NOTES.md): 64x64 tiles at 4 warps held
+    96-192 registers with bf16 and spilled with fp32 adapters (fp32 dots run on the FMA units
+    with whole operand tiles in registers: 255 registers and up to 5 KB of spills at rank 128).
+    32x64 at 8 warps keeps every bf16 rank and fp32 up to rank 32 at 36-123 registers, no
+    spills; larger fp32 ranks take 16x32 tiles (32-128 registers). Speed is untuned until measured.
+    """
     block_r = max(16, triton.next_power_of_2(rank))
     if capability is None:
-        return 64, 128, block_r
-    return 64, (64 if block_r <= 64 else 32), block_r
+        return Tiles(64, 128, block_r, 4)
+    if fp32_dot and block_r > 32:
+        return Tiles(16, 32, block_r, 8)
+    return Tiles(32, 64, block_r, 8)
 
 
 def _fp32_dot(capability: tuple[int, int] | None, *tensors: torch.Tensor) -> bool:
@@ -234,13 +251,15 @@ def lora_dropout(x: torch.Tensor, p: float, seed) -> torch.Tensor:
 
 def _apply_dropout(x: Tensor, p: float, seed: Tensor) -> Tensor:
     """The Triton dropout of x (any shape) with the mask of int(seed[0]): a new tensor shaped like x."""
-    rows = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
+    rows = as_rows(x if x.dim() else x.reshape(1, 1))
     out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
     n, k = rows.shape
-    bm, bk = (64, 256) if capability_of(x.device) is None else (16, 256)
+    # [16, 256] tiles at 8 warps: 16 elements a thread; 4 warps held 32 with the Philox state and
+    # reached 25% occupancy (compile report)
+    bm, bk, warps = (64, 256, 4) if capability_of(x.device) is None else (16, 256, 8)
     if n and k:
         launch(_lora_dropout_kernel, (triton.cdiv(n, bm), triton.cdiv(k, bk)),
-               rows, out, n, k, rows.stride(0), int(seed[0]), p, BLOCK_M=bm, BLOCK_K=bk)
+               rows, out, n, k, rows.stride(0), int(seed[0]), p, BLOCK_M=bm, BLOCK_K=bk, num_warps=warps)
     return out.view(x.shape)
 
 
@@ -249,11 +268,13 @@ dropout_op = kernel_op("lora_dropout", fake=lambda x, p, seed: torch.empty_like(
 
 
 def _dropout_save(ctx, inputs, output):
-    ctx.p, ctx.seed = inputs[1], inputs[2]
+    ctx.save_for_backward(inputs[2])
+    ctx.p = inputs[1]
 
 
 def _dropout_backward(ctx, dy):  # the same mask on the way back: d(drop(x)) = drop(dy)
-    return None if dy is None else dropout_op(dy, ctx.p, ctx.seed), None, None
+    (seed,) = ctx.saved_tensors
+    return None if dy is None else dropout_op(dy, ctx.p, seed), None, None
 
 
 register_autograd(dropout_op, backward=_dropout_backward, save=_dropout_save)
@@ -267,11 +288,12 @@ def lora_down(x: torch.Tensor, a: torch.Tensor, scale: float, p: float, seed: in
     r = a.shape[0]
     u = torch.empty(n, r, dtype=a.dtype, device=x.device)
     capability = capability_of(x.device)
-    bm, bk, br = _blocks(capability, r)
+    fp32 = _fp32_dot(capability, x, a)
+    t = _blocks(capability, r, fp32)
     if n:
-        launch(_lora_down_kernel, (triton.cdiv(n, bm),),
+        launch(_lora_down_kernel, (triton.cdiv(n, t.block_m),),
                x, a.contiguous(), u, n, k, r, x.stride(0), seed, float(p), float(scale),
-               BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, FP32_DOT=_fp32_dot(capability, x, a))
+               BLOCK_M=t.block_m, BLOCK_K=t.block_k, BLOCK_R=t.block_r, FP32_DOT=fp32, num_warps=t.num_warps)
     return u
 
 
@@ -287,11 +309,12 @@ def lora_up_into(out: torch.Tensor | None, du: torch.Tensor, a: torch.Tensor, sc
     if out is None:
         out = torch.empty(n, k, dtype=dtype, device=du.device)
     capability = capability_of(du.device)
-    bm, bk, br = _blocks(capability, r)
+    fp32 = _fp32_dot(capability, du, a)
+    t = _blocks(capability, r, fp32)
     if n:
-        launch(_lora_up_kernel, (triton.cdiv(n, bm), triton.cdiv(k, bk)),
+        launch(_lora_up_kernel, (triton.cdiv(n, t.block_m), triton.cdiv(k, t.block_k)),
                du.contiguous(), a.contiguous(), out, n, k, r, seed, float(p), float(scale), ACCUMULATE=accumulate,
-               BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, FP32_DOT=_fp32_dot(capability, du, a))
+               BLOCK_M=t.block_m, BLOCK_K=t.block_k, BLOCK_R=t.block_r, FP32_DOT=fp32, num_warps=t.num_warps)
     return out
 
 
@@ -303,14 +326,15 @@ def lora_grad_a(du: torch.Tensor, x: torch.Tensor, scale: float, p: float, seed:
     n, k = x.shape
     r = du.shape[1]
     capability = capability_of(x.device)
-    bm, bk, br = _blocks(capability, r)
-    split = max(1, min(triton.cdiv(n, bm), 1 if capability is None else 16))
+    fp32 = _fp32_dot(capability, du, x)
+    t = _blocks(capability, r, fp32)
+    split = max(1, min(triton.cdiv(n, t.block_m), 1 if capability is None else 16))
     partial = torch.empty(split, r, k, dtype=torch.float32, device=x.device)
     if n == 0:
         return torch.zeros(r, k, dtype=dtype, device=x.device)
-    launch(_lora_grad_a_kernel, (triton.cdiv(k, bk), split),
+    launch(_lora_grad_a_kernel, (triton.cdiv(k, t.block_k), split),
            du.contiguous(), x, partial, n, k, r, x.stride(0), seed, float(p),
-           BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, FP32_DOT=_fp32_dot(capability, du, x))
+           BLOCK_M=t.block_m, BLOCK_K=t.block_k, BLOCK_R=t.block_r, FP32_DOT=fp32, num_warps=t.num_warps)
     return partial.sum(0).mul_(scale / (1 - p)).to(dtype)
 
 

@@ -40,6 +40,8 @@ saves x, g (after the LoRA add), act(g), u and h: (H + 4·I)·b plus the rank-r 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -50,7 +52,8 @@ from torch import Tensor
 from ._common import absent, as_rows, capability_of, kernel_op, launch, register_autograd, round_to, use_triton
 from .dequantize_4bit import base_grad, base_grad_into, base_product, base_product_into, is_quantized
 from .lora import (_check, _fp32_dot, _projections, _seed_tensor, draw_seed, flatten_projections, lora_down,
-                   lora_grad_a, lora_linear_reference, lora_up_into, quant_projections, slot_grads, slot_needs)
+                   lora_grad_a, lora_linear, lora_linear_reference, lora_up_into, quant_projections, slot_grads,
+                   slot_needs)
 
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 _ACT_ID = {name: i for i, name in enumerate(ACTIVATIONS)}
@@ -123,7 +126,7 @@ def _gate_up_tile(G, U, XA_G, XA_U, B_G, B_U, rows, cols, row_mask, col_mask, ma
     return g, u
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "seed"])
 def _lora_mlp_fwd_kernel(
     G, U, XA_G, XA_U, B_G, B_U, A_D, H, HD,   # G, U [N, I] (row strides), XA_* [N, R_*], B_* [I, R_*],
     N, I, R_G, R_U, R_D, STRIDE_G, STRIDE_U,  # A_D [R_D, I], H [N, I] contiguous, HD [N, R_D] contiguous
@@ -157,7 +160,7 @@ def _lora_mlp_fwd_kernel(
              mask=row_mask[:, None] & (ranks_d < R_D)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "seed"])
 def _lora_mlp_bwd_kernel(
     DH, DHD, G, U, XA_G, XA_U, B_G, B_U, A_D,   # DH [N, I] = dY·W_d (contiguous), DHD [N, R_D] = dY·B_d
     DG, DU, HM, HF, DXA_G, DXA_U,              # DG, DU, HM, HF [N, I]; DXA_* [N, R_*] fp32
@@ -214,12 +217,37 @@ def _lora_mlp_bwd_kernel(
     tl.store(DXA_U + rows[:, None] * R_U + ranks_u[None, :], acc_u, mask=row_mask[:, None] & (ranks_u < R_U)[None, :])
 
 
-def _mlp_blocks(capability: tuple[int, int] | None) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_I): big tiles under the interpreter (capability None); GPU tiles untuned
-    until measured."""
+class MLPTiles(NamedTuple):
+    """Launch choice of the activation kernels."""
+    block_m: int
+    block_i: int
+    num_warps: int
+    num_stages: int
+
+
+def _mlp_blocks(capability: tuple[int, int] | None, rank: int, fp32_dot: bool) -> MLPTiles:
+    """Tiles for the activation kernels (rank: the largest of gate's, up's and down's).
+
+    The interpreter (capability None) gets big tiles. On a GPU, from the compile report (sm_90,
+    benchmarks/NOTES.md): 64x64 tiles at 4 warps and 3 stages spilled (48-680 B) and at rank 128
+    needed 250-390 KB of shared memory (pipeline buffers for six dot operands); one stage and
+    32x32 tiles at 8 warps fit every bf16 rank to 128 and fp32 ranks to 32 without spills, and
+    16x16 tiles fp32 rank 64. Larger fp32 ranks do not fit at all (`_fused_fits`)."""
     if capability is None:
-        return 64, 128
-    return 64, 64
+        return MLPTiles(64, 128, 4, 1)
+    if fp32_dot and _br(rank) > 32:
+        return MLPTiles(16, 16, 8, 1)
+    return MLPTiles(32, 32, 8, 1)
+
+
+def _fused_fits(x: Tensor, *adapters: Tensor) -> bool:
+    """Whether the fused activation kernels compile without spills for these ranks and dtypes on a
+    GPU (bf16 adapters to rank 128, fp32 or mixed-dtype ones to rank 64: fp32 dots run on the FMA
+    units with their operand tiles in registers). Decided from the dtypes alone, so that the meta
+    device and FakeTensorMode take the path a GPU takes; beyond it, lora_mlp composes three
+    lora_linear ops and the eager activation, which compute the same thing."""
+    br = max(_br(a.shape[0]) for a in adapters)
+    return br <= 128 and (br <= 64 or not _fp32_dot((9, 0), x, *adapters))
 
 
 def _br(r: int) -> int:
@@ -253,13 +281,14 @@ def _mlp_forward_projections(rows, projections, activation, dropouts, seeds, sca
     h = torch.empty(n, inter, dtype=rows.dtype, device=rows.device)
     hd = torch.empty(n, ad.shape[0], dtype=ad.dtype, device=rows.device)
     capability = capability_of(rows.device)
-    bm_, bi = _mlp_blocks(capability)
+    fp32 = _fp32_dot(capability, rows, ag, au, ad)
+    t = _mlp_blocks(capability, max(ag.shape[0], au.shape[0], ad.shape[0]), fp32)
     if n:
-        launch(_lora_mlp_fwd_kernel, (triton.cdiv(n, bm_),),
+        launch(_lora_mlp_fwd_kernel, (triton.cdiv(n, t.block_m),),
                g, u, xa_g, xa_u, bmg.contiguous(), bmu.contiguous(), ad.contiguous(), h, hd, n, inter, ag.shape[0],
                au.shape[0], ad.shape[0], g.stride(0), u.stride(0), seeds[2], float(pd), float(sd),
-               ACT=_ACT_ID[activation], BLOCK_M=bm_, BLOCK_I=bi, BR_G=_br(ag.shape[0]), BR_U=_br(au.shape[0]),
-               BR_D=_br(ad.shape[0]), FP32_DOT=_fp32_dot(capability, rows, ag, au, ad))
+               ACT=_ACT_ID[activation], BLOCK_M=t.block_m, BLOCK_I=t.block_i, BR_G=_br(ag.shape[0]),
+               BR_U=_br(au.shape[0]), BR_D=_br(ad.shape[0]), FP32_DOT=fp32, num_warps=t.num_warps, num_stages=t.num_stages)
     bdt = bmd.to(rows.dtype).t()
     hdy = hd.to(rows.dtype)
     y = torch.mm(hdy, bdt) if bd is None else torch.addmm(bd, hdy, bdt)             # [N, H]
@@ -302,14 +331,16 @@ def _mlp_backward_projections(dy, x, g, u, xa_g, xa_u, hd, projections, activati
     dxa_g = torch.empty(n, ag.shape[0], dtype=torch.float32, device=dy.device)
     dxa_u = torch.empty(n, au.shape[0], dtype=torch.float32, device=dy.device)
     capability = capability_of(dy.device)
-    bm_, bi = _mlp_blocks(capability)
+    fp32 = _fp32_dot(capability, dy, ag, au, ad)
+    t = _mlp_blocks(capability, max(ag.shape[0], au.shape[0], ad.shape[0]), fp32)
     if n:
-        launch(_lora_mlp_bwd_kernel, (triton.cdiv(n, bm_),),
+        launch(_lora_mlp_bwd_kernel, (triton.cdiv(n, t.block_m),),
                dh, dhd.contiguous(), g, u, xa_g, xa_u, bmg.contiguous(), bmu.contiguous(), ad.contiguous(),
                dg, du, hm, hf, dxa_g, dxa_u, n, inter, ag.shape[0], au.shape[0], ad.shape[0],
                g.stride(0), u.stride(0), seeds[2], float(pd), float(sd),
-               ACT=_ACT_ID[activation], STORE_H=store_h, BLOCK_M=bm_, BLOCK_I=bi, BR_G=_br(ag.shape[0]),
-               BR_U=_br(au.shape[0]), BR_D=_br(ad.shape[0]), FP32_DOT=_fp32_dot(capability, dy, ag, au, ad))
+               ACT=_ACT_ID[activation], STORE_H=store_h, BLOCK_M=t.block_m, BLOCK_I=t.block_i,
+               BR_G=_br(ag.shape[0]), BR_U=_br(au.shape[0]), BR_D=_br(ad.shape[0]), FP32_DOT=fp32,
+               num_warps=t.num_warps, num_stages=t.num_stages)
     del dh
     if need[10]:
         grads[10] = torch.mm(dhd.t(), hm.to(dhd.dtype)).mul_(sd).to(ad.dtype)     # dA_d (hm = drop(h))
@@ -476,6 +507,10 @@ def lora_mlp(x: torch.Tensor, gate, up, down, activation: str = "silu", dropout=
     tensors = [t for t in (wg, bg, ag, bmg, wu, bu, au, bmu, wd, bd, ad, bmd) if isinstance(t, torch.Tensor)]
     if not use_triton(x, *tensors):
         return lora_mlp_reference(x, gate, up, down, activation, drops, seeds)
+    if not _fused_fits(x, ag, au, ad):  # (lora_linear takes 4-bit weights too)
+        g = lora_linear(x, wg, ag, bmg, sg, bg, drops[0], seeds[0])
+        u = lora_linear(x, wu, au, bmu, su, bu, drops[1], seeds[1])
+        return lora_linear(activation_reference(g, activation) * u, wd, ad, bmd, sd, bd, drops[2], seeds[2])
     if any(is_quantized(w) for w in (wg, wu, wd)):
         params, has_bias, weight_meta = flatten_projections(layer[:4] for layer in (gate, up, down))
         y, *_ = lora_mlp_4bit_fwd(x, params, has_bias, weight_meta, activation, list(drops), _seed_tensor(seeds),

@@ -37,8 +37,9 @@ import triton.language as tl
 
 from torch import Tensor
 
-from ._common import (absent, as_rows, capability_of, check_row_op_inputs, kernel_op, launch, persistent_programs,
-                      register_autograd, round_to, row_block, sum_partials, use_triton)
+from ._common import (absent, as_rows, capability_of, check_row_op_inputs, kernel_op, launch, norm_param_grads,
+                      persistent_programs, register_autograd, round_to, row_block, sum_partials, use_triton,
+                      wide_row)
 
 CASTING_MODES = ("llama", "gemma", "none")
 _CASTING_ID = {name: i for i, name in enumerate(CASTING_MODES)}
@@ -87,7 +88,7 @@ def _rms_norm_fwd_kernel(
     tl.store(RSTD + row, rstd)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ROWS"])
 def _rms_norm_bwd_kernel(
     DY, X, W, RSTD, DX, DW_PARTIAL,   # DY, X, DX [rows, H]; W [H]; RSTD [rows]; DW_PARTIAL [programs, H] fp32
     STRIDE_DY, STRIDE_X, STRIDE_DX, ROWS, H, offset,
@@ -130,6 +131,14 @@ def _check_casting(casting: str) -> None:
                          "use 'llama' (Llama, Mistral, Qwen...), 'gemma' (Gemma: fp32 throughout) or 'none'")
 
 
+def _casting_id(casting: str, x: Tensor, weight: Tensor) -> int:
+    """The CASTING constexpr. With x and the weight in fp32 every mode rounds to fp32, i.e. not at
+    all: one compiled kernel (gemma's) serves the three."""
+    if x.dtype == weight.dtype == torch.float32:
+        return _GEMMA
+    return _CASTING_ID[casting]
+
+
 def _output_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype, casting: str) -> torch.dtype:
     return torch.promote_types(x_dtype, w_dtype) if casting == "llama" else x_dtype
 
@@ -146,7 +155,7 @@ def rms_norm_forward(x: Tensor, weight: Tensor, eps: float, offset: float, casti
     block, num_warps = row_block(capability_of(x.device), hidden)
     if n_rows > 0:
         launch(_rms_norm_fwd_kernel, (n_rows,), rows, weight, y, rstd, rows.stride(0), y.stride(0), hidden, eps,
-               offset, CASTING=_CASTING_ID[casting], BLOCK=block, num_warps=num_warps)
+               offset, CASTING=_casting_id(casting, x, weight), BLOCK=block, num_warps=num_warps)
     return y, rstd
 
 
@@ -157,13 +166,22 @@ def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, offse
     n_rows, hidden = rows.shape
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     programs = persistent_programs(x.device, n_rows)
-    dw_partial = torch.empty((programs, hidden) if compute_dw else (1,), dtype=torch.float32, device=x.device)
     block, num_warps = row_block(capability_of(x.device), hidden)
+    casting_id = _casting_id(casting, x, weight)
+    dw_in_row_kernel = compute_dw and not wide_row(block, num_warps)
+    dw_partial = torch.empty((programs, hidden) if dw_in_row_kernel else (1,), dtype=torch.float32, device=x.device)
     if n_rows > 0:
         launch(_rms_norm_bwd_kernel, (programs,), dy, rows, weight, rstd, dx, dw_partial, dy.stride(0),
-               rows.stride(0), hidden, n_rows, hidden, offset, CASTING=_CASTING_ID[casting], BLOCK=block,
-               COMPUTE_DW=compute_dw, num_warps=num_warps)
-    return dx, sum_partials(dw_partial, n_rows, weight) if compute_dw else absent(weight)
+               rows.stride(0), hidden, n_rows, hidden, offset, CASTING=casting_id, BLOCK=block,
+               COMPUTE_DW=dw_in_row_kernel, num_warps=num_warps)
+    if not compute_dw:
+        return dx, absent(weight)
+    if dw_in_row_kernel:
+        return dx, sum_partials(dw_partial, n_rows, weight)
+    # wide rows (kernels/_common.py, wide_row): dW from a column-tiled pass over x and dy
+    dw, _ = norm_param_grads(dy, rows, None, rstd, weight, None, round_rstd=casting_id == _NONE,
+                             round_x_hat=casting_id != _GEMMA)
+    return dx, dw
 
 
 def _rms_norm_fwd_fake(x, weight, eps, offset, casting):

@@ -1,0 +1,652 @@
+"""Every fastft kernel compiled for sm_80 (A100), sm_90 (H100/H200) and sm_100 (B200) on a machine
+without a GPU, and what ptxas made of it.
+
+    python -m benchmarks.compile_report [--targets 80,90,100] [--jobs 2] [--out benchmarks/COMPILE.md]
+                                        [--json PATH] [--check] [--cache DIR]
+    fastft bench --compile-report [the same options]
+
+How a configuration is found: the host code of each op (the launchers in kernels/*.py) runs on
+meta tensors at the benchmark shapes inside `kernels._common.recording_launches(capability)`,
+which makes every launch choice for that GPU (block sizes, warps, stages, constexprs, the grid)
+and records `kernel[grid](*args, **meta)` instead of running it. Triton's own JIT binder then
+specialises the recorded arguments exactly as a launch on the GPU would (argument dtypes, 16-byte
+alignment of pointers, integers divisible by 16 or equal to 1), and `triton.compile(ASTSource,
+target=GPUTarget("cuda", cc, 32))` builds TTGIR, PTX and a cubin with the wheel's ptxas. So the
+table is about the very kernels a GPU run launches, not hand-written signatures.
+
+What each cell reports, per target:
+- registers per thread and ptxas's spill stores / loads in bytes (`ptxas -v`: spills land in the
+  stack frame, so LOCAL can read 0 while a kernel spills), the stack frame, shared memory per
+  program (static, from `cuobjdump --dump-resource-usage`, plus the dynamic size Triton launches
+  with);
+- theoretical occupancy: resident warps per SM over the maximum (64), from the register file
+  (65,536 per SM in 4 sub-partitions, allocated per warp in units of 256), shared memory (plus the
+  1 KB the driver reserves per block) and the 32-blocks-per-SM limit (CUDA C Programming Guide,
+  "Compute Capabilities" tables, and the CUDA occupancy calculator's rules);
+- how the global loads are vectorised, from the SASS (`cuobjdump -sass`): how many of the kernel's
+  global-load instructions (LDG, LDGSTS) are 128 bits wide or wider, of all of them (the JSON
+  rows also give the share of bytes). The narrow ones are mostly per-row scalars.
+`--check` exits non-zero on a compile error, any spill, or shared memory above a target's limit
+(the default test suite runs it for sm_90: tests/test_compile_report.py). Results are cached per
+configuration under --cache, keyed by the kernel's source, the specialisation and the triton
+version, so that a rerun compiles only what changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from typing import Callable, Iterator
+
+DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "COMPILE.md"
+DEFAULT_CACHE = pathlib.Path(tempfile.gettempdir()) / "fastft-compile-cache"
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    """Per-SM limits of one target (CUDA C Programming Guide, compute capability tables)."""
+    name: str
+    gpu: str
+    sm_count: int            # for the persistent grids the host code sizes (H100 SXM, A100, B200)
+    smem_per_sm: int         # bytes usable by blocks
+    smem_per_block: int      # opt-in maximum per block
+    regs_per_sm: int = 65536
+    max_warps: int = 64
+    max_blocks: int = 32
+    reserved_smem: int = 1024  # per block, taken by the driver
+
+
+ARCHES = {
+    80: Arch("sm_80", "A100", 108, 167936, 166912),
+    90: Arch("sm_90", "H100/H200", 132, 233472, 232448),
+    100: Arch("sm_100", "B200", 148, 233472, 232448),
+}
+STREAMING_OCCUPANCY = 0.5  # below this a memory-bound kernel is marked "low" (few loads in flight)
+
+
+# ------------------------------------------------------------------------------------------------
+# The configurations: each case runs one op's host code on meta tensors at one benchmark shape.
+# ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Case:
+    op: str                  # the fused op whose host code runs
+    label: tuple             # (("H", 4096), ("dtype", "bf16"), ...): the benchmark shape it stands for
+    run: Callable[[], None]  # the host calls, on meta tensors
+    memory_bound: bool = True
+
+
+NORM_HIDDEN = (2048, 3072, 4096, 5120, 8192, 16384)
+FLOAT_DTYPES = ("bfloat16", "float16", "float32")
+FLCE_VOCAB = (32000, 128256, 151936, 262144)
+FLCE_OPTIONS = {"plain": {}, "softcap": {"softcap": 30.0}, "smoothing": {"label_smoothing": 0.1},
+                "z_loss": {"z_loss": 1e-4}, "all": {"softcap": 30.0, "label_smoothing": 0.1, "z_loss": 1e-4}}
+# (hidden, intermediate, q out, kv out) of the LoRA benchmark models
+LORA_MODELS = {"Llama-3.2-1B": (2048, 8192, 2048, 512), "Llama-3.1-8B": (4096, 14336, 4096, 1024),
+               "Qwen3-8B": (4096, 12288, 4096, 1024)}
+LORA_RANKS = (8, 16, 64, 128)
+LORA_DROPOUT = (0.0, 0.05)
+LORA_ADAPTER_DTYPES = ("bfloat16", "float32")  # in the model's dtype, or PEFT's default fp32 adapters
+ROWS = 8192  # tokens per call: only the grid depends on it
+
+
+def _meta(*shape, dtype="bfloat16"):
+    import torch
+
+    return torch.empty(*shape, dtype=getattr(torch, dtype), device="meta")
+
+
+def _kernel_module(name: str):
+    """fastft.kernels.<name> the module (the package exports functions under the same names)."""
+    import importlib
+
+    return importlib.import_module(f"fastft.kernels.{name}")
+
+
+def norm_cases() -> Iterator[Case]:
+    ln, rms = _kernel_module("layer_norm"), _kernel_module("rms_norm")
+
+    for hidden in NORM_HIDDEN:
+        for dtype in FLOAT_DTYPES:
+            for casting in rms.CASTING_MODES:
+                offset = 1.0 if casting == "gemma" else 0.0
+
+                def run_rms(hidden=hidden, dtype=dtype, casting=casting, offset=offset):
+                    x, w = _meta(ROWS, hidden, dtype=dtype), _meta(hidden, dtype=dtype)
+                    y, rstd = rms.rms_norm_forward(x, w, 1e-6, offset, casting)
+                    for compute_dw in (True, False):  # trained norm weights, or frozen (LoRA)
+                        rms.rms_norm_backward(y, x, w, rstd, offset, casting, compute_dw)
+
+                yield Case("rms_norm", (("H", hidden), ("dtype", dtype), ("casting", casting)), run_rms)
+            for affine in ("weight+bias", "weight", "none"):
+
+                def run_ln(hidden=hidden, dtype=dtype, affine=affine):
+                    x = _meta(ROWS, hidden, dtype=dtype)
+                    w = _meta(hidden, dtype=dtype) if affine != "none" else None
+                    b = _meta(hidden, dtype=dtype) if affine == "weight+bias" else None
+                    y, mean, rstd = ln.layer_norm_forward(x, w, b, 1e-5, 0.0)
+                    for trained in (True, False):
+                        ln.layer_norm_backward(y, x, w, b, mean, rstd, 0.0, trained and w is not None,
+                                               trained and b is not None)
+
+                yield Case("layer_norm", (("H", hidden), ("dtype", dtype), ("affine", affine)), run_ln)
+
+
+def flce_cases() -> Iterator[Case]:
+    import torch
+
+    flce = _kernel_module("fused_linear_cross_entropy")
+
+    hidden = 4096
+    for vocab in FLCE_VOCAB:
+        for dtype in ("bfloat16", "float32"):
+            for name, options in FLCE_OPTIONS.items():
+                if dtype == "float32" and name not in ("plain", "all"):
+                    continue
+
+                def run(vocab=vocab, dtype=dtype, options=options):
+                    x, w = _meta(ROWS, hidden, dtype=dtype), _meta(vocab, hidden, dtype=dtype)
+                    labels = torch.empty(ROWS, dtype=torch.int64, device="meta")
+                    one = torch.ones(1, dtype=torch.float32, device="meta")
+                    opts = (-100, options.get("label_smoothing", 0.0), options.get("softcap"), 1.0,
+                            options.get("z_loss", 0.0),
+                            flce._chunk_rows(ROWS, vocab, x.element_size(), None))
+                    flce._forward(x, w, None, labels, one, "mean", *opts, True, True, False)   # training
+                    flce._forward(x, w, None, labels, one, "mean", *opts, False, False, False)  # eval
+                    flce._forward(x, w, None, labels, one, "none", *opts, False, False, False)
+                    per_row = torch.ones(ROWS, dtype=torch.float32, device="meta")
+                    flce._backward_op(x, w, None, labels, per_row, *opts, True, True, False)   # "none"'s backward
+
+                yield Case("fused_linear_cross_entropy", (("V", vocab), ("dtype", dtype), ("options", name)), run)
+
+
+def _lora_params(shapes, rank: int, adapter: str) -> list:
+    """W, A, B (no bias) on meta for each (out, in) projection."""
+    params = []
+    for out_f, in_f in shapes:
+        params += [_meta(out_f, in_f), _meta(rank, in_f, dtype=adapter), _meta(out_f, rank, dtype=adapter)]
+    return params
+
+
+def _run_lora_projections(shapes, rank, p, adapter):
+    """One lora_linear op over projections of one input (shapes: (out, in) each), forward and backward."""
+    import torch
+
+    lora = _kernel_module("lora")
+    x = _meta(ROWS, shapes[0][1])
+    params = _lora_params(shapes, rank, adapter)
+    n = len(shapes)
+    seeds = torch.arange(n)
+    ys, us = lora._lora_forward(x, params, [False] * n, [2.0] * n, [p] * n, seeds)
+    lora._lora_backward(ys, x, params, [False] * n, us, [2.0] * n, [p] * n, seeds,
+                        [True] + [False, False, True, True] * n)
+
+
+def _run_lora_linear(hidden, inter, q_out, kv_out, rank, p, adapter):
+    # q/k/v of one input as one op; o_proj and down_proj as single projections
+    for shapes in ([(q_out, hidden), (kv_out, hidden), (kv_out, hidden)], [(hidden, q_out)], [(hidden, inter)]):
+        _run_lora_projections(shapes, rank, p, adapter)
+
+
+def _run_lora_mlp(hidden, inter, rank, p, adapter):
+    import torch
+
+    lora_mlp = _kernel_module("lora_mlp")
+    x = _meta(ROWS, hidden)
+    shapes = [(inter, hidden), (inter, hidden), (hidden, inter)]
+    params = _lora_params(shapes, rank, adapter)
+    if not lora_mlp._fused_fits(x, *params[1::3]):  # what lora_mlp does then: three lora_linear ops
+        for shape in shapes:
+            _run_lora_projections([shape], rank, p, adapter)
+        return
+    args = ([False] * 3, "silu", [p] * 3, torch.arange(3), [2.0] * 3)
+    y, g, u, xa_g, xa_u, hd = lora_mlp._mlp_forward(x, params, *args)
+    lora_mlp._mlp_backward(y, x, g, u, xa_g, xa_u, hd, params, *args, [True] + [False, False, True, True] * 3)
+
+
+def lora_cases() -> Iterator[Case]:
+    import functools
+
+    import torch
+
+    for model, (hidden, inter, q_out, kv_out) in LORA_MODELS.items():
+        for rank in LORA_RANKS:
+            for p in LORA_DROPOUT:
+                for adapter in LORA_ADAPTER_DTYPES:
+                    label = (("model", model), ("r", rank), ("dropout", p), ("adapter", adapter))
+                    yield Case("lora_linear", label, functools.partial(
+                        _run_lora_linear, hidden, inter, q_out, kv_out, rank, p, adapter), memory_bound=False)
+                    yield Case("lora_mlp", label, functools.partial(_run_lora_mlp, hidden, inter, rank, p, adapter),
+                               memory_bound=False)
+
+    def run_dropout():  # the mask's definition (lora_dropout), used by tests and references
+        _kernel_module("lora")._apply_dropout(_meta(ROWS, 4096), 0.1, torch.zeros(1, dtype=torch.int64))
+
+    yield Case("lora_dropout", (("H", 4096), ("dtype", "bfloat16")), run_dropout)
+
+
+def cases() -> list[Case]:
+    return [*norm_cases(), *flce_cases(), *lora_cases()]
+
+
+# ------------------------------------------------------------------------------------------------
+# From a recorded launch to a compile spec, exactly as triton's JIT would specialise it.
+# ------------------------------------------------------------------------------------------------
+def _jsonable(value):
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return str(value)
+
+
+def launch_spec(launch, capability: int) -> dict:
+    """The kernel, signature, constexprs, attributes and options triton's JIT would compile."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    kernel = launch.kernel
+    backend = make_backend(GPUTarget("cuda", capability, 32))
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kwargs = dict(launch.meta)
+    kwargs.setdefault("debug", False)
+    bound, specialization, options = binder(*launch.args, **kwargs)
+    _, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    return {
+        "module": kernel.fn.__module__, "name": kernel.fn.__name__, "source": kernel.cache_key,
+        "signature": signature,
+        "constexprs": sorted([list(k), _jsonable(v)] for k, v in constexprs.items()),
+        "attrs": sorted([list(k), _jsonable(v)] for k, v in attrs.items() if v),
+        "options": {k: _jsonable(v) for k, v in sorted(options.items())},
+        "capability": capability,
+    }
+
+
+def config_id(spec: dict) -> str:
+    """The launch configuration without the target and the toolchain: stable across triton versions."""
+    key = {k: spec[k] for k in ("name", "signature", "constexprs", "attrs")}
+    key["options"] = {k: v for k, v in spec["options"].items() if k in ("num_warps", "num_stages", "maxnreg")}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def describe(spec: dict) -> str:
+    """`BLOCK=4096 CASTING=0 · 16 warps · X,W,Y bf16 RSTD fp32 · R not /16`."""
+    import importlib
+
+    kernel = getattr(importlib.import_module(spec["module"]), spec["name"])
+    names = kernel.arg_names
+    consts = " ".join(f"{names[k[0]]}={v}" for k, v in spec["constexprs"])  # integers equal to 1 included
+    pointers = defaultdict(list)
+    for name, ty in spec["signature"].items():
+        if ty.startswith("*"):
+            pointers[ty[1:]].append(name)
+    divisible = {names[k[0]] for k, _ in spec["attrs"]}
+    unspecialised = {p.name for p in kernel.params if p.do_not_specialize}  # row counts, seeds: on purpose
+    unaligned = [n for n, ty in spec["signature"].items()
+                 if ty[0] in "iu" and n not in divisible and n not in unspecialised]
+    warps = spec["options"].get("num_warps", 4)
+    stages = spec["options"].get("num_stages")
+    parts = [consts, f"{warps} warps" + (f", {stages} stage{'s' if stages != 1 else ''}" if stages else ""),
+             " ".join(f"{','.join(v)} {k}" for k, v in pointers.items())]
+    if unaligned:
+        parts.append(f"{', '.join(unaligned)} not /16")
+    return " · ".join(p for p in parts if p)
+
+
+# ------------------------------------------------------------------------------------------------
+# Compiling one spec (in a worker process) and reading its resources.
+# ------------------------------------------------------------------------------------------------
+_PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+_RESOURCE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+_GLOBAL_LOAD = re.compile(r"\b(LDGSTS|LDG|UTMALDG)((?:\.[A-Z0-9_]+)*)")
+
+
+def load_widths(sass: str) -> dict[int, int]:
+    """{bits: instruction count} of the global loads in SASS (LDG, LDGSTS; a TMA load counts as 128)."""
+    widths: dict[int, int] = defaultdict(int)
+    for op, suffix in _GLOBAL_LOAD.findall(sass):
+        if op == "UTMALDG":
+            widths[128] += 1
+            continue
+        sizes = [int(s) for s in re.findall(r"\.(?:U|S)?(8|16|32|64|128|256)\b", suffix)]
+        widths[max(sizes) if sizes else 32] += 1
+    return dict(widths)
+
+
+def _tool(name: str) -> str:
+    from triton import knobs
+
+    return getattr(knobs.nvidia, name).path
+
+
+def compile_spec(spec: dict) -> dict:
+    """Compile one spec; registers, spills, stack, shared memory and load widths, or the error."""
+    import importlib
+
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+
+    kernel = getattr(importlib.import_module(spec["module"]), spec["name"])
+    target = GPUTarget("cuda", spec["capability"], 32)
+    options = make_backend(target).parse_options(dict(spec["options"]))
+    constexprs = {tuple(k): v for k, v in spec["constexprs"]}
+    attrs = {tuple(k): v for k, v in spec["attrs"]}
+    knobs.nvidia.dump_ptxas_log = True        # ptxas -v's report, printed by triton's make_cubin
+    knobs.compilation.always_compile = True   # so that ptxas runs (our own cache stands in front)
+    log = io.StringIO()
+    start = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(ASTSource(kernel, spec["signature"], constexprs, attrs), target=target,
+                                      options=options.__dict__)
+    except Exception as exc:  # a compile error is a result: the table and --check report it
+        return {"error": f"{type(exc).__name__}: {exc}"[-2000:]}
+    seconds = time.perf_counter() - start
+    ptxas = log.getvalue()
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = pathlib.Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", str(cubin)], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout
+    spill = _PTXAS_SPILL.search(ptxas)
+    regs_ptxas = _PTXAS_REGS.search(ptxas)
+    resources = _RESOURCE.search(usage)
+    if spill is None or resources is None:
+        return {"error": f"could not read the resources: ptxas said {ptxas[-500:]!r}, cuobjdump {usage[-500:]!r}"}
+    regs, stack, shared, local = (int(v) for v in resources.groups())
+    return {
+        "regs": regs, "regs_ptxas": int(regs_ptxas.group(1)) if regs_ptxas else None, "stack": stack,
+        "local": local, "spill_stores": int(spill.group(2)), "spill_loads": int(spill.group(3)),
+        "shared_static": shared, "shared_dynamic": int(compiled.metadata.shared),
+        "num_warps": options.num_warps, "loads": load_widths(sass), "compile_s": round(seconds, 2),
+    }
+
+
+def occupancy(result: dict, arch: Arch) -> float:
+    """Theoretical occupancy: resident warps per SM / max warps (the CUDA occupancy calculator's rules)."""
+    warps = result["num_warps"]
+    regs_per_warp = math.ceil(max(result["regs"], 1) * 32 / 256) * 256
+    warps_by_regs = (arch.regs_per_sm // 4 // regs_per_warp) * 4  # 4 sub-partitions of the register file
+    smem = result["shared_static"] + result["shared_dynamic"] + arch.reserved_smem
+    blocks = min(warps_by_regs // warps, arch.smem_per_sm // smem, arch.max_warps // warps, arch.max_blocks)
+    return blocks * warps / arch.max_warps
+
+
+def vector_share(loads: dict) -> float | None:
+    """Share of the bytes the global-load instructions move in 128-bit or wider ones."""
+    total = sum(int(bits) * n for bits, n in loads.items())
+    return None if total == 0 else sum(int(bits) * n for bits, n in loads.items() if int(bits) >= 128) / total
+
+
+def problems(result: dict, arch: Arch) -> list[str]:
+    """What --check fails on: a compile error, any spill, shared memory over the block limit."""
+    if "error" in result:
+        return [f"compile error: {result['error'][:300]}"]
+    out = []
+    if result["spill_stores"] or result["spill_loads"]:
+        out.append(f"spills {result['spill_stores']} B stores / {result['spill_loads']} B loads")
+    smem = result["shared_static"] + result["shared_dynamic"]
+    if smem > arch.smem_per_block:
+        out.append(f"shared memory {smem} B > {arch.smem_per_block} B")
+    return out
+
+
+def _cache_key(spec: dict) -> str:
+    import triton
+
+    return hashlib.sha256((json.dumps(spec, sort_keys=True) + triton.__version__).encode()).hexdigest()[:24]
+
+
+def _cached_compile(item: tuple[dict, str]) -> dict:
+    spec, cache = item
+    path = pathlib.Path(cache) / f"{_cache_key(spec)}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = compile_spec(spec)
+    if "error" not in result:  # errors are recomputed: they may come from a broken toolchain
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(result))
+        tmp.replace(path)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# The whole report.
+# ------------------------------------------------------------------------------------------------
+def nvidia_backend_missing() -> str | None:
+    """Why this triton cannot compile for NVIDIA GPUs, or None when it can."""
+    try:
+        import triton
+        import triton.backends
+    except ImportError as exc:
+        return f"triton is not importable: {exc}"
+    if "nvidia" not in getattr(triton.backends, "backends", {}):
+        return f"triton {triton.__version__} has no NVIDIA backend"
+    try:
+        _tool("ptxas"), _tool("cuobjdump")
+    except Exception as exc:  # a wheel without the CUDA tools
+        return f"triton {triton.__version__} ships no ptxas/cuobjdump: {exc}"
+    return None
+
+
+def collect(targets: list[int]) -> tuple[list[dict], dict[str, dict]]:
+    """Run every case's host code for every target: (rows, specs by cache key). A row is one
+    (config, target) with the labels of the cases that launch it."""
+    import triton.runtime.jit
+
+    from fastft.kernels._common import recording_launches
+
+    rows: dict[tuple[str, str, int], dict] = {}
+    specs = {}
+    for case in cases():
+        for cap in targets:
+            with recording_launches((cap // 10, cap % 10), ARCHES[cap].sm_count) as launches:
+                case.run()
+            for launch in launches:
+                if not isinstance(launch.kernel, triton.runtime.jit.JITFunction):
+                    raise RuntimeError("the kernels were built for Triton's interpreter: run the compile report "
+                                       "without TRITON_INTERPRET=1")
+                spec = launch_spec(launch, cap)
+                key = _cache_key(spec)
+                specs[key] = spec
+                row = rows.setdefault((spec["name"], config_id(spec), cap), {
+                    "op": case.op, "kernel": spec["name"], "config": config_id(spec), "target": cap,
+                    "launch": describe(spec), "key": key, "labels": [], "memory_bound": case.memory_bound})
+                if case.label not in row["labels"]:
+                    row["labels"].append(case.label)
+    return list(rows.values()), specs
+
+
+def run(targets: list[int], jobs: int, cache: pathlib.Path) -> list[dict]:
+    rows, specs = collect(targets)
+    keys = sorted(specs)
+    todo = [(specs[k], str(cache)) for k in keys]
+    if jobs > 1 and len(todo) > 1:
+        import multiprocessing
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            results = dict(zip(keys, pool.map(_cached_compile, todo, chunksize=4)))
+    else:
+        results = {k: _cached_compile(item) for k, item in zip(keys, todo)}
+    for row in rows:
+        result = results[row["key"]]
+        arch = ARCHES[row["target"]]
+        row["result"] = result
+        row["problems"] = problems(result, arch)
+        if "error" not in result:
+            row["occupancy"] = occupancy(result, arch)
+            row["vector_share"] = vector_share(result["loads"])
+            row["low_occupancy"] = row["memory_bound"] and row["occupancy"] < STREAMING_OCCUPANCY
+    return rows
+
+
+def _labels_text(labels: list[tuple]) -> str:
+    """The benchmark shapes a config serves: each field's values, e.g. `H 3072, 4096 · bf16 · llama`."""
+    fields: dict[str, list] = {}
+    for label in labels:
+        for k, v in label:
+            values = fields.setdefault(k, [])
+            if v not in values:
+                values.append(v)
+    short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+    return " · ".join(f"{k} {', '.join(str(short.get(v, v)) for v in vs)}" for k, vs in fields.items())
+
+
+def _cell(row: dict | None) -> str:
+    if row is None:
+        return ""
+    r = row["result"]
+    if "error" in r:
+        return "**compile error**"
+    smem = (r["shared_static"] + r["shared_dynamic"]) / 1024
+    spill = r["spill_stores"] + r["spill_loads"]
+    wide = sum(n for bits, n in r["loads"].items() if int(bits) >= 128)
+    low = row["low_occupancy"]
+    return (f"{r['regs']} · {'**' if spill else ''}{r['spill_stores']}/{r['spill_loads']}{'**' if spill else ''} · "
+            f"{r['stack']} · {smem:.1f}K · {'**' if low else ''}{row['occupancy']:.0%}{'**' if low else ''} · "
+            f"{wide}/{sum(r['loads'].values())}")
+
+
+def markdown(rows: list[dict], targets: list[int]) -> str:
+    import triton
+
+    try:
+        ptxas = subprocess.run([_tool("ptxas"), "--version"], capture_output=True, text=True).stdout.strip()
+        ptxas = ptxas.splitlines()[-1]
+    except Exception:
+        ptxas = "unknown"
+    by_config: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
+    for row in rows:
+        by_config[(row["kernel"], row["config"])][row["target"]] = row
+    failures = [(r, p) for r in rows for p in r["problems"]]
+    low = [r for r in rows if r.get("low_occupancy")]
+    out = [
+        "# Compile report: every kernel launch configuration, compiled for the GPU without one",
+        "",
+        "Generated by `python -m benchmarks.compile_report` (also `fastft bench --compile-report`); do not edit.",
+        f"Toolchain: triton {triton.__version__}, {ptxas}. How the configurations are found and what each "
+        "figure means: the docstring of benchmarks/compile_report.py. Predictions drawn from this table: "
+        "benchmarks/NOTES.md.",
+        "",
+        "Each cell, per target: **registers per thread · spill stores/loads (bytes) · stack (bytes) · shared "
+        "memory per program · theoretical occupancy · global-load instructions of 128 bits or wider / all of them** "
+        "(the narrow ones are mostly per-row scalars: a label, rstd, a scale). "
+        f"Bold: a spill, or a memory-bound kernel below {STREAMING_OCCUPANCY:.0%} occupancy. "
+        "`not /16`: integer arguments the JIT cannot assume divisible by 16 at that shape.",
+        "",
+        f"{len(by_config)} configurations x {len(targets)} targets; "
+        f"{len(failures)} problems (compile errors, spills, shared memory over the limit); "
+        f"{len(low)} memory-bound cells below {STREAMING_OCCUPANCY:.0%} occupancy.",
+    ]
+    for problem_row, problem in failures:
+        out.append(f"- **{problem_row['kernel']}** ({problem_row['launch']}) on "
+                   f"{ARCHES[problem_row['target']].name}: {problem}")
+    ops = []
+    for row in rows:
+        if row["op"] not in ops:
+            ops.append(row["op"])
+    for op in ops:
+        out += ["", f"## {op}", "",
+                "| kernel | launch | used at | " + " | ".join(f"{ARCHES[t].name} ({ARCHES[t].gpu})" for t in targets)
+                + " | id |",
+                "|---|---|---|" + "---|" * len(targets) + "---|"]
+        configs = [(k, v) for k, v in by_config.items() if next(iter(v.values()))["op"] == op]
+        for (kernel, cid), per_target in sorted(configs, key=lambda kv: (kv[0][0], next(iter(kv[1].values()))["launch"])):
+            first = next(iter(per_target.values()))
+            out.append(f"| `{kernel}` | {first['launch']} | {_labels_text(first['labels'])} | "
+                       + " | ".join(_cell(per_target.get(t)) for t in targets) + f" | {cid} |")
+    return "\n".join(out) + "\n"
+
+
+def committed_ids(path: pathlib.Path) -> set[str]:
+    """The config ids of a generated COMPILE.md (its last column)."""
+    ids = set()
+    for line in path.read_text().splitlines():
+        m = re.match(r"\|.*\| ([0-9a-f]{10}) \|$", line)
+        if m:
+            ids.add(m.group(1))
+    return ids
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--targets", default="80,90,100", help="compute capabilities, e.g. 90 or 80,90,100")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compiler processes")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="the Markdown table ('' for none)")
+    parser.add_argument("--json", default="", help="also write every row as JSON here")
+    parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="per-configuration result cache")
+    parser.add_argument("--check", action="store_true", help="exit 1 on a compile error, spill or smem overflow")
+    parser.add_argument("--committed", default="", help="also fail if this COMPILE.md's configurations differ "
+                                                        "from the code's (for sm_90)")
+    args = parser.parse_args(argv)
+    try:
+        args.targets = [int(t) for t in args.targets.split(",") if t]
+    except ValueError:
+        parser.error(f"--targets {args.targets!r}: give compute capabilities such as 80,90,100")
+    unknown = [t for t in args.targets if t not in ARCHES]
+    if unknown:
+        parser.error(f"--targets: {unknown} unknown; choose from {sorted(ARCHES)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("compile_report: TRITON_INTERPRET=1 builds the kernels for the interpreter; unset it to compile "
+              "for a GPU", file=sys.stderr)
+        return 2
+    reason = nvidia_backend_missing()
+    if reason:
+        print(f"compile_report: {reason}; install the triton wheel for Linux x86-64 (it ships ptxas and cuobjdump)",
+              file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    rows = run(args.targets, args.jobs, pathlib.Path(args.cache))
+    text = markdown(rows, args.targets)
+    if args.out:
+        pathlib.Path(args.out).write_text(text)
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
+    failures = [(r, p) for r in rows for p in r["problems"]]
+    n_configs = len({(r["kernel"], r["config"]) for r in rows})
+    print(f"compile_report: {n_configs} configurations x {len(args.targets)} targets in "
+          f"{time.perf_counter() - start:.0f} s; {len(failures)} problems"
+          + (f"; wrote {args.out}" if args.out else ""))
+    for row, problem in failures:
+        print(f"  {row['kernel']} [{row['launch']}] on {ARCHES[row['target']].name}: {problem}")
+    status = 0
+    if args.committed:
+        ours = {r["config"] for r in rows if r["target"] == 90}
+        theirs = committed_ids(pathlib.Path(args.committed))
+        if ours != theirs:
+            print(f"compile_report: {args.committed} is stale: {len(ours - theirs)} configurations missing from it, "
+                  f"{len(theirs - ours)} no longer launched; regenerate it with python -m benchmarks.compile_report",
+                  file=sys.stderr)
+            status = 1
+    if args.check and failures:
+        status = 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
