@@ -40,6 +40,14 @@ costs an extra pass over each: keep adapters in the model dtype for the fast pat
 `lora_linear_many` runs several adapted projections of one input (the attention's q/k/v) as one
 op: one saved x, one GEMM x·[A_q; A_k; A_v]ᵀ for all rank-r inputs when dropout is off,
 and dX accumulated from all of them with one rank-(sum of r) GEMM plus one addmm_ per base.
+
+4-bit bases (QLoRA; ops lora_linear_4bit / _bwd): W is a frozen NF4/FP4 weight (a Quant4bit,
+dequantize_4bit.py), dequantized into its compute dtype c right before the GEMM that needs it,
+y += x·dequant(W)ᵀ in the forward and dX += dY·dequant(W) in the backward, and freed after each:
+one [O, K] tensor of c lives at a time, and none is saved (the op saves the packed weight, which
+is the parameter itself). When c is x's dtype the base product is the same epilogue addmm_ as
+above; otherwise it runs in c and is added in x's dtype, as bitsandbytes' Linear4bit computes it.
+The dequantization pass costs O·K·(0.52 + 2·|c|) bytes, twice a step, beside a 2·N·K·O-FLOP GEMM.
 """
 
 from __future__ import annotations

@@ -36,6 +36,9 @@ seeds: (H + 2·I)·b + 3·r·b' bytes a token (b' the adapter's element size), 6
 shapes, rank 16, bf16. h = act(g)·u is not saved: the backward recomputes it. PEFT's eager MLP
 saves x, g (after the LoRA add), act(g), u and h: (H + 4·I)·b plus the rank-r tensors, about
 123 KB a token, and another N·H·b per adapter (and an N·I mask) once dropout > 0.
+
+Over 4-bit bases (QLoRA; ops lora_mlp_4bit / _bwd) the three base GEMMs of each pass take their
+weight from kernels/dequantize_4bit.py, dequantized just before and freed just after (lora.py).
 """
 
 from __future__ import annotations

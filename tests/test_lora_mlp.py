@@ -115,7 +115,7 @@ def test_lora_benchmark_smoke(tmp_path):
         pass
     else:
         assert {r["provider"] for r in rows if r["op"] == "qlora_mlp"} == {"fastft", "peft", "no lora (4-bit base)"}
-        assert any(r["op"] == "dequantize_4bit" and r["gbps"] for r in rows)
+        assert any(r["op"] == "dequantize_4bit" and r.get("gbps") is not None for r in rows)
     for r in rows:
         assert "error" not in r, r
         assert r["ms"] > 0 and r["device"] and r["commit"]
