@@ -12,7 +12,8 @@ Providers, on the same documents:
   hf       what a plain HF Trainer user gets: SDPA attention, one document per row, padded
   liger    HF + Liger-Kernel applied to the instance, on the packed rows (when installed)
   fastft   fastft.patch'ed model on the packed rows (varlen attention, fused kernels)
-Full fine-tuning trains every parameter with fused AdamW; LoRA is PEFT r=16 on all linear layers;
+Full fine-tuning trains every parameter with fused AdamW; LoRA is PEFT r=16 on all linear layers
+(and, for MoE rows, on both expert stacks through PEFT's target_parameters);
 QLoRA (`--modes qlora`, needs bitsandbytes) is the same LoRA over an NF4 base (double quantization,
 bf16 compute) for every provider: the same bf16 model, its linear layers 4-bit and frozen. Not
 prepare_model_for_kbit_training's fp32 upcast for the hf row: this harness runs no autocast, so
@@ -121,7 +122,9 @@ def build(spec, mode: str, provider: str, device: str, smoke: bool):
     if mode in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
+        experts = dict(target_parameters=["experts.gate_up_proj", "experts.down_proj"]) if spec.lora_experts else {}
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0,
+                                                 **experts))
     if provider == "liger":
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
@@ -143,6 +146,7 @@ def _qlora_base(model) -> None:
 
 def train_steps(model, step_batches: list[dict], warmup: int, steps: int, device: str) -> list[float]:
     from fastft.data import model_inputs
+    from fastft.patching.moe import set_real_tokens
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device == "cuda")
@@ -154,6 +158,7 @@ def train_steps(model, step_batches: list[dict], warmup: int, steps: int, device
             torch.cuda.synchronize()
         start = time.perf_counter()
         total = batch.pop("num_target_tokens")
+        set_real_tokens(model, batch.get("real_tokens"))  # MoE under fastft: packed row tails skip the experts
         loss = model(**model_inputs(batch), num_items_in_batch=total).loss
         loss.backward()
         optimizer.step()

@@ -106,13 +106,21 @@ assert any(e.replacement.startswith("lora_mlp") for e in report.entries), str(re
 assert not report.skipped("lora"), str(report)
 assert "frozen" in model.fastft_quantization[0]
 """,
+    # README "Mixture of experts": every layer's experts run the grouped kernel, with the experts'
+    # LoRA factors fused into it.
+    "moe-fused": """
+layers = model.config.num_hidden_layers
+report = model.fastft_report
+assert report.count("moe") == layers, str(report)
+assert sum(e.replacement == "moe_experts + LoRA" for e in report.entries) == layers, str(report)
+""",
 }
 
 
 # -- the fake hub --------------------------------------------------------------------------------
 
 # Hub names the docs use -> the seed architecture (fastft.architectures) of their tiny stand-in.
-HUB_MODELS = {"meta-llama/Llama-3.2-1B": "Llama", "Qwen/Qwen3-8B": "Qwen3"}
+HUB_MODELS = {"meta-llama/Llama-3.2-1B": "Llama", "Qwen/Qwen3-8B": "Qwen3", "Qwen/Qwen3-30B-A3B": "Qwen3Moe"}
 
 
 @pytest.fixture(scope="module")
