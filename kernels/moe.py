@@ -68,7 +68,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import as_rows, interpreting, round_to, use_triton
+from ._common import as_rows, capability_of, interpreting, round_to, use_triton
 from .lora import _fp32_dot
 from .lora_mlp import ACTIVATIONS, _act_and_grad, activation_reference
 
@@ -448,7 +448,7 @@ def grouped_mm(x, w3, routing: Routing, *, gather: bool, lr=None, scatter: bool 
         n_out, k_dim, GATHER=gather, SCATTER=scatter, ROW_SCALE=row_w is not None, HAS_LR=lr is not None,
         SPLIT=split is not None,
         BLOCK_E=triton.next_power_of_2(routing.num_experts), BLOCK_M=routing.block_m, BLOCK_N=bl.block_n,
-        BLOCK_K=bl.block_k, BLOCK_R=block_r, FP32_DOT=_fp32_dot(x, w3), num_warps=bl.num_warps,
+        BLOCK_K=bl.block_k, BLOCK_R=block_r, FP32_DOT=_fp32_dot(capability_of(x.device), x, w3), num_warps=bl.num_warps,
         num_stages=bl.num_stages)
     return out
 
@@ -466,7 +466,7 @@ def weight_grad(a, b, routing: Routing, out: torch.Tensor, *, gather_a=False, ga
         a, routing.token, a.stride(0), b, routing.token, b.stride(0), routing.slot, row_w,
         out, out.stride(0), out.stride(1), out.stride(2), routing.offsets, p_dim, q_dim, float(scale),
         GATHER_A=gather_a, GATHER_B=gather_b, ROW_SCALE=row_w is not None, BLOCK_P=block_p, BLOCK_Q=bl.block_n,
-        BLOCK_M=bl.block_k, FP32_DOT=_fp32_dot(a, b), num_warps=bl.num_warps, num_stages=bl.num_stages)
+        BLOCK_M=bl.block_k, FP32_DOT=_fp32_dot(capability_of(a.device), a, b), num_warps=bl.num_warps, num_stages=bl.num_stages)
     return out
 
 
@@ -498,7 +498,7 @@ def _glu_forward(x, gate_up3, w_up, routing, lr, lb_up, activation):
         routing.tile_cum, routing.offsets, routing.num_experts, inter, gate_up3.shape[2],
         ACT=_ACT_ID[activation], HAS_LR=lr is not None, BLOCK_E=triton.next_power_of_2(routing.num_experts),
         BLOCK_M=routing.block_m, BLOCK_N=bl.block_n, BLOCK_K=bl.block_k, BLOCK_R=block_r,
-        FP32_DOT=_fp32_dot(x, gate_up3), num_warps=bl.num_warps, num_stages=bl.num_stages)
+        FP32_DOT=_fp32_dot(capability_of(x.device), x, gate_up3), num_warps=bl.num_warps, num_stages=bl.num_stages)
     return gu, h
 
 
@@ -519,7 +519,7 @@ def _glu_backward(dout, down_t, routing, gu, topk_w, lr, activation, store_h):
         routing.tile_cum, routing.offsets, routing.num_experts, inter, down_t.shape[2],
         ACT=_ACT_ID[activation], HAS_LR=lr is not None, STORE_H=store_h,
         BLOCK_E=triton.next_power_of_2(routing.num_experts), BLOCK_M=routing.block_m, BLOCK_N=bl.block_n,
-        BLOCK_K=bl.block_k, BLOCK_R=block_r, FP32_DOT=_fp32_dot(dout, down_t), num_warps=bl.num_warps,
+        BLOCK_K=bl.block_k, BLOCK_R=block_r, FP32_DOT=_fp32_dot(capability_of(dout.device), dout, down_t), num_warps=bl.num_warps,
         num_stages=bl.num_stages)
     return dgu, h, dw_part.sum(1)
 
