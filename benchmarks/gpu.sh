@@ -48,7 +48,7 @@ if [ "$PART" = kernels ]; then
   step bench_layer_norm 45 python3 -m benchmarks.kernels.layer_norm --out "$OUT"
   step bench_fused_linear_cross_entropy 100 python3 -m benchmarks.kernels.fused_linear_cross_entropy --out "$OUT"
   step bench_attention 30 python3 -m benchmarks.kernels.attention --out "$OUT"
-  step bench_lora 90 python3 -m benchmarks.kernels.lora --out "$OUT"
+  step bench_lora 120 python3 -m benchmarks.kernels.lora --out "$OUT"
 elif [ "$PART" = e2e ]; then
   DEADLINE=$((SECONDS + ${FASTFT_GPU_SECONDS:-570}))
   step e2e_llama1b_full 120 python3 -m benchmarks.e2e --models Llama-3.2-1B --modes full --out "$OUT"
