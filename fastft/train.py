@@ -108,12 +108,18 @@ def build_optimizer(o, groups: list[dict], fused: bool) -> torch.optim.Optimizer
     "paged_adamw_8bit" are bitsandbytes' AdamW with blockwise 8-bit moments (Dettmers et al. 2022,
     "8-bit Optimizers via Block-wise Quantization": 2 bytes a parameter instead of 8; paged: the
     states in CUDA unified memory, evicted to the host under memory pressure). Their states are
-    tensors in the optimizer's state dict, so checkpoints save and resume them as AdamW's."""
+    tensors in the optimizer's state dict, so checkpoints save and resume them as AdamW's. Under
+    FSDP2 they are refused: bitsandbytes' update ops take plain tensors, not DTensor shards."""
     kwargs = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     if o.name == "adamw":
         return torch.optim.AdamW(groups, fused=fused, **kwargs)
+    from torch.distributed.tensor import DTensor
+
     from fastft.quantization import require_bitsandbytes
 
+    if any(isinstance(p, DTensor) for group in groups for p in group["params"]):
+        raise ConfigError(f"optim.name={o.name}: bitsandbytes' 8-bit optimizers update plain tensors, not FSDP2's "
+                          "DTensor shards; under FSDP2 (several processes, or distributed.fsdp=true) use optim.name=adamw")
     bnb = require_bitsandbytes(f"optim.name={o.name}")
     cls = bnb.optim.PagedAdamW8bit if o.name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
     return cls(groups, **kwargs)
