@@ -162,10 +162,11 @@ def test_qlora_fsdp2_two_processes_match_one_process(tmp_path):
 
     common = dict(train={"global_batch_rows": 4, "max_steps": 3}, model={"patch_options": {"rms_norm": False}})
     single = finetune(qlora(tmp_path / "one", **common))
-    sharded = torchrun(tmp_path, qlora(tmp_path / "two", checkpoint={"export": True}, **common))
+    sharded = torchrun(tmp_path, qlora(tmp_path / "two", checkpoint={"export": True, "export_merged": True}, **common))
     truth = finetune(qlora(tmp_path / "truth", patch=False, dtype="float64", **common))
     assert_curves_within_eager("losses", sharded["losses"], single.losses, truth.losses, FACTOR)
     assert (pathlib.Path(sharded["export"]) / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "two" / "merged" / "model.safetensors").is_file()  # gathered from the shards
 
 
 def test_config_errors_name_the_fix(monkeypatch):
