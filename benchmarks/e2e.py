@@ -16,7 +16,12 @@ Providers, on the same documents:
            and the loss from TRL's chunked log-prob LM head (add_fused_lm_head, fused_lm_head=True)
   fastft   fastft.patch'ed model on the packed rows (varlen attention, fused kernels)
 Full fine-tuning trains every parameter with fused AdamW; LoRA is PEFT r=16 on all linear layers
-(and, for MoE rows, on both expert stacks through PEFT's target_parameters).
+(and, for MoE rows, on both expert stacks through PEFT's target_parameters);
+QLoRA (`--modes qlora`, needs bitsandbytes) is the same LoRA over an NF4 base (double quantization,
+bf16 compute) for every provider: the same bf16 model, its linear layers 4-bit and frozen. Not
+prepare_model_for_kbit_training's fp32 upcast for the hf row: this harness runs no autocast, so
+the upcast would put HF's whole residual stream, attention and LoRA in fp32, which is not what
+`Trainer(bf16=True)` runs; no activation checkpointing for any provider.
 `--max-context` finds, per provider, the longest single document that one LoRA step of
 Llama-3.1-8B fits in GPU memory. `--smoke` runs every model's architecture at a tiny size for one
 step on any device (the test suite runs it); its timings mean nothing.
@@ -193,7 +198,9 @@ def build(spec, mode: str, provider: str, device: str, smoke: bool):
         except ValueError:  # e.g. Gemma 2 (soft-capped attention scores)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
     model.config.use_cache = False
-    if mode == "lora":
+    if mode == "qlora":
+        _qlora_base(model)
+    if mode in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
         experts = dict(target_parameters=["experts.gate_up_proj", "experts.down_proj"]) if spec.lora_experts else {}
@@ -207,11 +214,20 @@ def build(spec, mode: str, provider: str, device: str, smoke: bool):
     if provider == "liger":
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
-        _apply_liger_kernel_to_instance(model=model.get_base_model() if mode == "lora" else model)
+        _apply_liger_kernel_to_instance(model=model.get_base_model() if mode != "full" else model)
     elif provider == "fastft":
         fastft.patch(model)
     model.train()
     return model
+
+
+def _qlora_base(model) -> None:
+    """Every linear layer but the head in NF4 through bitsandbytes, frozen (as from_pretrained with
+    BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+    bnb_4bit_compute_dtype=bf16) holds it)."""
+    from fastft import quantization
+
+    quantization.quantize_model(model, quantization.Settings("nf4", True, next(model.parameters()).dtype))
 
 
 def train_steps(model, step_batches: list[dict], warmup: int, steps: int, device: str) -> list[float]:
@@ -261,6 +277,8 @@ def run_one(rec, spec, mode, provider, args, docs):
         base.update(census=found, foreign=sorted(providers_in(found) - {provider}), isolation=args.isolation)
         if args.inspect:
             return rec.add(**base)
+        if args.device == "cuda":  # the peak of training with the model in memory (QLoRA builds in bf16 first)
+            torch.cuda.reset_peak_memory_stats()
         step_batches = batches(docs, provider, args.seq, args.rows)
         times = train_steps(model, step_batches, args.warmup, args.steps, args.device)
         attention = getattr(model.config, "_attn_implementation", None)

@@ -5,7 +5,7 @@
 #
 # PART "kernels" (default, under 8 minutes on one H100): tests, then every kernel benchmark.
 # PART "e2e" (under 10 minutes): the end-to-end benchmark's headline rows (Llama-3.2-1B full
-# fine-tuning, Llama-3.1-8B LoRA, all providers), the trainer itself at the Llama-3.2-1B shape
+# fine-tuning, Llama-3.1-8B LoRA and QLoRA, all providers), the trainer itself at the Llama-3.2-1B shape
 # (its metrics.jsonl: tokens/s, MFU, memory), then the other architectures while time lasts.
 # PART "moe" (under 10 minutes): the MoE tests, layer benchmark and e2e rows (see its block).
 # No network needed. Runs from the checkout (PYTHONPATH), with the wheels the device lacks
@@ -52,11 +52,14 @@ if [ "$PART" = kernels ]; then
   step bench_layer_norm 45 python3 -m benchmarks.kernels.layer_norm --out "$OUT"
   step bench_fused_linear_cross_entropy 100 python3 -m benchmarks.kernels.fused_linear_cross_entropy --out "$OUT"
   step bench_attention 30 python3 -m benchmarks.kernels.attention --out "$OUT"
-  step bench_lora 90 python3 -m benchmarks.kernels.lora --out "$OUT"
+  step bench_lora 120 python3 -m benchmarks.kernels.lora --out "$OUT"
 elif [ "$PART" = e2e ]; then
   DEADLINE=$((SECONDS + ${FASTFT_GPU_SECONDS:-570}))
   step e2e_llama1b_full 120 python3 -m benchmarks.e2e --models Llama-3.2-1B --modes full --out "$OUT"
   step e2e_llama8b_lora 150 python3 -m benchmarks.e2e --models Llama-3.1-8B --modes lora --out "$OUT"
+  # QLoRA: fastft vs HF + PEFT + bitsandbytes vs HF + Liger + PEFT + bitsandbytes, 4096-token rows
+  # (needs bitsandbytes on the device; without it the rows record the ImportError).
+  step e2e_llama8b_qlora 150 python3 -m benchmarks.e2e --models Llama-3.1-8B --modes qlora --seq 4096 --out "$OUT"
   step train_llama1b_shape 120 python3 -m fastft.cli train examples/bench_llama1b_shape.yaml \
     --train.max_steps=30 --logging.run_dir="$OUT/train_llama1b_shape"
   step e2e_others 200 python3 -m benchmarks.e2e --models Qwen3-0.6B,Gemma-3-1B,Qwen3-8B,Mistral-7B-v0.3,Gemma-2-2B,Phi-3-mini --out "$OUT"

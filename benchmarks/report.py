@@ -135,11 +135,13 @@ def e2e_tables(rows: list[dict]) -> list[str]:
     out = ["\n## End-to-end training\n",
            "Real tokens per second (padding excluded); MFU in fastft's convention, and in the 6N convention "
            "for LoRA (fastft/flops.py); ratios are fastft's tokens/s over the peer's.\n"]
-    for mode in ("full", "lora"):
+    for mode in ("full", "lora", "qlora"):
         mode_rows = [r for r in latest.values() if r["mode"] == mode]
         if not mode_rows:
             continue
-        out += [f"\n### {'Full fine-tuning' if mode == 'full' else 'LoRA r=16, all linear layers'}\n",
+        title = {"full": "Full fine-tuning", "lora": "LoRA r=16, all linear layers",
+                 "qlora": "QLoRA: LoRA r=16 over an NF4 base, all linear layers"}[mode]
+        out += [f"\n### {title}\n",
                 "| model | layers | provider | tokens/s | MFU (6N) | step p50 / p90 ms | peak GiB | fastft / this |"
                 " device, date |", "|---|---|---|---|---|---|---|---|---|"]
         for model in sorted({r["model"] for r in mode_rows}):
@@ -153,7 +155,7 @@ def e2e_tables(rows: list[dict]) -> list[str]:
                     out.append(f"| {model} | {r['shape'].get('layers', '')} | {provider} | error: "
                                f"{r['error'][:70]} | | | | | {r['device']}, {r['date'][:10]} |")
                     continue
-                mfu = _fmt(r.get("mfu")) + (f" ({_fmt(r.get('mfu_6n'))})" if mode == "lora" else "")
+                mfu = _fmt(r.get("mfu")) + (f" ({_fmt(r.get('mfu_6n'))})" if mode != "full" else "")
                 ratio = (f"{ours['tokens_per_s'] / r['tokens_per_s']:.2f}x"
                          if ours and ours.get("tokens_per_s") and provider != "fastft" else "")
                 out.append(f"| {model} | {r['shape'].get('layers', '')} | {provider} | {r['tokens_per_s']} | {mfu} | "
@@ -188,7 +190,14 @@ def _e2e_targets(latest: dict) -> list[str]:
     if lora:
         out.append(f"- Llama-3.1-8B LoRA: {lora['tokens_per_s']} tokens/s (target >= 14,000; NeMo AutoModel "
                    f"publishes 12,473), MFU {_fmt(lora.get('mfu'))} (LoRA convention), {_fmt(lora.get('mfu_6n'))} (6N)")
-    return ["\n### Targets (issue 7)\n", *out] if out else []
+    ours, hf = get("Llama-3.1-8B", "qlora", "fastft"), get("Llama-3.1-8B", "qlora", "hf")
+    if ours and hf:
+        line = (f"- Llama-3.1-8B QLoRA (issue 16): {ours['tokens_per_s']} tokens/s, "
+                f"{ours['tokens_per_s'] / hf['tokens_per_s']:.2f}x HF + PEFT + bitsandbytes (target >= 2)")
+        if ours.get("peak_gib") and hf.get("peak_gib"):
+            line += f", peak memory {ours['peak_gib'] / hf['peak_gib']:.2f}x its (target <= 0.5)"
+        out.append(line)
+    return ["\n### Targets (issues 7, 16)\n", *out] if out else []
 
 
 def plots(rows: list[dict], directory: pathlib.Path) -> list[pathlib.Path]:
@@ -202,7 +211,7 @@ def plots(rows: list[dict], directory: pathlib.Path) -> list[pathlib.Path]:
         return []
     written = []
     e2e = [r for r in rows if r["op"] == "e2e" and not r.get("error")]
-    for mode in ("full", "lora"):
+    for mode in ("full", "lora", "qlora"):
         for metric, label in (("tokens_per_s", "tokens / s"), ("peak_gib", "peak memory, GiB")):
             data = [r for r in e2e if r["mode"] == mode and r.get(metric) is not None]
             if not data:

@@ -74,6 +74,7 @@ def save(run_dir, step: int, model, optimizer, *, scheduler, data_state: dict, k
         tmp.mkdir()
     distributed.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
+    model_state = _resumable(model, model_state)
     with warnings.catch_warnings():  # one process without a process group is intended here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
@@ -90,6 +91,19 @@ def save(run_dir, step: int, model, optimizer, *, scheduler, data_state: dict, k
             shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()
     return final
+
+
+def _resumable(model, model_state: dict) -> dict:
+    """What a checkpoint keeps of the model: everything, except over a 4-bit base (QLoRA) only the
+    trained parameters. The frozen 4-bit base is rebuilt from the recipe on resume (the same
+    weights: the same checkpoint or seed), and bitsandbytes writes its quantization state as extra
+    state-dict entries that load_state_dict would refuse."""
+    from fastft.quantization import is_quantized_model
+
+    if not is_quantized_model(model):
+        return model_state
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model_state.items() if k in trained}
 
 
 def complete_checkpoints(run_dir) -> list[pathlib.Path]:
@@ -110,7 +124,7 @@ def latest(run_dir) -> pathlib.Path | None:
 def load(path, model, optimizer, *, scheduler, env: distributed.DistEnv) -> dict:
     """Restore model, optimizer, scheduler and RNG from `path`; returns {"step", "data"}."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     path = pathlib.Path(path)
     if not (path / COMPLETE).is_file():
@@ -119,11 +133,12 @@ def load(path, model, optimizer, *, scheduler, env: distributed.DistEnv) -> dict
     meta = json.loads((path / "meta.json").read_text())
     _read_metadata(path / ".metadata")  # refused here, in plain words, before DCP reads it (inside its own errors)
     model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
+    state = {"model": _resumable(model, model_state), "optim": optim_state}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, storage_reader=_safe_reader(str(path)))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        dcp.load(state, storage_reader=_safe_reader(str(path)))  # every key asked for must be in the checkpoint
+    options = StateDictOptions(strict=len(state["model"]) == len(model_state))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
     rank_file = path / f"trainer_rank{env.rank}.pt"
     if not rank_file.is_file():
         if meta["world_size"] != env.world_size:
@@ -230,3 +245,77 @@ def _save_full(model, state_dict: dict, out: pathlib.Path) -> None:
     # A patched model saves as a plain HF checkpoint (fastft.patching keeps names and config
     # loadable); tied embeddings are written once by save_pretrained itself.
     model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+
+
+def export_merged(out_dir, model, tokenizer, *, env: distributed.DistEnv, dtype=torch.bfloat16) -> pathlib.Path | None:
+    """The LoRA adapter merged into its base, as a plain HF folder in `dtype` (checkpoint.export_merged):
+    W + s·B·A for every adapted layer, in fp32, a 4-bit base dequantized first (so the folder loads
+    without bitsandbytes). Collective under FSDP2 (the state dict is gathered); rank 0 writes."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    out = pathlib.Path(out_dir)
+    if env.is_main:
+        from transformers import AutoModelForCausalLM
+
+        merged = merged_state_dict(model, {k: v.detach().to("cpu") for k, v in full.items()}, dtype)
+        hf = model.get_base_model()
+        config = hf.config.__class__.from_dict({k: v for k, v in hf.config.to_dict().items()
+                                                 if k != "quantization_config"})
+        with torch.device("meta"):
+            dense = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                     trust_remote_code=getattr(config, "trust_remote_code", False))
+        dense.load_state_dict(merged, strict=True, assign=True)
+        dense.tie_weights()
+        dense.generation_config = hf.generation_config
+        if out.exists():
+            shutil.rmtree(out)
+        dense.save_pretrained(out, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+    distributed.barrier()
+    return out if env.is_main else None
+
+
+def merged_state_dict(model, full: dict, dtype: torch.dtype) -> dict:
+    """The base model's state dict with every LoRA delta added (keys without PEFT's prefixes);
+    `full` is the PEFT model's full state dict (for a 4-bit base, the packed weights)."""
+    from fastft import quantization
+    from fastft.patching import lora as lora_patch
+
+    prefix = "base_model.model."
+    modules = dict(model.named_modules())
+    owned, merged = set(), {}
+    for name, module in modules.items():
+        if lora_patch.is_lora_layer(module):
+            active = [a for a in module.active_adapters if a in module.lora_A.keys()]
+            if len(active) != 1 or getattr(module, "lora_variant", {}).get(active[0]) is not None:
+                raise ValueError(f"checkpoint.export_merged: {name} has {len(active)} active adapters or a LoRA "
+                                 "variant (DoRA...); merge it with PEFT's merge_and_unload instead")
+            a = full[f"{name}.lora_A.{active[0]}.weight"].float()
+            b = full[f"{name}.lora_B.{active[0]}.weight"].float()
+            delta = (b @ a) * float(module.scaling[active[0]])
+            base = module.base_layer
+            weight = _dense(base, full[f"{name}.base_layer.weight"])
+            merged[f"{name}.weight"] = (weight + (delta.t() if getattr(module, "fan_in_fan_out", False) else delta)
+                                        ).to(dtype)
+            if base.bias is not None:
+                merged[f"{name}.bias"] = full[f"{name}.base_layer.bias"].to(dtype)
+            owned.add(name + ".")
+        elif quantization.is_4bit(module) and not any(name.startswith(o) for o in owned):
+            merged[f"{name}.weight"] = _dense(module, full[f"{name}.weight"]).to(dtype)
+            owned.add(name + ".weight.")  # bitsandbytes' quantization-state entries
+    for key, value in full.items():
+        if key in merged or any(key.startswith(o) for o in owned) or ".original_module." in key:
+            continue
+        if ".modules_to_save." in key:  # PEFT's trained copy of a whole module replaces the original
+            head, _, rest = key.partition(".modules_to_save.")
+            key = f"{head}.{rest.split('.', 1)[1]}"
+        merged[key] = value.to(dtype) if value.is_floating_point() else value
+    return {k.removeprefix(prefix): v for k, v in merged.items()}
+
+
+def _dense(base, weight):
+    from fastft import quantization
+
+    return quantization.dense_weight(base, data=weight) if quantization.is_4bit(base) else weight.float()

@@ -75,6 +75,12 @@ class ModelConfig:
     """run the model repository's own Python code (remote-code architectures)"""
     attn_implementation: str | None = None
     """for the unpatched model (patching sets "fastft")"""
+    quantization: Literal["none", "nf4", "fp4"] = "none"
+    """QLoRA: nf4 or fp4 freezes the linear layers in 4 bits through bitsandbytes (needs lora.enabled and pip install "fastft[qlora]"; fastft/quantization.py); none keeps them dense"""
+    double_quant: bool = True
+    """QLoRA: quantize the 4-bit blocks' scales too (0.37 bit a parameter less)"""
+    compute_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """QLoRA: what the 4-bit weights dequantize into and multiply in; auto is bf16 when training in bf16, else the weights' dtype"""
 
 
 @dataclass(config=SECTION)
@@ -96,6 +102,8 @@ class LoraConfig:
 
 @dataclass(config=SECTION)
 class OptimConfig:
+    name: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
+    """adamw (torch's), or bitsandbytes' AdamW with 8-bit states (paged: evicted to the host under memory pressure; one process, not FSDP2)"""
     lr: PositiveFloat = 3e-3
     """the peak learning rate, reached after the warm-up"""
     weight_decay: NonNegativeFloat = 0.0
@@ -178,6 +186,8 @@ class CheckpointConfig:
     """or from this checkpoint folder"""
     export: bool = True
     """at the end: an HF folder (full fine-tuning) or a PEFT adapter folder (LoRA)"""
+    export_merged: bool = False
+    """LoRA: also <run_dir>/merged, the adapter merged into a bf16 HF model (a 4-bit base dequantized)"""
 
 
 @dataclass(config=SECTION)
@@ -443,10 +453,31 @@ def validate(config: FinetuneConfig) -> FinetuneConfig:
         if c.every or c.resume or c.resume_from or c.export:
             raise ConfigError("distributed.expert_parallel > 1: checkpoints and the export of split experts are not "
                               "written yet; set checkpoint.every=0 and checkpoint.export=false (and no resume)")
+    _validate_bitsandbytes(config)
     if c.resume and c.resume_from:
         raise ConfigError("checkpoint.resume and checkpoint.resume_from are both set: resume_from names the "
                           "checkpoint, resume finds the newest in logging.run_dir; give one")
     return config
+
+
+def _validate_bitsandbytes(config: FinetuneConfig) -> None:
+    """QLoRA and 8-bit optimizer combinations (fastft/quantization.py)."""
+    m, o = config.model, config.optim
+    if m.quantization != "none" and not config.lora.enabled:
+        raise ConfigError(f"model.quantization={m.quantization!r} freezes the base in 4 bits: train LoRA adapters "
+                          "over it (QLoRA) with lora.enabled=true, or use model.quantization=none")
+    if config.checkpoint.export_merged and not config.lora.enabled:
+        raise ConfigError("checkpoint.export_merged merges a LoRA adapter into its base: it needs lora.enabled=true "
+                          "(full fine-tuning exports a whole model already)")
+    needs = [f"model.quantization={m.quantization}"] if m.quantization != "none" else []
+    needs += [f"optim.name={o.name}"] if o.name != "adamw" else []
+    if needs:
+        from fastft.quantization import require_bitsandbytes
+
+        try:
+            require_bitsandbytes(" and ".join(needs))
+        except ImportError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 # -- the field reference: `fastft train --help` and examples/README.md --------------------------

@@ -222,6 +222,9 @@ def load_from_rank0(model: nn.Module, full: nn.Module | None, device: torch.devi
 
     model.to_empty(device=torch.device("cpu") if cpu_offload else device)
     state = full.state_dict() if full is not None else {}
+    if state:  # only the parameters and buffers (a 4-bit layer also writes its quantization state:
+        keys = set(model.state_dict())  # fastft.quantization.broadcast_states sends those)
+        state = {k: v for k, v in state.items() if k in keys}
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     with torch.no_grad():
         for module_name, module in model.named_modules():
@@ -250,7 +253,12 @@ def root_unsharded(model: nn.Module):
         return
     # A forward of the root itself inside the block would reshard it at its end (its
     # reshard_after_forward): keep it gathered until the block ends, then restore the setting.
-    group = model._get_fsdp_state()._fsdp_param_group
+    state = model._get_fsdp_state()
+    # The root initialises FSDP's lazy state first: a forward inside this block that starts below the
+    # root (the loss probe runs a PEFT model's inner HF model) would otherwise make that module act as
+    # the root, and the next real forward fails ("FSDP requires running forward through the root").
+    state._lazy_init()
+    group = state._fsdp_param_group
     reshard = group is not None and group.post_forward_mesh_info is not None
     model.set_reshard_after_forward(False, recurse=False)
     model.unshard()

@@ -69,7 +69,8 @@ def text_config(model: nn.Module):
 
 def matmul_parameters(model: nn.Module) -> tuple[float, float]:
     """(N_trained, N_frozen): parameters that multiply activations, experts at their active
-    share. Under FSDP2 a parameter is a DTensor shard: its full size is counted."""
+    share, 4-bit weights at their unpacked size. Under FSDP2 a parameter is a DTensor shard: its
+    full size is counted."""
     config = text_config(model)
     experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
     top_k = getattr(config, "num_experts_per_tok", None)
@@ -77,13 +78,17 @@ def matmul_parameters(model: nn.Module) -> tuple[float, float]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_weight = getattr(head, "weight", None)
     lookups = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} - {id(head_weight)}
+    from fastft.quantization import is_4bit
+
+    # A 4-bit weight is stored packed, two values a byte: count the values it multiplies by.
+    four_bit = {id(m.weight): m.in_features * m.out_features for m in model.modules() if is_4bit(m)}
     trained = frozen = 0.0
     seen: set[int] = set()
     for p in model.parameters():
         if p.dim() < 2 or id(p) in seen or id(p) in lookups:
             continue
         seen.add(id(p))
-        n = p.shape.numel() * (active if p.dim() == 3 and experts else 1.0)  # .shape: a DTensor's full shape
+        n = four_bit.get(id(p)) or p.shape.numel() * (active if p.dim() == 3 and experts else 1.0)  # a DTensor's full shape
         if p.requires_grad:
             trained += n
         else:

@@ -5,14 +5,14 @@ re-written); each block with its own purpose is a small named function below it:
   1. config and processes    checked config, process group from torchrun (none for one process),
                              derived batch sizes (micro-batch x accumulation x ranks), precision
   2. tokenizer and model     pretrained (AutoModelForCausalLM) or built from a config with random
-                             weights; LoRA (PEFT) as a model transform; then fastft.patch
+                             weights, 4-bit for QLoRA; LoRA (PEFT) as a model transform; then fastft.patch
   3. data                    fastft.data: this rank's packed micro-batches; val batches; eval prompts
   4. parallelism             from outside the model, in this order: activation checkpointing ->
                              torch.compile per block -> FSDP2 per block then root
-  5. optimizer, schedule     AdamW (fused), warm-up then cosine/linear decay
+  5. optimizer, schedule     AdamW (fused) or 8-bit AdamW (bitsandbytes), warm-up then cosine/linear decay
   6. resume                  the newest complete checkpoint (model, optimizer, schedule, data, RNG)
   7. the loop                `train_step` per optimizer step; metrics, evaluation, checkpoints, faults
-  8. the end                 evaluation, export (HF folder or PEFT adapter), curves.png, summary
+  8. the end                 evaluation, export (HF folder or PEFT adapter; merged), curves.png, summary
 
 Loss normalisation (gradient accumulation and data parallelism):
   The loss of an optimizer step is sum(token losses over all micro-batches and all ranks) / N,
@@ -48,7 +48,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from fastft import checkpoint as ckpt
-from fastft import distributed, flops, hub, metrics, rundir
+from fastft import distributed, flops, hub, metrics, quantization, rundir
 from fastft.config import ConfigError, FinetuneConfig, load_config, to_yaml, validate
 from fastft.patching.moe import set_real_tokens
 
@@ -65,6 +65,7 @@ class RunResult:
     eval_before: dict | None = None  # {"val_loss", "exact_match", "f1", ...}
     eval_after: dict | None = None
     export_dir: str | None = None
+    merged_dir: str | None = None  # checkpoint.export_merged: the merged bf16 HF folder
     checkpoint: str | None = None  # the newest complete checkpoint
     run_dir: str = ""
     plan: dict = dataclasses.field(default_factory=dict)  # the derived batch sizes
@@ -164,17 +165,36 @@ def load_tokenizer(config: FinetuneConfig):
     return tokenizer
 
 
-def build_model(config: FinetuneConfig, tokenizer, dtype: torch.dtype, *, meta: bool = False, patch: bool = True):
-    """The transformers model (pretrained or random), LoRA applied, fastft-patched. meta=True
-    builds the same structure on the meta device (no weights: the FSDP2 rank-0 load)."""
+def quantization_settings(config: FinetuneConfig, precision: Precision):
+    """QLoRA's 4-bit settings (fastft/quantization.py), or None. compute_dtype "auto": bf16 when
+    training in bf16 (the activations' dtype under autocast or FSDP2's param_dtype), else the
+    weights' dtype."""
+    m = config.model
+    if m.quantization == "none":
+        return None
+    bf16 = precision.autocast_on or (precision.fsdp and precision.param_dtype == "bfloat16")
+    return quantization.settings(m.quantization, m.double_quant, m.compute_dtype,
+                                 torch.bfloat16 if bf16 else precision.weights)
+
+
+def build_model(config: FinetuneConfig, tokenizer, dtype: torch.dtype, *, meta: bool = False, patch: bool = True,
+                quant=None):
+    """The transformers model (pretrained or random), quantized (QLoRA: `quant`, from
+    quantization_settings), LoRA applied, fastft-patched. meta=True builds the same structure on
+    the meta device (no weights: the FSDP2 rank-0 load). A float64 reference run of a 4-bit recipe
+    holds the 4-bit values dense in float64 (bitsandbytes has no float64 kernels)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     m = config.model
-    kwargs = {"dtype": dtype, "trust_remote_code": m.trust_remote_code}
+    if quant is None and m.quantization != "none":
+        quant = quantization.settings(m.quantization, m.double_quant, m.compute_dtype, dtype)
+    reference = quant is not None and dtype == torch.float64  # quantized from float32, then held dense
+    kwargs = {"dtype": torch.float32 if reference else dtype, "trust_remote_code": m.trust_remote_code}
     if m.attn_implementation:
         kwargs["attn_implementation"] = m.attn_implementation
     if m.name is not None and not meta:
-        model = hub.load(AutoModelForCausalLM.from_pretrained, m.name, "model.name", "model", **kwargs)
+        load = {"quantization_config": quant.bitsandbytes_config()} if quant is not None else {}
+        model = hub.load(AutoModelForCausalLM.from_pretrained, m.name, "model.name", "model", **kwargs, **load)
     else:
         if m.name is not None:
             hf_config = hub.load(AutoConfig.from_pretrained, m.name, "model.name", "model config",
@@ -195,12 +215,17 @@ def build_model(config: FinetuneConfig, tokenizer, dtype: torch.dtype, *, meta: 
         with torch.device("meta") if meta else contextlib.nullcontext():
             # A float64 reference run starts from the same random weights as a float32 one.
             init = {**kwargs, "dtype": torch.float32} if dtype == torch.float64 else kwargs
-            model = AutoModelForCausalLM.from_config(hf_config, **init).to(dtype)
+            model = AutoModelForCausalLM.from_config(hf_config, **init).to(kwargs["dtype"])
         if m.name is not None:  # what from_pretrained would also read: eos ids etc. for generation and export
             from transformers import GenerationConfig
 
             with contextlib.suppress(OSError):
                 model.generation_config = GenerationConfig.from_pretrained(m.name)
+        if quant is not None:
+            quantization.quantize_model(model, quant)
+    if reference:
+        quantization.dequantize_model(model, torch.float64)
+        model.to(torch.float64)
     if config.lora.enabled:
         from peft import LoraConfig, get_peft_model
 
@@ -223,11 +248,12 @@ def rank0_load(config: FinetuneConfig, precision: Precision, env: distributed.Di
 def build_models(config: FinetuneConfig, tokenizer, precision: Precision, env: distributed.DistEnv):
     """(model, patch report, full model or None). Under the FSDP2 rank-0 load, the full weights
     live on rank 0's CPU only (`full`) and every rank builds and patches the model on meta."""
+    quant = quantization_settings(config, precision)
     if not rank0_load(config, precision, env):
-        return (*build_model(config, tokenizer, precision.weights), None)
-    full = build_model(config, tokenizer, precision.weights, patch=False)[0] if env.is_main else None
+        return (*build_model(config, tokenizer, precision.weights, quant=quant), None)
+    full = build_model(config, tokenizer, precision.weights, patch=False, quant=quant)[0] if env.is_main else None
     try:
-        model, report = build_model(config, tokenizer, precision.weights, meta=True)
+        model, report = build_model(config, tokenizer, precision.weights, meta=True, quant=quant)
     except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:
         if isinstance(exc, ConfigError):
             raise
@@ -314,6 +340,7 @@ def parallelize(model, full, config: FinetuneConfig, precision: Precision, env: 
     ep_params = _expert_parameters(model) if ep_mesh is not None else []  # FSDP2's, so after fully_shard
     if from_rank0:
         distributed.load_from_rank0(model, full, env.device, cpu_offload=d.cpu_offload)
+        quantization.broadcast_states(model, full, env.device)  # 4-bit layers: rank 0's quantization state
         if patch_report is not None:  # what only a forward with weights can check (the loss's logit map)
             import fastft.patching
 
@@ -366,14 +393,32 @@ def build_optimizer(model, config: FinetuneConfig, precision: Precision, device:
     o, t = config.optim, config.train
     params = [p for p in model.parameters() if p.requires_grad]
     fused = o.fused if o.fused is not None else (device.type == "cuda" or not precision.fsdp)
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
-         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-        lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
+    optimizer = make_optimizer(o, [{"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
+                                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], fused)
     warmup = o.warmup_steps if o.warmup_steps is not None else round(0.05 * t.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(
         s, warmup=warmup, total=t.max_steps, schedule=o.schedule, min_ratio=o.min_lr_ratio))
     return params, optimizer, scheduler, fused, warmup
+
+
+def make_optimizer(o, groups: list[dict], fused: bool) -> torch.optim.Optimizer:
+    """optim.name: "adamw" is torch's AdamW (fused where torch supports it); "adamw_8bit" and
+    "paged_adamw_8bit" are bitsandbytes' AdamW with blockwise 8-bit moments (Dettmers et al. 2022,
+    "8-bit Optimizers via Block-wise Quantization": 2 bytes a parameter instead of 8; paged: the
+    states in CUDA unified memory, evicted to the host under memory pressure). Their states are
+    tensors in the optimizer's state dict, so checkpoints save and resume them as AdamW's. Under
+    FSDP2 they are refused: bitsandbytes' update ops take plain tensors, not DTensor shards."""
+    kwargs = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, fused=fused, **kwargs)
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for group in groups for p in group["params"]):
+        raise ConfigError(f"optim.name={o.name}: bitsandbytes' 8-bit optimizers update plain tensors, not FSDP2's "
+                          "DTensor shards; under FSDP2 (several processes, or distributed.fsdp=true) use optim.name=adamw")
+    bnb = quantization.require_bitsandbytes(f"optim.name={o.name}")
+    cls = bnb.optim.PagedAdamW8bit if o.name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cls(groups, **kwargs)
 
 
 # -- 6. resume -----------------------------------------------------------------------------------------
@@ -426,10 +471,12 @@ def resume(config: FinetuneConfig, run_dir: str, model, optimizer, scheduler, en
 
 
 def startup_report(log, config: FinetuneConfig, env, run_dir: str, plan: dict, precision: Precision, patch_report,
-                   data_report, n_params: tuple[float, float], n_ac: int, fused: bool, warmup: int) -> None:
+                   data_report, n_params: tuple[float, float], n_ac: int, fused: bool, warmup: int,
+                   qlora_report: list[str] = ()) -> None:
     """Everything derived, printed once."""
     c, d, o, device = config, config.distributed, config.optim, env.device
     n_trained, n_frozen = n_params
+    quant = quantization_settings(c, precision)
     cuda = device.type == "cuda"
     log(f"fastft train: {env.world_size} process(es) on {device.type}"
         + (f" ({torch.cuda.get_device_name(device)})" if cuda else "") + f"; run folder {run_dir}")
@@ -438,8 +485,9 @@ def startup_report(log, config: FinetuneConfig, env, run_dir: str, plan: dict, p
     log(f"model: {c.model.name or 'random init from config ' + str(c.model.config.get('model_type'))}, "
         f"{n_trained + n_frozen:,.0f} matmul params ({n_trained:,.0f} trained)"
         + (f", LoRA r={c.lora.r}" if c.lora.enabled else ", full fine-tuning")
+        + (f" over a 4-bit base ({quant.describe()})" if quant is not None else "")
         + (f"; patched: {len(patch_report.patched())} modules, {kernels}" if patch_report is not None else "; not patched"))
-    for line in data_report.lines:
+    for line in qlora_report + data_report.lines:
         log(line)
     log(f"batch: micro-batch {plan['micro_batch_rows']} rows ({plan['micro_batch_tokens']} tokens) x accumulation "
         f"{plan['accumulation']} x {env.world_size} rank(s) = {plan['global_batch_rows']} rows / "
@@ -450,7 +498,8 @@ def startup_report(log, config: FinetuneConfig, env, run_dir: str, plan: dict, p
            else ("bf16 autocast" if precision.autocast_on else "no autocast"))
         + f"; activation checkpointing: {d.activation_checkpointing} ({n_ac} blocks); compile: {d.compile}")
     peak = flops.peak_flops(device)
-    log(f"optimizer: AdamW lr {o.lr} (fused={fused}), warm-up {warmup} steps then {o.schedule} to "
+    log(f"optimizer: {'AdamW' if o.name == 'adamw' else o.name} lr {o.lr}" + (f" (fused={fused})" if o.name == "adamw" else "")
+        + f", warm-up {warmup} steps then {o.schedule} to "
         f"{o.min_lr_ratio}x, clip {o.grad_clip}; MFU peak: "
         + (f"{peak / 1e12:.0f} TFLOP/s per device" if peak else "n/a on this device"))
 
@@ -673,6 +722,7 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
     torch.manual_seed(t.seed)  # the same random init on every rank (FSDP2 shards what each rank holds)
     tokenizer = load_tokenizer(config)
     model, patch_report, full_model = build_models(config, tokenizer, precision, env)
+    qlora_report = quantization.prepare(model, quantization_settings(config, precision))  # 4-bit bases
     torch.manual_seed(t.seed + 1)  # what follows draws the same, however the model was built
     n_params = flops.matmul_parameters(model)
     layers, d_attn = flops.attention_dims(flops.text_config(model))
@@ -696,7 +746,8 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
     # 6. resume ---------------------------------------------------------------------------------
     start_step, data_state, resumed = resume(config, run_dir, model, optimizer, scheduler, env, log)
     stream = BatchStream(train_batches, **data_state)
-    startup_report(log, config, env, run_dir, plan, precision, patch_report, data_report, n_params, n_ac, fused, warmup)
+    startup_report(log, config, env, run_dir, plan, precision, patch_report, data_report, n_params, n_ac, fused, warmup,
+                   qlora_report)
 
     # 7. the loop -------------------------------------------------------------------------------
     result = RunResult(steps=start_step, run_dir=run_dir, plan=plan, model=model, tokenizer=tokenizer)
@@ -781,6 +832,9 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
         if c.checkpoint.export:
             exported = ckpt.export(os.path.join(run_dir, "export"), model, tokenizer, env=env)
             result.export_dir = str(exported) if exported is not None else None
+        if c.checkpoint.export_merged:  # the adapter merged into a bf16 model (a 4-bit base dequantized)
+            merged = ckpt.export_merged(os.path.join(run_dir, "merged"), model, tokenizer, env=env)
+            result.merged_dir = str(merged) if merged is not None else None
         mlog.write("end", step, status=result.status, eval_before=_plain(result.eval_before),
                    eval_after=_plain(result.eval_after), export=result.export_dir)
     mlog.close()
@@ -805,3 +859,5 @@ def _summary(log, result: RunResult) -> None:
         log(f"curves: {result.curves}")
     if result.export_dir:
         log(f"exported to {result.export_dir}")
+    if result.merged_dir:
+        log(f"merged into a bf16 model: {result.merged_dir}")

@@ -10,6 +10,7 @@ kernels, its torch.library custom ops (torch.ops.fastft.*) and the functional AP
 # custom ops a second time would replace fastft.kernels' registrations, and transformers, finding
 # no version here, treats Hugging Face's package as absent.
 if __name__ == "fastft.kernels":
+    from .dequantize_4bit import Quant4bit, dequantize_4bit, dequantize_4bit_reference
     from .fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
     from .layer_norm import layer_norm, layer_norm_reference
     from .lora import lora_dropout, lora_linear, lora_linear_many, lora_linear_reference
@@ -18,6 +19,9 @@ if __name__ == "fastft.kernels":
     from .rms_norm import rms_norm, rms_norm_reference
 
     __all__ = [
+        "Quant4bit",
+        "dequantize_4bit",
+        "dequantize_4bit_reference",
         "fused_linear_cross_entropy",
         "fused_linear_cross_entropy_reference",
         "layer_norm",

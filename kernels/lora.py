@@ -40,6 +40,14 @@ costs an extra pass over each: keep adapters in the model dtype for the fast pat
 `lora_linear_many` runs several adapted projections of one input (the attention's q/k/v) as one
 op: one saved x, one GEMM x·[A_q; A_k; A_v]ᵀ for all rank-r inputs when dropout is off,
 and dX accumulated from all of them with one rank-(sum of r) GEMM plus one addmm_ per base.
+
+4-bit bases (QLoRA; ops lora_linear_4bit / _bwd): W is a frozen NF4/FP4 weight (a Quant4bit,
+dequantize_4bit.py), dequantized into its compute dtype c right before the GEMM that needs it,
+y += x·dequant(W)ᵀ in the forward and dX += dY·dequant(W) in the backward, and freed after each:
+one [O, K] tensor of c lives at a time, and none is saved (the op saves the packed weight, which
+is the parameter itself). When c is x's dtype the base product is the same epilogue addmm_ as
+above; otherwise it runs in c and is added in x's dtype, as bitsandbytes' Linear4bit computes it.
+The dequantization pass costs O·K·(0.52 + 2·|c|) bytes, twice a step, beside a 2·N·K·O-FLOP GEMM.
 """
 
 from __future__ import annotations
@@ -54,6 +62,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import absent, as_rows, capability_of, kernel_op, launch, register_autograd, round_to, use_triton
+from .dequantize_4bit import (META_FIELDS, base_grad_into, base_product_into, is_quantized, linear_reference,
+                              unflatten_weight, flatten_weight)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -61,8 +71,9 @@ from ._common import absent, as_rows, capability_of, kernel_op, launch, register
 # ------------------------------------------------------------------------------------------------
 def lora_linear_reference(x, weight, lora_a, lora_b, scale, bias=None, dropout=0.0, seed=0):
     """result = F.linear(x, W, b) + B(A(drop(x))) · s in PEFT's order of operations, cast back to
-    x's dtype; drop(x) = lora_dropout(x, dropout, seed), the mask the kernels use."""
-    result = F.linear(x, weight, bias)
+    x's dtype; drop(x) = lora_dropout(x, dropout, seed), the mask the kernels use. A 4-bit W
+    (Quant4bit) is dequantized and multiplied in its compute dtype, as bitsandbytes' Linear4bit."""
+    result = linear_reference(x, weight, bias)
     xd = lora_dropout(x, dropout, seed) if dropout > 0 else x
     xd = xd.to(lora_a.dtype)
     return (result + F.linear(F.linear(xd, lora_a), lora_b) * scale).to(result.dtype)
@@ -397,15 +408,17 @@ def _forward_one(x, pr: Projection, ad: Adapter, u=None):
     bt = pr.lora_b.to(x.dtype).t()
     uy = u.to(x.dtype)
     y = torch.mm(uy, bt) if pr.bias is None else torch.addmm(pr.bias.to(x.dtype), uy, bt)  # [N, O]
-    y.addmm_(x, pr.weight.t())                                                  # beta = 1: epilogue add
+    base_product_into(y, x, pr.weight)                                          # beta = 1: epilogue add
     return y, u
 
 
 def _lora_forward(x: Tensor, params: list[Tensor], has_bias: list[bool], scales: list[float],
                   dropouts: list[float], seeds: Tensor) -> tuple[list[Tensor], list[Tensor]]:
     """([y_i [rows, O_i]], [u_i [rows, r_i]]): the outputs, and the rank-r inputs the backward needs."""
-    rows = as_rows(x)
-    projections, adapters = _projections(params, has_bias), _adapters(scales, dropouts, seeds)
+    return _forward_projections(as_rows(x), _projections(params, has_bias), _adapters(scales, dropouts, seeds))
+
+
+def _forward_projections(rows: Tensor, projections: list[Projection], adapters: list[Adapter]):
     stacked = _stacked_down(rows, adapters, projections)
     outs, us = [], []
     for i, (pr, ad) in enumerate(zip(projections, adapters)):
@@ -420,8 +433,14 @@ def _lora_backward(dys: list[Tensor | None], x: Tensor, params: list[Tensor], ha
                    needs: list[bool]) -> tuple[Tensor, list[Tensor]]:
     """(dX shaped like x, the gradients of params in their order); absent() for what needs (x's,
     then 4 per projection: W, b, A, B) does not ask."""
+    projections = _projections(params, has_bias)
+    dx, grads = _backward_projections(dys, x, projections, _adapters(scales, dropouts, seeds), us, needs)
+    return dx, [g for g, pr in zip(grads, (t for pr in projections for t in pr)) if pr is not None]
+
+
+def _backward_projections(dys, x, projections: list[Projection], adapters: list[Adapter], us, needs):
+    """(dX, [dW, db, dA, dB] per projection, absent() where not asked)."""
     rows = as_rows(x)
-    projections, adapters = _projections(params, has_bias), _adapters(scales, dropouts, seeds)
     need_x, need = needs[0], needs[1:]
     grads = [absent(x) for _ in range(4 * len(projections))]
     dx = None
@@ -455,10 +474,10 @@ def _lora_backward(dys: list[Tensor | None], x: Tensor, params: list[Tensor], ha
     if dx is None:
         dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device) if need_x else absent(x)
     else:
-        for dy, w in pending:
-            dx.addmm_(dy, w.to(dx.dtype))
+        for dy, w in pending:  # a 4-bit W is dequantized here, one at a time
+            base_grad_into(dx, dy, w)
         dx = dx.view(x.shape)
-    return dx, [g for g, pr in zip(grads, (t for pr in projections for t in pr)) if pr is not None]
+    return dx, grads
 
 
 def _lora_forward_fake(x, params, has_bias, scales, dropouts, seeds):
@@ -505,8 +524,116 @@ def _backward(ctx, dys, _dus):
 register_autograd(lora_linear_fwd, backward=_backward, save=_save)
 
 
+# ------------------------------------------------------------------------------------------------
+# The same ops over 4-bit bases (QLoRA; dense and 4-bit projections may mix). A projection's weight
+# is a run of tensors described by META_FIELDS ints (kernels/dequantize_4bit.py), then b (where
+# has_bias says), A and B. A 4-bit W is dequantized into its compute dtype right before its GEMM
+# and freed after it, in the forward and again in the backward for dX; what the op saves is the
+# packed weight and its quantization state, the parameters themselves (no copy).
+# ------------------------------------------------------------------------------------------------
+def quant_projections(params, has_bias, weight_meta) -> tuple[list[Projection], list[int]]:
+    """The projections, and how many tensors of params each one's weight took."""
+    projections, widths, i = [], [], 0
+    for j, bias in enumerate(has_bias):
+        w, n = unflatten_weight(params, i, weight_meta[META_FIELDS * j: META_FIELDS * (j + 1)])
+        i += n
+        b = params[i] if bias else None
+        i += int(bias)
+        projections.append(Projection(w, b, params[i], params[i + 1]))
+        widths.append(n)
+        i += 2
+    return projections, widths
+
+
+def flatten_projections(layers) -> tuple[list[Tensor], list[bool], list[int]]:
+    """(params, has_bias, weight_meta) of (W, b, A, B) tuples, W dense or Quant4bit."""
+    params, has_bias, weight_meta = [], [], []
+    for w, b, a, bm in layers:
+        tensors, meta = flatten_weight(w)
+        params += tensors + ([] if b is None else [b]) + [a, bm]
+        has_bias.append(b is not None)
+        weight_meta += meta
+    return params, has_bias, weight_meta
+
+
+def slot_needs(need_params: list[bool], projections: list[Projection], widths: list[int]) -> list[bool]:
+    """Per-tensor needs -> the [W, b, A, B] needs of each projection (no gradient for a 4-bit W)."""
+    needs, i = [], 0
+    for pr, n in zip(projections, widths):
+        w = need_params[i] and not is_quantized(pr.weight)
+        i += n
+        b = pr.bias is not None and need_params[i]
+        i += int(pr.bias is not None)
+        needs += [w, b, need_params[i], need_params[i + 1]]
+        i += 2
+    return needs
+
+
+def slot_grads(grads: list[Tensor], projections: list[Projection], widths: list[int], like: Tensor) -> list[Tensor]:
+    """[dW, db, dA, dB] per projection -> one gradient per tensor of params (absent for a 4-bit W's)."""
+    out = []
+    for k, (pr, n) in enumerate(zip(projections, widths)):
+        out += [absent(like) for _ in range(n)] if is_quantized(pr.weight) else [grads[4 * k]]
+        out += ([] if pr.bias is None else [grads[4 * k + 1]]) + [grads[4 * k + 2], grads[4 * k + 3]]
+    return out
+
+
+def _lora_4bit_forward(x: Tensor, params: list[Tensor], has_bias: list[bool], weight_meta: list[int],
+                       scales: list[float], dropouts: list[float], seeds: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    projections, _ = quant_projections(params, has_bias, weight_meta)
+    return _forward_projections(as_rows(x), projections, _adapters(scales, dropouts, seeds))
+
+
+def _lora_4bit_backward(dys: list[Tensor | None], x: Tensor, params: list[Tensor], has_bias: list[bool],
+                        weight_meta: list[int], us: list[Tensor], scales: list[float], dropouts: list[float],
+                        seeds: Tensor, needs: list[bool]) -> tuple[Tensor, list[Tensor]]:
+    """needs: x's, then one per tensor of params."""
+    projections, widths = quant_projections(params, has_bias, weight_meta)
+    dx, grads = _backward_projections(dys, x, projections, _adapters(scales, dropouts, seeds), us,
+                                      [needs[0], *slot_needs(needs[1:], projections, widths)])
+    return dx, slot_grads(grads, projections, widths, x)
+
+
+def _lora_4bit_forward_fake(x, params, has_bias, weight_meta, scales, dropouts, seeds):
+    n = x.numel() // x.shape[-1]
+    projections, _ = quant_projections(params, has_bias, weight_meta)
+    return ([x.new_empty(n, pr.weight.shape[0]) for pr in projections],
+            [x.new_empty(n, pr.lora_a.shape[0], dtype=pr.lora_a.dtype) for pr in projections])
+
+
+def _lora_4bit_backward_fake(dys, x, params, has_bias, weight_meta, us, scales, dropouts, seeds, needs):
+    grads = [torch.empty_like(t) if needed else absent(x) for t, needed in zip(params, needs[1:])]
+    return torch.empty_like(x, memory_format=torch.contiguous_format) if needs[0] else absent(x), grads
+
+
+lora_linear_4bit_fwd = kernel_op("lora_linear_4bit", fake=_lora_4bit_forward_fake)(_lora_4bit_forward)
+lora_linear_4bit_bwd = kernel_op("lora_linear_4bit_bwd", fake=_lora_4bit_backward_fake)(_lora_4bit_backward)
+
+
+def _save_4bit(ctx, inputs, output):
+    x, params, has_bias, weight_meta, scales, dropouts, seeds = inputs
+    _, us = output
+    ctx.save_for_backward(x, seeds, *us, *params)
+    ctx.n_us, ctx.has_bias, ctx.weight_meta, ctx.scales, ctx.dropouts = len(us), has_bias, weight_meta, scales, dropouts
+    ctx.mark_non_differentiable(*us)
+
+
+def _backward_4bit(ctx, dys, _dus):
+    x, seeds, *rest = ctx.saved_tensors
+    us, params = rest[:ctx.n_us], rest[ctx.n_us:]
+    need_params = [bool(n) for n in ctx.needs_input_grad[1]]
+    needs = [bool(ctx.needs_input_grad[0]), *need_params]
+    dx, grads = lora_linear_4bit_bwd(list(dys), x, list(params), ctx.has_bias, ctx.weight_meta, list(us),
+                                     ctx.scales, ctx.dropouts, seeds, needs)
+    return (dx if needs[0] else None, [g if n else None for g, n in zip(grads, need_params)],
+            None, None, None, None, None)
+
+
+register_autograd(lora_linear_4bit_fwd, backward=_backward_4bit, save=_save_4bit)
+
+
 def _check(x, weight, lora_a, lora_b, bias):
-    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+    if len(weight.shape) != 2 or weight.shape[1] != x.shape[-1]:
         raise ValueError(f"lora_linear: weight {tuple(weight.shape)} does not take inputs of size "
                          f"{x.shape[-1]}; pass the base layer's [out, in] weight")
     if lora_a.dim() != 2 or lora_a.shape[1] != x.shape[-1]:
@@ -516,7 +643,7 @@ def _check(x, weight, lora_a, lora_b, bias):
                          f"r={lora_a.shape[0]}]")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"lora_linear: bias {tuple(bias.shape)} must be [{weight.shape[0]}]")
-    if x.dtype != weight.dtype:
+    if x.dtype != weight.dtype and not is_quantized(weight):  # a 4-bit W runs in its compute dtype
         raise ValueError(f"lora_linear: x ({x.dtype}) and the base weight ({weight.dtype}) must share a dtype, "
                          "as nn.Linear requires")
 
@@ -533,9 +660,14 @@ def lora_linear_many(x: torch.Tensor, layers, dropout=0.0, seeds=None) -> tuple[
         seeds = [draw_seed() if p > 0 else 0 for p in drops]
     for w, b, a, bm, _ in layers:
         _check(x, w, a, bm, b)
-    if not use_triton(x, *[t for layer in layers for t in layer[:4] if t is not None]):
+    if not use_triton(x, *[t for layer in layers for t in layer[:4] if isinstance(t, torch.Tensor)]):
         return tuple(lora_linear_reference(x, w, a, bm, s, b, p, seed)
                      for (w, b, a, bm, s), p, seed in zip(layers, drops, seeds))
+    if any(is_quantized(layer[0]) for layer in layers):
+        params, has_bias, weight_meta = flatten_projections(layer[:4] for layer in layers)
+        outs, _ = lora_linear_4bit_fwd(x, params, has_bias, weight_meta, [float(layer[4]) for layer in layers],
+                                       drops, _seed_tensor(seeds))
+        return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outs)
     params = [t for (w, b, a, bm, _) in layers for t in (w, b, a, bm) if t is not None]
     outs, _ = lora_linear_fwd(x, params, [layer[1] is not None for layer in layers],
                               [float(layer[4]) for layer in layers], drops, _seed_tensor(seeds))
@@ -548,9 +680,11 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lor
     """y = x·Wᵀ (+ b) + scale·(drop(x)·Aᵀ)·Bᵀ over the last dim of x (any leading shape).
 
     weight [out, in] and bias [out] are the base layer's (trainable or frozen: gradients are
-    computed for what requires them), lora_a [r, in], lora_b [out, r]. dropout applies to the
-    adapter's input only (PEFT's lora_dropout), with a Philox mask regenerated from `seed` in the
-    backward (drawn from torch's generator when None). See the module docstring.
+    computed for what requires them), or weight is a frozen 4-bit one (a Quant4bit, see
+    dequantize_4bit.py: the base product then runs in its compute dtype); lora_a [r, in],
+    lora_b [out, r]. dropout applies to the adapter's input only (PEFT's lora_dropout), with a
+    Philox mask regenerated from `seed` in the backward (drawn from torch's generator when None).
+    See the module docstring.
     """
     return lora_linear_many(x, [(weight, bias, lora_a, lora_b, scale)], dropout,
                             None if seed is None else [seed])[0]

@@ -36,6 +36,9 @@ seeds: (H + 2·I)·b + 3·r·b' bytes a token (b' the adapter's element size), 6
 shapes, rank 16, bf16. h = act(g)·u is not saved: the backward recomputes it. PEFT's eager MLP
 saves x, g (after the LoRA add), act(g), u and h: (H + 4·I)·b plus the rank-r tensors, about
 123 KB a token, and another N·H·b per adapter (and an N·I mask) once dropout > 0.
+
+Over 4-bit bases (QLoRA; ops lora_mlp_4bit / _bwd) the three base GEMMs of each pass take their
+weight from kernels/dequantize_4bit.py, dequantized just before and freed just after (lora.py).
 """
 
 from __future__ import annotations
@@ -50,8 +53,10 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import absent, as_rows, capability_of, kernel_op, launch, register_autograd, round_to, use_triton
-from .lora import (_check, _fp32_dot, _projections, _seed_tensor, draw_seed, lora_down, lora_grad_a, lora_linear,
-                   lora_linear_reference, lora_up_into)
+from .dequantize_4bit import base_grad, base_grad_into, base_product, base_product_into, is_quantized
+from .lora import (_check, _fp32_dot, _projections, _seed_tensor, draw_seed, flatten_projections, lora_down,
+                   lora_grad_a, lora_linear, lora_linear_reference, lora_up_into, quant_projections, slot_grads,
+                   slot_needs)
 
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 _ACT_ID = {name: i for i, name in enumerate(ACTIVATIONS)}
@@ -280,8 +285,11 @@ def _br(r: int) -> int:
 def _mlp_forward(x: Tensor, params: list[Tensor], has_bias: list[bool], activation: str, dropouts: list[float],
                  seeds: Tensor, scales: list[float]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y [rows, H], g_base, u_base [rows, I], xa_g, xa_u, hd [rows, r])."""
-    rows = as_rows(x)
-    (wg, bg, ag, bmg), (wu, bu, au, bmu), (wd, bd, ad, bmd) = _projections(params, has_bias)
+    return _mlp_forward_projections(as_rows(x), _projections(params, has_bias), activation, dropouts, seeds, scales)
+
+
+def _mlp_forward_projections(rows, projections, activation, dropouts, seeds, scales):
+    (wg, bg, ag, bmg), (wu, bu, au, bmu), (wd, bd, ad, bmd) = projections
     (pg, pu, pd), (sg, su, sd), seeds = dropouts, scales, seeds.tolist()
     n = rows.shape[0]
     inter = wg.shape[0]
@@ -291,8 +299,8 @@ def _mlp_forward(x: Tensor, params: list[Tensor], has_bias: list[bool], activati
     else:
         xa_g = lora_down(rows, ag, sg, pg, seeds[0])
         xa_u = lora_down(rows, au, su, pu, seeds[1])
-    g = torch.mm(rows, wg.t()) if bg is None else torch.addmm(bg, rows, wg.t())     # [N, I]
-    u = torch.mm(rows, wu.t()) if bu is None else torch.addmm(bu, rows, wu.t())
+    g = base_product(rows, wg, bg)                                                  # [N, I]
+    u = base_product(rows, wu, bu)
     h = torch.empty(n, inter, dtype=rows.dtype, device=rows.device)
     hd = torch.empty(n, ad.shape[0], dtype=ad.dtype, device=rows.device)
     fp32, t = _launch_choice(rows, ag, au, ad)
@@ -306,7 +314,7 @@ def _mlp_forward(x: Tensor, params: list[Tensor], has_bias: list[bool], activati
     bdt = bmd.to(rows.dtype).t()
     hdy = hd.to(rows.dtype)
     y = torch.mm(hdy, bdt) if bd is None else torch.addmm(bd, hdy, bdt)             # [N, H]
-    y.addmm_(h, wd.t())                                                            # epilogue add
+    base_product_into(y, h, wd)                                                    # epilogue add
     return y, g, u, xa_g, xa_u, hd  # y [rows, H]: never a view (kernels/_common.py, as_rows)
 
 
@@ -315,8 +323,16 @@ def _mlp_backward(dy: Tensor, x: Tensor, g: Tensor, u: Tensor, xa_g: Tensor, xa_
                   seeds: Tensor, scales: list[float], needs: list[bool]) -> tuple[Tensor, list[Tensor]]:
     """(dX shaped like x, the gradients of params in their order); needs: x's, then W, b, A, B of
     gate, up and down; absent() for what it does not ask."""
-    rows = as_rows(x)
     projections = _projections(params, has_bias)
+    dx, grads = _mlp_backward_projections(dy, x, g, u, xa_g, xa_u, hd, projections, activation, dropouts, seeds,
+                                          scales, needs)
+    return dx, [t for t, pr in zip(grads, (t for pr in projections for t in pr)) if pr is not None]
+
+
+def _mlp_backward_projections(dy, x, g, u, xa_g, xa_u, hd, projections, activation, dropouts, seeds, scales,
+                              needs):
+    """(dX, [dW, db, dA, dB] of gate, up, down; absent() where not asked)."""
+    rows = as_rows(x)
     (wg, bg, ag, bmg), (wu, bu, au, bmu), (wd, bd, ad, bmd) = projections
     (pg, pu, pd), (sg, su, sd), seeds = dropouts, scales, seeds.tolist()
     need = needs[1:]
@@ -330,7 +346,7 @@ def _mlp_backward(dy: Tensor, x: Tensor, g: Tensor, u: Tensor, xa_g: Tensor, xa_
         grads[11] = torch.mm(dy_lr.t(), hd).to(bmd.dtype)
     if bd is not None and need[9]:
         grads[9] = dy.sum(0, dtype=torch.float32).to(bd.dtype)
-    dh = torch.mm(dy, wd.to(dy.dtype))                                             # [N, I]
+    dh = base_grad(dy, wd)                                                         # [N, I]
     dg, du, hm = torch.empty_like(dh), torch.empty_like(dh), torch.empty_like(dh)
     store_h = need[8] and pd > 0
     hf = torch.empty_like(dh) if store_h else hm
@@ -369,10 +385,10 @@ def _mlp_backward(dy: Tensor, x: Tensor, g: Tensor, u: Tensor, xa_g: Tensor, xa_
         else:
             dx = lora_up_into(None, dxa_g.to(ag.dtype), ag, sg, pg, seeds[0], rows.dtype)
             dx = lora_up_into(dx, dxa_u.to(au.dtype), au, su, pu, seeds[1], rows.dtype)
-        dx.addmm_(dg, wg.to(dx.dtype))
-        dx.addmm_(du, wu.to(dx.dtype))
+        base_grad_into(dx, dg, wg)  # a 4-bit W is dequantized here, one at a time
+        base_grad_into(dx, du, wu)
         dx = dx.view(x.shape)
-    return dx, [t for t, pr in zip(grads, (t for pr in projections for t in pr)) if pr is not None]
+    return dx, grads
 
 
 def _mlp_forward_fake(x, params, has_bias, activation, dropouts, seeds, scales):
@@ -420,10 +436,76 @@ def _backward(ctx, dy, *_):
 register_autograd(lora_mlp_fwd, backward=_backward, save=_save)
 
 
+# ------------------------------------------------------------------------------------------------
+# The same ops over 4-bit bases (QLoRA): params and weight_meta laid out as lora.py's 4-bit ops
+# (each weight a run of tensors); each 4-bit W is dequantized right before its GEMM and freed
+# after it, forward and backward, never saved.
+# ------------------------------------------------------------------------------------------------
+def _mlp_4bit_forward(x: Tensor, params: list[Tensor], has_bias: list[bool], weight_meta: list[int],
+                      activation: str, dropouts: list[float], seeds: Tensor,
+                      scales: list[float]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    projections, _ = quant_projections(params, has_bias, weight_meta)
+    return _mlp_forward_projections(as_rows(x), projections, activation, dropouts, seeds, scales)
+
+
+def _mlp_4bit_backward(dy: Tensor, x: Tensor, g: Tensor, u: Tensor, xa_g: Tensor, xa_u: Tensor, hd: Tensor,
+                       params: list[Tensor], has_bias: list[bool], weight_meta: list[int], activation: str,
+                       dropouts: list[float], seeds: Tensor, scales: list[float],
+                       needs: list[bool]) -> tuple[Tensor, list[Tensor]]:
+    """needs: x's, then one per tensor of params."""
+    projections, widths = quant_projections(params, has_bias, weight_meta)
+    dx, grads = _mlp_backward_projections(dy, x, g, u, xa_g, xa_u, hd, projections, activation, dropouts, seeds,
+                                          scales, [needs[0], *slot_needs(needs[1:], projections, widths)])
+    return dx, slot_grads(grads, projections, widths, x)
+
+
+def _mlp_4bit_forward_fake(x, params, has_bias, weight_meta, activation, dropouts, seeds, scales):
+    (wg, _, ag, _), (_, _, au, _), (_, _, ad, _) = quant_projections(params, has_bias, weight_meta)[0]
+    n = x.numel() // x.shape[-1]
+    return (x.new_empty(n, x.shape[-1]), x.new_empty(n, wg.shape[0]), x.new_empty(n, wg.shape[0]),
+            x.new_empty(n, ag.shape[0], dtype=ag.dtype), x.new_empty(n, au.shape[0], dtype=au.dtype),
+            x.new_empty(n, ad.shape[0], dtype=ad.dtype))
+
+
+def _mlp_4bit_backward_fake(dy, x, g, u, xa_g, xa_u, hd, params, has_bias, weight_meta, activation, dropouts, seeds,
+                            scales, needs):
+    grads = [torch.empty_like(t) if needed else absent(x) for t, needed in zip(params, needs[1:])]
+    return torch.empty_like(x, memory_format=torch.contiguous_format) if needs[0] else absent(x), grads
+
+
+lora_mlp_4bit_fwd = kernel_op("lora_mlp_4bit", fake=_mlp_4bit_forward_fake)(_mlp_4bit_forward)
+lora_mlp_4bit_bwd = kernel_op("lora_mlp_4bit_bwd", fake=_mlp_4bit_backward_fake)(_mlp_4bit_backward)
+
+
+def _save_4bit(ctx, inputs, output):
+    x, params, has_bias, weight_meta, activation, dropouts, seeds, scales = inputs
+    _, *saved = output
+    ctx.save_for_backward(x, seeds, *saved, *params)
+    ctx.has_bias, ctx.weight_meta, ctx.activation, ctx.dropouts, ctx.scales = (has_bias, weight_meta, activation,
+                                                                               dropouts, scales)
+    ctx.mark_non_differentiable(*saved)
+
+
+def _backward_4bit(ctx, dy, *_):
+    x, seeds, g, u, xa_g, xa_u, hd, *params = ctx.saved_tensors
+    if dy is None:
+        return None, None, None, None, None, None, None, None
+    need_params = [bool(n) for n in ctx.needs_input_grad[1]]
+    needs = [bool(ctx.needs_input_grad[0]), *need_params]
+    dx, grads = lora_mlp_4bit_bwd(dy, x, g, u, xa_g, xa_u, hd, list(params), ctx.has_bias, ctx.weight_meta,
+                                  ctx.activation, ctx.dropouts, seeds, ctx.scales, needs)
+    return (dx if needs[0] else None, [t if n else None for t, n in zip(grads, need_params)],
+            None, None, None, None, None, None)
+
+
+register_autograd(lora_mlp_4bit_fwd, backward=_backward_4bit, save=_save_4bit)
+
+
 def lora_mlp(x: torch.Tensor, gate, up, down, activation: str = "silu", dropout=0.0, seeds=None) -> torch.Tensor:
     """down(act(gate(x)) ⊙ up(x)) with a LoRA adapter on each projection, fused (module docstring).
 
-    gate, up, down: (W, b or None, A, B, scale) each, W in nn.Linear's [out, in] layout.
+    gate, up, down: (W, b or None, A, B, scale) each, W in nn.Linear's [out, in] layout or a frozen
+    4-bit weight (a Quant4bit, kernels/dequantize_4bit.py).
     activation: "silu" (SwiGLU), "gelu_tanh" or "gelu" (GeGLU). dropout: one float or three (gate,
     up, down); seeds: three (ints or draw_seed() tensors), drawn from torch's generator in the order
     gate, up, down when None.
@@ -442,13 +524,18 @@ def lora_mlp(x: torch.Tensor, gate, up, down, activation: str = "silu", dropout=
         raise ValueError(f"lora_mlp: gate {tuple(wg.shape)}, up {tuple(wu.shape)} and down {tuple(wd.shape)} "
                          "are not a gated MLP's [I, H], [I, H], [H, I]")
     _check(x.new_empty(0, wd.shape[1]), wd, ad, bmd, bd)
-    tensors = [t for t in (wg, bg, ag, bmg, wu, bu, au, bmu, wd, bd, ad, bmd) if t is not None]
+    tensors = [t for t in (wg, bg, ag, bmg, wu, bu, au, bmu, wd, bd, ad, bmd) if isinstance(t, torch.Tensor)]
     if not use_triton(x, *tensors):
         return lora_mlp_reference(x, gate, up, down, activation, drops, seeds)
-    if not _fused_fits(x, ag, au, ad):
+    if not _fused_fits(x, ag, au, ad):  # (lora_linear takes 4-bit weights too)
         g = lora_linear(x, wg, ag, bmg, sg, bg, drops[0], seeds[0])
         u = lora_linear(x, wu, au, bmu, su, bu, drops[1], seeds[1])
         return lora_linear(activation_reference(g, activation) * u, wd, ad, bmd, sd, bd, drops[2], seeds[2])
+    if any(is_quantized(w) for w in (wg, wu, wd)):
+        params, has_bias, weight_meta = flatten_projections(layer[:4] for layer in (gate, up, down))
+        y, *_ = lora_mlp_4bit_fwd(x, params, has_bias, weight_meta, activation, list(drops), _seed_tensor(seeds),
+                                  [float(sg), float(su), float(sd)])
+        return y.view(*x.shape[:-1], y.shape[-1])
     y, *_ = lora_mlp_fwd(x, tensors, [bg is not None, bu is not None, bd is not None], activation, list(drops),
                          _seed_tensor(seeds), [float(sg), float(su), float(sd)])
     return y.view(*x.shape[:-1], y.shape[-1])

@@ -52,6 +52,16 @@ def main():
     assert_runs_within_eager(got, eager, exact, torch.float32, FACTOR)
     if rank == 0:
         print("FSDP2 OK", len(got.grads))
+    try:  # QLoRA in the same processes (tests/_qlora_fsdp_worker.py), when bitsandbytes is installed
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        from _qlora_fsdp_worker import check_qlora
+
+        n = check_qlora(rank, dist.get_world_size())
+        if rank == 0:
+            print("QLoRA FSDP2 OK", n)
     dist.barrier()  # no rank tears its group down while another still runs a collective
     dist.destroy_process_group()
 

@@ -144,12 +144,16 @@ def run_model(model, loss_fn=None, logits_inputs: dict | None = None, **inputs) 
 
 def float64_twin(model):
     """The truth for a model-level comparison: an unpatched float64 copy of `model` (eager
-    experts: grouped_mm has no float64 kernel)."""
+    experts: grouped_mm has no float64 kernel; 4-bit layers dequantized, as bitsandbytes has no
+    float64 kernels)."""
     twin = copy.deepcopy(model)
     if getattr(twin, "_fastft_patch_state", None) is not None:
         import fastft
 
         fastft.unpatch(twin)
+    from fastft import quantization
+
+    quantization.dequantize_model(twin, torch.float64)  # 4-bit bases (QLoRA): the same values, dense
     twin = twin.to(torch.float64)
     inner = twin.get_base_model() if hasattr(twin, "get_base_model") else twin
     if getattr(inner, "get_experts_implementation", lambda: None)() not in (None, "eager"):

@@ -79,6 +79,44 @@ def _moe(make):
     return fn, (x, topk_w, gate_up, down, a, b)
 
 
+def _quant4bit(make, out, inp, nested):
+    """A 4-bit weight with random packed values and scales (the ops do not care what they mean)."""
+    from fastft.kernels.dequantize_4bit import Quant4bit
+
+    device, blocks = make.device, -(-out * inp // 64)
+    data = torch.randint(0, 256, ((out * inp + 1) // 2, 1), dtype=torch.uint8, device=device)
+    code = torch.linspace(-1, 1, 16, device=device)
+    if not nested:
+        return Quant4bit(data, torch.rand(blocks, device=device) + 0.5, code, (out, inp), 64, "nf4", torch.float32)
+    return Quant4bit(data, torch.randint(0, 256, (blocks,), dtype=torch.uint8, device=device), code, (out, inp), 64,
+                     "nf4", torch.float32, torch.rand(-(-blocks // 256), device=device) + 0.5,
+                     torch.linspace(-1, 1, 256, device=device), torch.tensor(0.1, device=device))
+
+
+def _lora_qkv_4bit(make):
+    x = make(2, 7, 64)
+    layers = [(_quant4bit(make, o, 64, nested=o == 64), make(o).detach() if o == 32 else None, make(8, 64),
+               make(o, 8), 0.5) for o in (64, 32)]
+
+    def fn(x, *params):
+        pairs = [params[i:i + 2] for i in range(0, len(params), 2)]
+        got = lora_linear_many(x, [(w, b, a, bm, s) for (w, b, _, _, s), (a, bm) in zip(layers, pairs)],
+                               dropout=0.1, seeds=[3, 4])
+        return torch.cat(got, dim=-1)
+    return fn, (x, *[t for (_, _, a, bm, _) in layers for t in (a, bm)])
+
+
+def _lora_mlp_4bit(make):
+    x = make(9, 64)
+    gate, up, down = [(_quant4bit(make, o, i, nested=True), None, make(8, i), make(o, 8), 2.0)
+                      for o, i in ((128, 64), (128, 64), (64, 128))]
+
+    def fn(x, ag, bg, au, bu, ad, bd):
+        return lora_mlp(x, (gate[0], None, ag, bg, 2.0), (up[0], None, au, bu, 2.0), (down[0], None, ad, bd, 2.0),
+                        dropout=0.1, seeds=[1, 2, 3])
+    return fn, (x, gate[2], gate[3], up[2], up[3], down[2], down[3])
+
+
 def _dropout(make):
     x = make(4, 40)
     return (lambda x: lora_dropout(x, 0.25, 7)), (x,)
@@ -86,7 +124,8 @@ def _dropout(make):
 
 CASES = {"rms_norm": _rms, "layer_norm": _layer, "fused_linear_cross_entropy": _flce,
          "fused_linear_cross_entropy_none": lambda make: _flce(make, "none"), "lora_linear_qkv": _lora_qkv,
-         "lora_mlp": _lora_mlp, "lora_dropout": _dropout, "moe_experts": _moe}
+         "lora_mlp": _lora_mlp, "lora_dropout": _dropout, "moe_experts": _moe, "lora_linear_4bit": _lora_qkv_4bit,
+         "lora_mlp_4bit": _lora_mlp_4bit}
 
 
 def _maker(device="cpu"):
@@ -107,9 +146,9 @@ def test_every_fused_op_is_a_registered_custom_op():
 
     ours = {name.split("::")[1]: op for name, op in OPDEFS.items() if name.startswith("fastft::")}
     forward = {"rms_norm_fwd", "layer_norm_fwd", "fused_linear_cross_entropy", "lora_linear", "lora_mlp",
-               "lora_dropout", "moe_experts"}
+               "lora_dropout", "moe_experts", "lora_linear_4bit", "lora_mlp_4bit"}
     backward = {"rms_norm_bwd", "layer_norm_bwd", "fused_linear_cross_entropy_bwd", "lora_linear_bwd",
-                "lora_mlp_bwd", "moe_experts_bwd"}
+                "lora_mlp_bwd", "moe_experts_bwd", "lora_linear_4bit_bwd", "lora_mlp_4bit_bwd"}
     assert forward | backward <= set(ours)
     for name, op in ours.items():
         assert op._abstract_fn is not None, f"{name} has no fake implementation"
@@ -118,7 +157,7 @@ def test_every_fused_op_is_a_registered_custom_op():
 
 
 @pytest.mark.parametrize("name", ["rms_norm", "layer_norm", "fused_linear_cross_entropy", "lora_linear_qkv",
-                                  "lora_mlp", "lora_dropout", "moe_experts"])
+                                  "lora_mlp", "lora_dropout", "moe_experts", "lora_linear_4bit", "lora_mlp_4bit"])
 def test_opcheck(name):
     """torch.library.opcheck on the op calls each functional API makes: schema (no hidden
     mutation or aliasing), fake tensors against the real outputs, the autograd registration."""

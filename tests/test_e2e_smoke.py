@@ -56,10 +56,16 @@ def test_e2e_smoke_every_architecture(tmp_path, modes):
 
 
 def test_e2e_smoke_lora_one_model(tmp_path):
-    e2e.main(["--smoke", "--out", str(tmp_path), "--modes", "lora", "--models", "Llama-3.2-1B", "--providers", "hf,fastft",
-              "--isolation", "none"])
+    try:  # QLoRA rows too where bitsandbytes is installed
+        import bitsandbytes  # noqa: F401
+        modes = ["lora", "qlora"]
+    except ImportError:
+        modes = ["lora"]
+    e2e.main(["--smoke", "--out", str(tmp_path), "--modes", ",".join(modes), "--models", "Llama-3.2-1B",
+              "--providers", "hf,fastft", "--isolation", "none"])
     rows = _rows(tmp_path / "e2e_smoke.jsonl")
-    assert {r["provider"] for r in rows} == {"hf", "fastft"} and not any(r.get("error") for r in rows)
+    assert {(r["provider"], r["mode"]) for r in rows} == {(p, m) for p in ("hf", "fastft") for m in modes}
+    assert not any(r.get("error") for r in rows), rows
     _assert_own_code_only(rows)
 
 
@@ -103,3 +109,13 @@ def test_flops_convention():
     f = training_flops(lora, [30])
     assert f["flops"] < f["flops_6n"]
     assert torch.isclose(torch.tensor(f["flops_6n"] - f["flops"]), torch.tensor(2.0 * base * 30))
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return
+    from fastft import quantization
+
+    fresh = AutoModelForCausalLM.from_config(arch.tiny_config())
+    quantization.quantize_model(fresh, quantization.Settings("nf4", True, torch.float32))
+    # the 4-bit (frozen) weights at their unpacked size; the LM head stays dense and trainable
+    assert matmul_parameters(fresh) == (vocab * h, expected - vocab * h)

@@ -1,6 +1,7 @@
 """Fused LoRA under FSDP2: decoder blocks fully_shard'ed on 2 CPU processes (gloo); the fused
 layers and MLP blocks run on the unsharded weights inside each block's forward and give PEFT's
-loss and gradients (tests/_lora_fsdp_worker.py does the work)."""
+loss and gradients (tests/_lora_fsdp_worker.py does the work); with bitsandbytes installed, the
+same processes check QLoRA's rank-0 load and sharded 4-bit bases too (tests/_qlora_fsdp_worker.py)."""
 
 import os
 import pathlib
@@ -31,3 +32,8 @@ def test_fused_lora_under_fsdp2_two_processes():
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=here)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "FSDP2 OK" in out.stdout
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return
+    assert "QLoRA FSDP2 OK" in out.stdout  # the 4-bit run (tests/_qlora_fsdp_worker.py)

@@ -111,6 +111,13 @@ def test_lora_benchmark_smoke(tmp_path):
         providers = {r["provider"] for r in rows if r["op"] == op}
         assert {"fastft", "peft", "no lora (frozen base)"} <= providers, providers
         assert all(r.get("saved_mib") is not None for r in rows if r["op"] == op and r["mode"] == "full")
+    try:  # the QLoRA rows, where bitsandbytes is installed
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        assert {r["provider"] for r in rows if r["op"] == "qlora_mlp"} == {"fastft", "peft", "no lora (4-bit base)"}
+        assert any(r["op"] == "dequantize_4bit" and r.get("gbps") is not None for r in rows)
     for r in rows:
         assert "error" not in r, r
         assert r["ms"] > 0 and r["device"] and r["commit"]

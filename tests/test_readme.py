@@ -96,6 +96,16 @@ layers = [n for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.
 assert {n.rsplit(".", 1)[-1] for n in layers} >= {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 assert model.fastft_report.count("lora") > 0 or any(e.replacement.startswith("lora_mlp") for e in model.fastft_report.entries), str(model.fastft_report)
 """,
+    # README "QLoRA": the linear layers are 4-bit, their LoRA layers (and the MLP blocks) fused.
+    "qlora-applied": """
+from fastft import quantization
+report = model.fastft_report
+four_bit = [e for e in report.entries if e.replacement == "lora_linear" and "4-bit nf4" in e.reason]
+assert len(four_bit) == sum(quantization.is_4bit(m) for m in model.modules()) > 0, str(report)
+assert any(e.replacement.startswith("lora_mlp") for e in report.entries), str(report)
+assert not report.skipped("lora"), str(report)
+assert "frozen" in model.fastft_quantization[0]
+""",
     # README "Mixture of experts": every layer's experts run the grouped kernel, with the experts'
     # LoRA factors fused into it.
     "moe-fused": """

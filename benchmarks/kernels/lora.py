@@ -5,6 +5,12 @@
 Ops, each over the modes fwd / bwd / full (harness.MODES), bf16, rank 16:
   lora_mlp   gated MLP (SwiGLU) H=4096, I=14336, N=8192 tokens, LoRA on gate/up/down
   lora_qkv   attention projections q [4096], k, v [1024] (GQA) of one x, LoRA on each
+  qlora_mlp  the same MLP over NF4 bases (double quantization, bf16 compute), when bitsandbytes is
+             installed: fastft's lora_mlp over the 4-bit weights, PEFT's 4-bit LoRA layers, and the
+             4-bit base alone as the floor
+  dequantize_4bit  (fwd) one [I, H] NF4 weight into bf16 with bitsandbytes' kernel, GB/s over the
+             packed bytes read and the bf16 bytes written: what decides whether a Triton
+             dequantization kernel could pay (kernels/dequantize_4bit.py, benchmarks/NOTES.md)
 Providers:
   fastft                 fastft.kernels.lora_mlp / lora_linear_many
   peft                   PEFT's eager LoRA layers around the same nn.Linear modules
@@ -123,14 +129,59 @@ def providers(op, s, dtype, device, smoke):
     return out
 
 
+def qlora_providers(s, dtype, device):
+    """{name: (x -> y, module, trainable params)} for the MLP over NF4 bases."""
+    from fastft import quantization
+    from fastft.patching import lora as lora_patch
+    from fastft.patching.report import PatchReport
+
+    torch.manual_seed(0)
+    quant = quantization.Settings("nf4", True, dtype)
+    base = MLP(s["H"], s["I"]).to(device=device, dtype=dtype).requires_grad_(False)
+    floor = copy.deepcopy(base)
+    quantization.quantize_model(base, quant)
+    quantization.quantize_model(floor, quant)
+    peft_model = _peft(base, ["gate_proj", "up_proj", "down_proj"], s["r"]).to(device=device)
+    fused = copy.deepcopy(peft_model)
+    lora_patch.install(fused, PatchReport("MLP"), skip=set())
+    params = lambda m: [p for p in m.parameters() if p.requires_grad]  # noqa: E731
+    return {"fastft": (fused, fused, params(fused)), "peft": (peft_model, peft_model, params(peft_model)),
+            "no lora (4-bit base)": (floor, floor, [])}
+
+
+def _dequantize_rows(rec, s, dtype, device):
+    from fastft import quantization
+    from fastft.kernels.dequantize_4bit import dequantize_4bit
+
+    layer = nn.Sequential(nn.Linear(s["H"], s["I"], bias=False)).to(device=device, dtype=dtype)
+    quantization.quantize_model(layer, quantization.Settings("nf4", True, dtype))
+    q = quantization.quant4bit(layer[0])
+    moved = quantization.parameter_bytes(layer[0].weight, layer[0]) + s["I"] * s["H"] * 2
+    harness.measure(rec, op="dequantize_4bit", provider="bitsandbytes", mode="fwd",
+                    shape={"I": s["I"], "H": s["H"]}, dtype=dtype, forward=lambda: dequantize_4bit(q),
+                    grads_of=[], bytes_moved=moved)
+
+
+def _has_bitsandbytes() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        print("qlora_mlp, dequantize_4bit: skipped (no bitsandbytes; pip install 'fastft[qlora]')")
+        return False
+    return True
+
+
 def main(argv=None):
     args = harness.parse_args("LoRA MLP and attention-projection benchmark", argv)
     rec = harness.Recorder("lora", args)
     s = SMOKE if args.smoke else FULL
     dtype = torch.bfloat16
-    for op in ("lora_mlp", "lora_qkv"):
-        shape = {k: s[k] for k in (("N", "H", "I", "r") if op == "lora_mlp" else ("N", "H", "KV", "r"))}
-        for name, (fn, module, params) in providers(op, s, dtype, args.device, args.smoke).items():
+    quantized = _has_bitsandbytes()
+    for op in ("lora_mlp", "lora_qkv") + (("qlora_mlp",) if quantized else ()):
+        shape = {k: s[k] for k in (("N", "H", "KV", "r") if op == "lora_qkv" else ("N", "H", "I", "r"))}
+        table = qlora_providers(s, dtype, args.device) if op == "qlora_mlp" else \
+            providers(op, s, dtype, args.device, args.smoke)
+        for name, (fn, module, params) in table.items():
             if args.providers and name not in args.providers:
                 continue
             x = torch.randn(s["N"], s["H"], dtype=dtype, device=args.device, requires_grad=True)
@@ -140,6 +191,8 @@ def main(argv=None):
                 harness.measure(rec, op=op, provider=name, mode=mode, shape=shape, dtype=dtype,
                                 forward=lambda: fn(x), grads_of=[x, *params], **extra)
             x.grad = None
+    if quantized and "fwd" in args.modes:
+        _dequantize_rows(rec, s, dtype, args.device)
     print(f"wrote {rec.save()}")
     return rec.rows
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastft import attention
+from fastft import attention, quantization
 from fastft.patching import lora as lora_patch
 from fastft.patching import packed_probe, recurrent
 from fastft.patching import loss as loss_patch
@@ -59,6 +59,7 @@ def patch(model: nn.Module, **options: bool) -> PatchReport:
     report = PatchReport(type(hf).__name__)
     state = {"norms": [], "attention": None, "recurrent": [], "loss": False, "moe": [], "lora": []}
     object.__setattr__(model, STATE, state)
+    quantization.keep_layout(model)  # before any probe runs a bitsandbytes forward (fastft/quantization.py)
     try:
         _patch(model, hf, enabled, report, state)
     except BaseException:
@@ -257,6 +258,12 @@ def from_pretrained(name_or_path: str, *model_args, **kwargs) -> nn.Module:
     PEFT config (e.g. `peft.LoraConfig(r=16, target_modules="all-linear")`): the adapter is added
     with `peft.get_peft_model` (the result is a PeftModel, with only the adapter trainable) and its
     layers are then patched onto the fused LoRA path.
+
+    QLoRA: `quantization_config=BitsAndBytesConfig(load_in_4bit=True, ...)` (transformers' own
+    argument; needs `pip install "fastft[qlora]"`) loads the linear layers in 4 bits, and with
+    `lora=LoraConfig(...)` their LoRA layers run fused over the 4-bit weights. The model is made
+    ready for training as fastft/quantization.py's `prepare` says; `model.fastft_quantization`
+    holds what it did, in words.
     """
     from transformers import AutoModelForCausalLM
 
@@ -272,12 +279,17 @@ def from_pretrained(name_or_path: str, *model_args, **kwargs) -> nn.Module:
             raise TypeError(f"fastft.from_pretrained: lora={adapter!r} must be True/False or a peft config such as "
                             f"peft.LoraConfig(r=16, target_modules='all-linear'), not {type(adapter).__name__}")
     _check_options(options)  # before the (possibly long) load
+    if quantization.wants_bitsandbytes(kwargs.get("quantization_config")):
+        quantization.require_bitsandbytes("fastft.from_pretrained(quantization_config=BitsAndBytesConfig(...))")
     model = AutoModelForCausalLM.from_pretrained(name_or_path, *model_args, **kwargs)
     if adapter is not None:
         from peft import get_peft_model
 
         model = get_peft_model(model, adapter)
+    notes = quantization.prepare(model)  # 4-bit bases: what training needs (fastft/quantization.py)
     patch(model, **options)
+    if notes:
+        model.fastft_quantization = notes
     return model
 
 

@@ -9,9 +9,15 @@ adapters enabled and unmerged, one plain LoRA adapter active, no LoRA bias, drop
 nn.Dropout or Identity. In any other state at call time (adapters disabled, merged, a second
 adapter activated later, `adapter_names=` mixed batches) PEFT's own forward runs. What cannot be
 fused when patching (DoRA and every other LoRA variant PEFT registers in `lora_variant`, several
-active adapters, `lora_bias`, `fan_in_fan_out` Conv1D bases, quantized bases such as
-bitsandbytes' Linear4bit (QLoRA: an nn.Linear subclass over packed NF4 weights), custom dropout
-modules) is left on PEFT's path and named in the PatchReport with the reason.
+active adapters, `lora_bias`, `fan_in_fan_out` Conv1D bases, custom dropout modules, quantized
+bases other than bitsandbytes' 4-bit ones) is left on PEFT's path and named in the PatchReport
+with the reason.
+
+QLoRA: a LoRA layer over a bitsandbytes 4-bit base (PEFT's `Linear4bit`; an nn.Linear subclass
+whose weight holds packed NF4/FP4 values) takes the same fused path with the weight read as the
+kernels' `Quant4bit` (fastft/quantization.py): the base product runs in the layer's compute dtype
+(under autocast, the autocast dtype, as bitsandbytes' GEMM would) and lands in x's dtype, as
+PEFT + bitsandbytes compute it, and the weight is dequantized only around its GEMMs.
 
 The LM head's LoRA layer is left alone: the fused loss (fastft/patching/loss.py) reads its
 adapter and includes the delta in fused_linear_cross_entropy.
@@ -44,6 +50,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastft import quantization
 from fastft.kernels import lora_linear, lora_mlp
 from fastft.kernels.lora_mlp import ACTIVATIONS, lora_mlp_reference
 
@@ -64,20 +71,15 @@ def is_lora_layer(module: nn.Module) -> bool:
             and isinstance(getattr(module, "lora_B", None), nn.ModuleDict) and hasattr(module, "scaling"))
 
 
-def _quantized(base: nn.Module) -> bool:
-    weight = getattr(base, "weight", None)
-    return (not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point
-            or getattr(weight, "quant_state", None) is not None or type(base).__module__.startswith("bitsandbytes"))
-
-
 def static_reason(module: nn.Module) -> str:
     """Why this LoRA layer cannot be fused in its current configuration, or '' when it can."""
     base = module.base_layer
     if not isinstance(base, nn.Linear) or getattr(module, "fan_in_fan_out", False):
         return f"base layer {type(base).__name__} is not an nn.Linear (e.g. Conv1D, embedding): kept on PEFT"
-    if _quantized(base):  # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear over packed weights
-        return (f"quantized base layer {type(base).__name__} ({type(base.weight).__name__} weight): kept on PEFT's "
-                "own path (the fused LoRA kernels take a floating-point base weight)")
+    if quantization.is_quantized_base(base):  # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear
+        why = quantization.fused_4bit_reason(base)
+        if why:
+            return why
     active = [a for a in module.active_adapters if a in module.lora_A.keys()]
     if len(active) > 1:
         return f"{len(active)} LoRA adapters active: kept on PEFT"
@@ -114,11 +116,17 @@ def fused_operands(module: nn.Module, x: torch.Tensor):
     drop = module.lora_dropout[name]
     p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
     device_type = x.device.type
+    four_bit = quantization.is_4bit(base)
     if torch.is_autocast_enabled(device_type):  # as autocast runs the three nn.Linear calls
         dtype = torch.get_autocast_dtype(device_type)
-        x, w, a, bm = x.to(dtype), w.to(dtype), a.to(dtype), bm.to(dtype)
+        w = quantization.quant4bit(base, dtype) if four_bit else w.to(dtype)
+        x, a, bm = x.to(dtype), a.to(dtype), bm.to(dtype)
         b = None if b is None else b.to(dtype)
+    elif four_bit:  # the base product in the compute dtype, landing in x's (bitsandbytes' Linear4bit)
+        w = quantization.quant4bit(base, base.compute_dtype or x.dtype)
     elif x.dtype != w.dtype:
+        return None
+    if w is None:  # a 4-bit layer without its quantization state (not loaded yet)
         return None
     return x, w, b, a, bm, float(module.scaling[name]), p
 
@@ -147,6 +155,10 @@ def describe(module: nn.Module) -> str:
         parts.append(f"dropout={drop.p:g}")
     if module.base_layer.bias is not None:
         parts.append("bias")
+    if quantization.is_4bit(module.base_layer):
+        base = module.base_layer
+        compute = base.compute_dtype or quantization.weight_dtype(base)
+        parts.append(f"4-bit {base.weight.quant_type}, compute {str(compute).removeprefix('torch.')}")
     return ", ".join(parts)
 
 
@@ -169,6 +181,13 @@ _PROBED: dict[tuple, tuple[str, str, str, str] | str] = {}
 
 def _layer_shape(layer: nn.Module) -> tuple[int, int]:
     return layer.base_layer.in_features, layer.base_layer.out_features
+
+
+def _input_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype a LoRA layer's inputs come in: its base weight's (for a 4-bit base, the dtype it was
+    quantized from)."""
+    base = layer.base_layer
+    return quantization.weight_dtype(base) if quantization.is_4bit(base) else base.weight.dtype
 
 
 def _mlp_layers(module: nn.Module) -> tuple[str, str, str] | str | None:
@@ -199,18 +218,20 @@ def _layer_tuple(layer: nn.Module, x: torch.Tensor):
 
 
 def _probe_mlp(module: nn.Module, names: tuple[str, str, str]) -> tuple[str, str, str, str] | str:
-    w = getattr(module, names[0]).base_layer.weight
+    first = getattr(module, names[0])
+    w = first.base_layer.weight
     if w.is_meta:  # what the block computes does not depend on its values: probe a random CPU copy
         return _probe_mlp(_random_copy(module), names)
+    dtype = _input_dtype(first)
     modes = {m: m.training for m in module.modules()}
     module.eval()
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[w.device] if w.is_cuda else []):
-            x = torch.randn(2, 3, w.shape[1], device=w.device).to(w.dtype)
+            x = torch.randn(2, 3, _layer_shape(first)[0], device=w.device).to(dtype)
             out = module(x)
             if not isinstance(out, torch.Tensor) or out.shape != x.shape:
                 return "forward does not map x to a tensor of its shape"
-            tol = 2e-2 if w.dtype in (torch.bfloat16, torch.float16) else 1e-4
+            tol = 2e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
             for gate, up in ((names[0], names[1]), (names[1], names[0])):
                 layers = [_layer_tuple(getattr(module, n), x) for n in (gate, up, names[2])]
                 if any(t is None for t in layers):
@@ -233,14 +254,19 @@ def _random_copy(module: nn.Module) -> nn.Module:
     adapters' terms take part in the probe)."""
     import copy
 
-    clone = copy.deepcopy(module).to_empty(device="cpu")
+    # Parameter subclasses (bitsandbytes' Params4bit) cannot be deep-copied on meta: copy plain ones.
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in module.parameters() if type(p) is not nn.Parameter}
+    clone = copy.deepcopy(module, memo).to_empty(device="cpu")
     for m in clone.modules():  # instance forwards (fused layers) would still call the originals
         m.__dict__.pop("forward", None)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in clone.parameters():
-            fan_in = p.shape[-1] if p.dim() > 1 else 1
-            p.copy_(torch.randn(p.shape, generator=generator) / fan_in ** 0.5)
+            if p.dtype.is_floating_point:
+                fan_in = p.shape[-1] if p.dim() > 1 else 1
+                p.copy_(torch.randn(p.shape, generator=generator) / fan_in ** 0.5)
+    quantization.requantize_random(clone, generator)  # 4-bit layers: random weights, real states
     return clone
 
 
@@ -271,7 +297,7 @@ def install_mlps(model: nn.Module, report) -> list[str]:
             report.add("lora", name, type(module).__name__, reason=names)
             continue
         key = (type(module), names, tuple(_layer_shape(getattr(module, n)) for n in names),
-               str(getattr(module, names[0]).base_layer.weight.dtype))
+               str(getattr(module, names[0]).base_layer.weight.dtype), str(_input_dtype(getattr(module, names[0]))))
         spec = _PROBED.get(key)
         if spec is None or isinstance(spec, str):
             spec = _probe_mlp(module, names)
