@@ -95,7 +95,7 @@ class DistributedConfig:
     cpu_offload: bool = False  # parameters, gradients and optimizer state live on the CPU
     param_dtype: str = "auto"  # FSDP2 MixedPrecisionPolicy: "auto" (bf16 on CUDA, fp32 on CPU), "bfloat16", "float32"
     reduce_dtype: str = "float32"
-    activation_checkpointing: str = "none"  # "none", "full" (every block) or "selective"
+    activation_checkpointing: str = "none"  # "none", "full" (every block), "selective" or "offload" (full, inputs in host memory)
     checkpoint_every: int = 2  # selective: recompute every n-th block only
     compile: bool = False  # torch.compile each decoder block (not under the Triton interpreter)
     backend: str | None = None  # process-group backend; None: nccl on CUDA, gloo on CPU
@@ -153,7 +153,7 @@ CHOICES = {
     "train.precision": ("auto", "bf16", "fp32"),
     "distributed.param_dtype": ("auto", "float32", "bfloat16"),
     "distributed.reduce_dtype": ("float32", "bfloat16"),
-    "distributed.activation_checkpointing": ("none", "full", "selective"),
+    "distributed.activation_checkpointing": ("none", "full", "selective", "offload"),
     "distributed.load": ("rank0", "every_rank"),
 }
 
