@@ -47,6 +47,7 @@ class ModelConfig:
     patch_options: dict = dataclasses.field(default_factory=dict)  # passed to fastft.patch, e.g. {attention: false}
     trust_remote_code: bool = False
     attn_implementation: str | None = None  # for the unpatched model; patching sets "fastft"
+    tiled_mlp: Union[str, int] = "off"  # gated MLPs over chunks of tokens: "off", "auto" (long rows only) or tokens per chunk
 
 
 @dataclasses.dataclass
@@ -390,6 +391,8 @@ def validate(config: FinetuneConfig) -> FinetuneConfig:
                           "to build with random weights, not both")
     if m.config is not None and "model_type" not in m.config:
         raise ConfigError("model.config needs a model_type (e.g. llama, qwen3, gemma3_text, mistral)")
+    if m.tiled_mlp not in ("off", "auto") and not (isinstance(m.tiled_mlp, int) and m.tiled_mlp >= 1):
+        raise ConfigError(f"model.tiled_mlp={m.tiled_mlp!r}: use 'off', 'auto' or a number of tokens per chunk (>= 1)")
     if m.patch_options:
         from fastft.patching import OPTIONS
 

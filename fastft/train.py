@@ -199,6 +199,10 @@ def build_model(config: FinetuneConfig, tokenizer, dtype: torch.dtype, *, meta: 
         import fastft
 
         report = fastft.patch(model, **m.patch_options)
+    if m.tiled_mlp != "off":  # after patch: each chunk runs the (fused) MLP forward
+        from fastft.patching import tiled_mlp
+
+        tiled_mlp.apply(model, m.tiled_mlp, report)
     return model, report
 
 
