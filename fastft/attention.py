@@ -25,6 +25,8 @@ Dispatch, per call (query/key/value arrive as [batch, heads, seq, head_dim]):
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
 import sys
 from functools import lru_cache
@@ -37,9 +39,31 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 NAME = "fastft"
 
 
-@lru_cache(maxsize=None)
+# fastft.plan runs a model on fake CPU tensors to plan what a GPU holds: inside `as_on_gpu()` the
+# dispatch below is the CUDA one, with torch's varlen op (whose fake implementation exists).
+_AS_ON_GPU = contextvars.ContextVar("fastft_attention_as_on_gpu", default=False)
+
+
+@contextlib.contextmanager
+def as_on_gpu():
+    token = _AS_ON_GPU.set(True)
+    try:
+        yield
+    finally:
+        _AS_ON_GPU.reset(token)
+
+
+def _on_gpu(device: torch.device) -> bool:
+    return device.type == "cuda" or _AS_ON_GPU.get()
+
+
 def varlen_backend() -> str | None:
     """'flash_attn', 'torch' or None: which varlen kernel this process can call."""
+    return "torch" if _AS_ON_GPU.get() else _detected_backend()
+
+
+@lru_cache(maxsize=None)
+def _detected_backend() -> str | None:
     if not torch.cuda.is_available():
         return None
     try:
@@ -90,7 +114,7 @@ def fastft_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 
     """None where varlen attention will run (no mask is built), else SDPA's or eager's mask."""
     device = torch.device(device)
     window, softcap = _layer_features(config)
-    if (device.type == "cuda" and attention_mask is None and q_offset == 0 and q_length == kv_length
+    if (_on_gpu(device) and attention_mask is None and q_offset == 0 and q_length == kv_length
             and kwargs.get("dtype") in HALF_DTYPES and varlen_supports(config, window, softcap)):
         return None
     if softcap:  # the eager path adds the mask to the scores
@@ -218,7 +242,7 @@ def fastft_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                              scaling: float | None = None, sliding_window: int | None = None,
                              softcap: float | None = None, **kwargs):
     """AttentionInterface function: returns (output [batch, seq, heads, head_dim], None)."""
-    if (query.is_cuda and attention_mask is None and key.shape[2] == query.shape[2] and dropout == 0.0
+    if (_on_gpu(query.device) and attention_mask is None and key.shape[2] == query.shape[2] and dropout == 0.0
             and query.dtype in HALF_DTYPES and query.shape[-1] <= MAX_HEAD_DIM and varlen_supports(getattr(module, "config", None), sliding_window, softcap)):
         return _varlen(query, key, value, scaling, sliding_window, softcap, kwargs), None
     if key.shape[2] == query.shape[2]:
