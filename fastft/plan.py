@@ -110,6 +110,8 @@ def _trackers():
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
 
+    KwargsModTracker = _kwargs_mod_tracker()
+
     class _Located:
         """Records where each new peak happens; updates the running modules' peaks in O(depth).
 
@@ -154,9 +156,10 @@ def _trackers():
                     self.where = (_module_name(max(parents - {"Global"}, key=len, default="")), phase)
 
     class Tracker(_Located, MemTracker):
-        def __init__(self):
+        def __init__(self, model):
             super().__init__()
             self._locate_init()
+            self._mod_tracker = KwargsModTracker(model)
 
         def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
             # torch's version registers a gradient hook on every parameter, which raises for a
@@ -177,9 +180,48 @@ def _trackers():
         def __init__(self, model, optimizer, host=()):
             super().__init__(model, optimizer)
             self._locate_init()
+            self._mod_tracker = KwargsModTracker(model)
             self.host = frozenset(host)
 
     return Tracker, FSDPTracker
+
+
+def _kwargs_mod_tracker():
+    from torch.distributed._tools.mod_tracker import ModTracker
+
+    class KwargsModTracker(ModTracker):
+        """torch's ModTracker, also seeing keyword inputs. It learns that a module's backward has
+        ended from a gradient hook on the module's positional tensor inputs; transformers calls
+        its attention and decoder layers with keywords only (self_attn(hidden_states=...)), so
+        those would stay "running" until the whole backward ends, and every later backward op
+        would be attributed to them. Here the model's modules get the same bookkeeping from a
+        per-module pre-hook that sees keywords (nn.Module's global hooks do not)."""
+
+        def __init__(self, model):
+            super().__init__()
+            self._model, self._own, self._handles = model, set(), []
+
+        def __enter__(self):
+            super().__enter__()
+            for module in self._model.modules():
+                self._own.add(id(module))
+                self._handles.append(module.register_forward_pre_hook(self._kwargs_pre_hook, with_kwargs=True))
+            return self
+
+        def __exit__(self, *args):
+            for handle in self._handles:
+                handle.remove()
+            self._handles, self._own = [], set()
+            super().__exit__(*args)
+
+        def _fw_pre_hook(self, mod, input):
+            if id(mod) not in self._own:
+                super()._fw_pre_hook(mod, input)
+
+        def _kwargs_pre_hook(self, mod, args, kwargs):
+            super()._fw_pre_hook(mod, (args, kwargs))
+
+    return KwargsModTracker
 
 
 # Tracker categories -> the plan's.
@@ -543,7 +585,7 @@ def _run(config, provider, world_size, sizes, setup, gpu) -> Plan:
             tracker = FSDPTracker(model, optimizer, host=[_ref(h) for h in host])
             tracker.track_inputs(tuple(inputs))
         else:
-            tracker = Tracker()
+            tracker = Tracker(model)
             tracker.track_external(model, optimizer, *inputs)
         return tracker
 
@@ -633,19 +675,25 @@ def _roofline_estimator(spec: GPUSpec):
     from torch.utils.flop_counter import flop_registry
 
     _register_flop_formulas()
+    aten = torch.ops.aten
+    _NO_TRAFFIC = {aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty, aten.new_empty_strided,
+                   aten.alias}
 
     class Roofline(RuntimeEstimator):
         @classmethod
         def _roofline(cls, func, args, kwargs):
             out = func(*args, **(kwargs or {}))
             packet = func._overloadpacket
-            if packet in _IGNORE_OPS:
+            outputs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+            # Views and factories move no data; nor do metadata queries (prim.device, sym sizes),
+            # nor an allocation (empty*): torch's list, and ops that return no tensor.
+            if packet in _IGNORE_OPS or packet in _NO_TRAFFIC or not outputs:
                 return out, 0.0
-            tensors = [t for t in pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+            tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)] + outputs
             transfer = sum(get_num_bytes(t) for t in tensors) / spec.bandwidth
             compute = 0.0
             if packet in flop_registry:
-                dtypes = {t.dtype for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()}
+                dtypes = {t.dtype for t in outputs if t.is_floating_point()}
                 peak = spec.fp32 if dtypes == {torch.float32} else spec.bf16
                 flops = flop_registry[packet](*args, **(kwargs or {}), out_val=out)
                 compute = flops / (COMPUTE_EFFICIENCY * peak)
@@ -712,6 +760,7 @@ def estimate_time(config, provider: str = "fastft", world_size: int = 1, gpu: st
 
     def observe(model, optimizer, batch):
         estimator = _roofline_estimator(spec)("operator-level-cost-model")
+        estimator._mod_tracker = _kwargs_mod_tracker()(model)
         estimator.mark = lambda name: marks.setdefault(name, estimator.total_runtime)
         return estimator
 
@@ -719,6 +768,7 @@ def estimate_time(config, provider: str = "fastft", world_size: int = 1, gpu: st
         estimator, _, model = _one_step(config, provider, world_size, sizes, setup, observe)
         trained, frozen = flops.matmul_parameters(model)
         layers, d_attn = flops.attention_dims(flops.text_config(model))
+        blocks = _blocks_name(model)
     micro_ms, opt_ms = marks["micro-batch"], marks["optimizer"] - marks["micro-batch"]
     step_ms = sizes["accumulation"] * micro_ms + opt_ms
     rows, width = sizes["micro_batch_rows"], _row_tokens(config)
@@ -727,10 +777,27 @@ def estimate_time(config, provider: str = "fastft", world_size: int = 1, gpu: st
                             * sizes["accumulation"])
     per_module: dict[str, float] = {}
     for fqn, times in estimator.mod_runtimes.items():
-        key = ".".join("*" if part.isdigit() else part for part in fqn.split("."))
-        if key.count(".") <= 4 and fqn != "Global":
+        key = _module_group(_module_name(fqn), blocks)
+        if key is not None:
             per_module[key] = per_module.get(key, 0.0) + times.get("fw", 0.0) + times.get("bw", 0.0)
     return {"gpu": gpu, "step_ms": step_ms, "micro_batch_ms": micro_ms, "optimizer_ms": opt_ms,
             "tokens_per_s": tokens / (step_ms / 1e3), "mfu": work["flops"] / (step_ms / 1e3) / spec.bf16,
             "per_module_ms": dict(sorted(per_module.items(), key=lambda kv: -kv[1])[:12]),
             "note": "roofline model (torch RuntimeEstimator, datasheet peaks): not a measurement"}
+
+
+def _blocks_name(model) -> str:
+    from fastft import distributed
+
+    return _module_name(type(model).__name__ + "." + distributed.decoder_blocks(model)[0])
+
+
+def _module_group(name: str, blocks: str) -> str | None:
+    """Modules summed over the decoder blocks ("model.layers.*.mlp"): a block, its direct parts,
+    and the modules outside the blocks (embeddings, final norm, head); None for containers."""
+    if name.startswith(blocks + "."):
+        rest = name[len(blocks) + 1:].split(".")
+        return ".".join([blocks, "*", *rest[1:]]) if len(rest) <= 2 else None
+    if name == "(model)" or blocks.startswith(name + ".") or name == blocks:
+        return None
+    return name
