@@ -8,6 +8,8 @@
 
     fastft bench [ARGS]          the end-to-end benchmark (benchmarks/e2e.py; --help for its options),
                                  from a source checkout
+    fastft plan [RECIPE] [ARGS]  the GPU memory a recipe needs, planned on this machine without a GPU or
+                                 weights (fastft/planner.py; --help for its options)
 """
 
 from __future__ import annotations
@@ -123,6 +125,12 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def plan(argv: list[str]) -> int:
+    from fastft import planner
+
+    return planner.main(argv)
+
+
 def train(args: argparse.Namespace, overrides: list[str]) -> int:
     # On a CPU the fused kernels fall back to their torch references unless TRITON_INTERPRET=1 is
     # set by the user (the interpreter is correct but far too slow for training: ~35 s per step of
@@ -188,9 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     p_report.add_argument("--trust-remote-code", action="store_true")
     p_report.set_defaults(func=patch_report)
     sub.add_parser("bench", help="end-to-end training benchmark (benchmarks/e2e.py; its own --help)")
+    sub.add_parser("plan", help="plan a recipe's GPU memory on this machine (fastft/planner.py; its own --help)")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # everything after `bench` belongs to benchmarks/e2e.py
         return bench(argparse.Namespace(rest=argv[1:]))
+    if argv[:1] == ["plan"]:
+        return plan(argv[1:])
     p_train = sub.add_parser("train", help="fine-tune (no recipe: the built-in default run)",
                              description="Fine-tune a causal LM. Any config field can be overridden as "
                                          "--section.field=value (sections: model, data, lora, optim, train, "

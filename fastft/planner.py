@@ -203,9 +203,12 @@ def _kwargs_mod_tracker():
 
         def __enter__(self):
             super().__enter__()
+            self._get_mod_name(self._model)  # every module's name known before any hook asks (FSDPMemTracker's do)
             for module in self._model.modules():
                 self._own.add(id(module))
-                self._handles.append(module.register_forward_pre_hook(self._kwargs_pre_hook, with_kwargs=True))
+                # prepended: it runs first, where the global hook it replaces would
+                self._handles.append(module.register_forward_pre_hook(self._kwargs_pre_hook, with_kwargs=True,
+                                                                      prepend=True))
             return self
 
         def __exit__(self, *args):
@@ -272,7 +275,7 @@ def resolve_model(config: FinetuneConfig) -> tuple[dict, str]:
             fields.pop(key, None)
         return fields, f"{m.name} ({source})"
     if m.name in PUBLISHED:
-        return dict(PUBLISHED[m.name]), f"{m.name} (fastft.plan.PUBLISHED: the published config's shape fields)"
+        return dict(PUBLISHED[m.name]), f"{m.name} (fastft.planner.PUBLISHED: the published config's shape fields)"
     raise PlanError(f"model.name={m.name!r}: no config.json found ({'; '.join(errors)}). Give a local folder, "
                     "fill the hub cache (HF_HUB_OFFLINE=1 then uses it), give the shape as model.config, or use "
                     f"one of {sorted(PUBLISHED)}")
@@ -312,7 +315,7 @@ class Plan:
     module_activations: dict[str, int]  # per module: activation bytes its forward leaves behind
     setup: dict  # what was planned: precision, checkpointing, FSDP, patching
     seconds: float = 0.0  # how long planning took
-    roofline: dict | None = None  # fastft.plan.estimate_time's figures (a model: see there)
+    roofline: dict | None = None  # fastft.planner.estimate_time's figures (a model: see there)
 
     def fits(self, capacity: int, reserve: int = RESERVE) -> bool:
         return self.peak + reserve <= capacity
@@ -330,17 +333,23 @@ class Plan:
                 f"{self.rows} x {self.tokens} tokens, {setup['training']}, {setup['precision']}, activation "
                 f"checkpointing {setup['activation_checkpointing']}" + (", FSDP2" if setup["fsdp"] else "")
                 + (f", tiled MLP {setup['tiled_mlp']}" if setup.get("tiled_mlp", "off") != "off" else ""))
-        out = [head, f"  peak per GPU: {self.peak / GiB:.2f} GiB in the {self.phase} of {self.where} "
-                     f"(first step: {self.first_step_peak / GiB:.2f} GiB)"]
-        out.append("  at the peak: " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in
-                                                 sorted(self.at_peak.items(), key=lambda kv: -kv[1])) + " GiB")
-        out.append("  phase peaks: " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in self.phase_peaks.items()) + " GiB")
+        out = [head, f"  peak per GPU: {size(self.peak)} in the {self.phase} of {self.where} "
+                     f"(first step: {size(self.first_step_peak)})"]
+        out.append("  at the peak: " + ", ".join(f"{k} {size(v)}" for k, v in
+                                                 sorted(self.at_peak.items(), key=lambda kv: -kv[1]) if v))
+        out.append(f"  kept for the backward: {size(self.activations)}; phase peaks: "
+                   + ", ".join(f"{k} {size(v)}" for k, v in self.phase_peaks.items()))
         if self.roofline:
             r = self.roofline
-            out.append(f"  roofline model on {r['gpu']} (a model, not a measurement): step {r['step_ms']:.0f} ms, "
+            out.append(f"  roofline model on {r['gpu']} (a model, not a measurement): step {r['step_ms']:.1f} ms, "
                        f"{r['tokens_per_s']:,.0f} tokens/s per GPU, MFU {100 * r['mfu']:.1f}%")
         out.append(f"  planned in {self.seconds:.1f} s on this CPU ({setup['source']})")
         return out
+
+
+def size(nbytes: float) -> str:
+    """Bytes as GiB (or MiB below one GiB) for the printed plans."""
+    return f"{nbytes / GiB:.2f} GiB" if abs(nbytes) >= GiB else f"{nbytes / 2**20:.1f} MiB"
 
 
 def _as_config(config) -> FinetuneConfig:
@@ -441,7 +450,7 @@ def _planning(world_size: int, fsdp: bool):
             started = True
         elif dist.get_backend() != "fake" or dist.get_world_size() != world_size:
             raise PlanError("fastft.plan with FSDP2 needs its own (fake) process group: run it in a process without "
-                            "one (fastft.plan.plan_in_subprocess does)")
+                            "one (fastft.planner.plan_in_subprocess does)")
     try:
         with attention.as_on_gpu(), _kernels_as_on_gpu(), \
                 mock.patch.object(_sharding_prop, "detect_fake_mode", lambda *a, **k: None), \
@@ -510,6 +519,7 @@ def _build(config: FinetuneConfig, provider: str, setup: dict):
                                reshard_after_forward=d.reshard_after_forward)
     if report is not None:
         setup["patched"] = sorted({e.kind for e in report.patched()})
+    setup["blocks"] = _blocks_name(model)
     return model
 
 
@@ -801,3 +811,340 @@ def _module_group(name: str, blocks: str) -> str | None:
     if name == "(model)" or blocks.startswith(name + ".") or name == blocks:
         return None
     return name
+
+
+# -- the longest row, and how memory grows with it -----------------------------------------------
+
+def _row_config(config: FinetuneConfig) -> FinetuneConfig:
+    """One packed row per micro-batch and no accumulation: what "the longest row" means."""
+    config = copy.deepcopy(config)
+    config.data.batching, config.data.batch_size = "packed", 1
+    config.train.global_batch_tokens = config.train.global_batch_rows = None
+    return config
+
+
+@dataclasses.dataclass
+class ContextSearch:
+    longest: int  # tokens in the longest row that fits (0: not even `granularity` tokens)
+    capacity: int
+    reserve: int
+    plans: dict[int, Plan]  # every row length planned, by tokens
+
+    def lines(self) -> list[str]:
+        out = [f"longest packed row that fits {(self.capacity - self.reserve) / GiB:.1f} GiB "
+               f"({self.capacity / GiB:.1f} GiB less {self.reserve / GiB:.1f} GiB reserve): {self.longest:,} tokens"]
+        for tokens, p in sorted(self.plans.items()):
+            out.append(f"  {tokens:>9,} tokens: peak {size(p.peak):>11s} ({p.phase} of {p.where})"
+                       + ("" if p.fits(self.capacity, self.reserve) else "  does not fit"))
+        return out
+
+
+def max_context(config, *, capacity: int = GPU_MEMORY["H100"], reserve: int = RESERVE, world_size: int = 1,
+                provider: str = "fastft", granularity: int = 1024, start: int = 4096,
+                limit: int = 1 << 24) -> ContextSearch:
+    """The longest packed row (tokens, a multiple of `granularity`) one optimizer step of `config`
+    fits in `capacity` bytes per GPU, less `reserve`: a bisection on planned peaks, with the next
+    row length guessed by interpolating the peaks planned so far (regula falsi; memory is close
+    to linear in the row length) and bisection when a guess does not shrink the bracket."""
+    config = _row_config(_as_config(config))
+    plans: dict[int, Plan] = {}
+
+    def fits(tokens: int) -> bool:
+        if tokens not in plans:
+            plans[tokens] = plan(config, world_size=world_size, provider=provider, rows=1, tokens=tokens)
+        return plans[tokens].fits(capacity, reserve)
+
+    def guess(a: int, b: int) -> int:  # where the line through the peaks at a and b meets the budget
+        pa, pb = plans[a].peak, plans[b].peak
+        slope = (pb - pa) / (b - a) if b != a else 0
+        target = a + (capacity - reserve - pa) / slope if slope > 0 else 2 * b
+        return int(target // granularity * granularity)
+
+    lo, hi = 0, None
+    t = max(granularity, start // granularity * granularity)
+    while fits(t) and hi is None:  # grow: double, then extrapolate
+        lo = t
+        known = sorted(plans)
+        nxt = guess(known[-2], known[-1]) if len(known) > 1 else 2 * t
+        t = min(limit, max(nxt + granularity, t + granularity))
+        if t >= limit:
+            break
+    if t not in plans or not plans[t].fits(capacity, reserve):
+        hi = t
+    if lo == 0:  # even the first guess does not fit: shrink
+        while hi > granularity:
+            t = max(granularity, hi // 2 // granularity * granularity)
+            if fits(t):
+                lo = t
+                break
+            hi = t
+        if lo == 0:
+            return ContextSearch(0, capacity, reserve, plans)
+    while hi is not None and hi - lo > granularity:
+        t = guess(lo, hi)
+        if not lo < t < hi:
+            t = (lo + hi) // 2 // granularity * granularity
+        if t <= lo:
+            t = lo + granularity
+        if fits(t):
+            lo = t
+        else:
+            hi = t
+    return ContextSearch(lo, capacity, reserve, plans)
+
+
+def scaling(config, lengths: list[int], *, world_size: int = 1, provider: str = "fastft") -> list[str]:
+    """Per-module activation bytes against the row length (one packed row), summed over the
+    decoder blocks, with each module's growth exponent p (bytes ~ c0 + c T^p): from the
+    increments between consecutive lengths, p = log(d_last / d_first) / log(T_last / T_first)
+    for lengths in a geometric sequence (constants, such as the weights autocast casts, cancel).
+    1 is linear; above about 1.05 something grows faster."""
+    config = _row_config(_as_config(config))
+    plans = [plan(config, world_size=world_size, provider=provider, rows=1, tokens=t) for t in lengths]
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(plans):
+        blocks = p.setup.get("blocks", "")
+        for name, value in p.module_activations.items():
+            key = _module_group(name, blocks) if blocks else name
+            if key is None and name != "(model)":
+                continue
+            key = key or "(model)"
+            groups.setdefault(key, [0] * len(plans))[i] += value
+    header = f"{'module (summed over blocks)':44s}" + "".join(f"{t:>12,}" for t in lengths) + "  exponent"
+    out = [f"activation bytes kept for the backward (MiB) against row length, {plans[0].model}, provider {provider}",
+           header]
+    for key, values in sorted(groups.items(), key=lambda kv: -kv[1][-1]):
+        if values[-1] < 2**20 and key != "(model)":
+            continue
+        exponent = _growth(lengths, values)
+        flag = "  <- faster than linear" if exponent > 1.05 else ""
+        out.append(f"{key:44s}" + "".join(f"{v / 2**20:12.1f}" for v in values) + f"  {exponent:8.2f}{flag}")
+    out.append(f"{'peak per GPU':44s}" + "".join(f"{p.peak / 2**20:12.1f}" for p in plans))
+    return out
+
+
+def _growth(lengths: list[int], values: list[int]) -> float:
+    if len(lengths) >= 3:
+        first, last = values[1] - values[0], values[-1] - values[-2]
+        if first > 0 and last > 0:
+            return math.log(last / first) / math.log(lengths[-1] / lengths[1])
+    elif values[0] > 0 and values[-1] > 0:
+        return math.log(values[-1] / values[0]) / math.log(lengths[-1] / lengths[0])
+    return float("nan")
+
+
+# -- what would fit ------------------------------------------------------------------------------
+
+def alternatives(config: FinetuneConfig, world_size: int) -> list[tuple[str, list[str], int]]:
+    """(what, the overrides that do it, GPUs) for each change that lowers the peak, in the order
+    a user would try them."""
+    d, data, out = config.distributed, config.data, []
+    if d.activation_checkpointing in ("none", "selective"):
+        out.append(("activation checkpointing on every block", ["--distributed.activation_checkpointing=full"], world_size))
+    if d.activation_checkpointing != "offload":
+        out.append(("offloaded activation checkpointing", ["--distributed.activation_checkpointing=offload"], world_size))
+    if config.model.tiled_mlp == "off" and config.model.patch:
+        out.append(("tiled MLP", ["--model.tiled_mlp=auto"], world_size))
+    if not config.lora.enabled:
+        out.append(("LoRA r=16 instead of full fine-tuning", ["--lora.enabled=true"], world_size))
+    rows_field = "data.token_budget" if data.batching == "flat" else "data.max_seq_len"
+    rows_value = data.token_budget if data.batching == "flat" else data.max_seq_len
+    if rows_value >= 2:
+        out.append((f"half the row length ({rows_value // 2} tokens)", [f"--{rows_field}={rows_value // 2}"], world_size))
+    if data.batching != "flat" and data.batch_size >= 2:
+        out.append((f"half the micro-batch ({data.batch_size // 2} rows; accumulation makes up the global batch)",
+                    [f"--data.batch_size={data.batch_size // 2}"], world_size))
+    out.append((f"{2 * world_size} GPUs (FSDP2)", [], 2 * world_size))
+    out.append(("FSDP2 CPU offload (parameters, gradients, optimizer states in host memory)",
+                ["--distributed.fsdp=true", "--distributed.cpu_offload=true"], world_size))
+    return out
+
+
+QLORA_NOTE = "QLoRA (4-bit base weights): not plannable yet, 4-bit training arrives with issue 16"
+
+
+def _overridden(config: FinetuneConfig, overrides: list[str]) -> FinetuneConfig:
+    return load_config(config.to_dict(), overrides) if overrides else copy.deepcopy(config)
+
+
+def fit_report(config, *, world_size: int, capacity: int, reserve: int = RESERVE, provider: str = "fastft",
+               base: Plan | None = None) -> tuple[Plan, list[dict]]:
+    """The plan and, when it does not fit, each alternative planned: [{"what", "overrides",
+    "world_size", "peak" or "error", "fits"}]."""
+    config = _as_config(config)
+    base = base or plan(config, world_size=world_size, provider=provider)
+    rows = []
+    if not base.fits(capacity, reserve):
+        for what, overrides, gpus in alternatives(config, world_size):
+            row = {"what": what, "overrides": overrides, "world_size": gpus}
+            try:
+                alt = plan(_overridden(config, overrides), world_size=gpus, provider=provider)
+                row.update(peak=alt.peak, fits=alt.fits(capacity, reserve))
+            except (PlanError, ConfigError, RuntimeError, ValueError) as exc:
+                row.update(error=f"{type(exc).__name__}: {str(exc)[:160]}", fits=False)
+            rows.append(row)
+        rows.append({"what": QLORA_NOTE, "overrides": [], "world_size": world_size, "fits": False,
+                     "error": "issue 16"})
+    return base, rows
+
+
+def fit_message(base: dict, rows: list[dict], capacity: int, reserve: int) -> str:
+    lines = [f"the memory plan does not fit: {base['peak'] / GiB:.1f} GiB per GPU planned (in the {base['phase']} of "
+             f"{base['where']}), {(capacity - reserve) / GiB:.1f} GiB usable ({capacity / GiB:.1f} GiB less "
+             f"{reserve / GiB:.1f} GiB for the CUDA context and fragmentation). Planned alternatives:"]
+    for row in rows:
+        how = " ".join(row["overrides"]) or ("torchrun --nproc_per_node " + str(row["world_size"]) if row["world_size"] > 1 else "")
+        if "peak" in row:
+            lines.append(f"  {'fits ' if row['fits'] else 'no   '} {row['peak'] / GiB:6.1f} GiB  {row['what']}: {how}")
+        else:
+            lines.append(f"  {'':5s} {'':>6s}      {row['what']}" + (f" ({row['error']})" if row.get("error") != "issue 16" else ""))
+    lines.append("(fastft plan RECIPE prints the full plan; the planner is fastft/planner.py)")
+    return "\n".join(lines)
+
+
+# -- the trainer's side ------------------------------------------------------------------------
+
+def device_capacity(device: torch.device) -> int | None:
+    """Bytes of memory of a CUDA device; None elsewhere (no check)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory
+
+
+def plan_in_subprocess(config: FinetuneConfig, *, world_size: int, capacity: int, reserve: int = RESERVE,
+                       timeout: float = 1800) -> dict:
+    """`python -m fastft.planner --fit` in a fresh CPU-only process (its own fake process group and
+    fake tensors, nothing of it left in the trainer): {"plan": record, "alternatives": [...]}."""
+    import subprocess
+    import tempfile
+
+    from fastft.config import to_yaml
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this fastft, installed or not
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = os.path.join(tmp, "recipe.yaml")
+        with open(recipe, "w", encoding="utf-8") as f:
+            f.write(to_yaml(config))
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "",
+               "PYTHONPATH": root + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
+        env.pop("TRITON_INTERPRET", None)
+        proc = subprocess.run([sys.executable, "-m", "fastft.planner", recipe, "--world-size", str(world_size),
+                               "--fit", str(capacity), "--reserve", str(reserve), "--json"],
+                              capture_output=True, text=True, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        raise PlanError((proc.stderr.strip().splitlines() or ["(no output)"])[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def preflight(config: FinetuneConfig, env, log) -> dict | None:
+    """Before the weights load, on CUDA: the planned peak per GPU, printed; PlanDoesNotFit, with
+    the planned alternatives, when it exceeds the device. Rank 0 plans, every rank gets the
+    verdict. A plan that cannot be made is logged, and training goes on."""
+    from fastft import distributed
+
+    capacity = device_capacity(env.device)
+    if capacity is None:
+        return None
+    result, error = None, None
+    if env.is_main:
+        try:
+            result = plan_in_subprocess(config, world_size=env.world_size, capacity=capacity)
+        except Exception as exc:  # the plan is advice: never a reason not to train
+            error = f"{type(exc).__name__}: {str(exc)[:300]}"
+    result, error = distributed.broadcast_object((result, error))
+    if result is None:
+        log(f"memory plan: not made ({error}); training without it")
+        return None
+    p = result["plan"]
+    log(f"memory plan: {p['peak'] / GiB:.2f} GiB per GPU at the peak (the {p['phase']} of {p['where']}; first step "
+        f"{p['first_step_peak'] / GiB:.2f} GiB) of {capacity / GiB:.1f} GiB; planned in {p['seconds']:.0f} s by fastft.plan")
+    if result["alternatives"]:
+        raise PlanDoesNotFit(fit_message(p, result["alternatives"], capacity, RESERVE))
+    return p
+
+
+def report_measured(planned: dict | None, device: torch.device, log, step: int, *, first_step: bool) -> None:
+    """After a step: torch.cuda.max_memory_allocated against the plan (the first step's peak for
+    the run's step 1, which has no optimizer states before its optimizer step; else the steady one)."""
+    if planned is None or device.type != "cuda":
+        return
+    measured = torch.cuda.max_memory_allocated(device)
+    want = planned["first_step_peak"] if first_step else planned["peak"]
+    log(f"memory after step {step}: {measured / GiB:.2f} GiB measured (max_memory_allocated) against "
+        f"{want / GiB:.2f} GiB planned ({100 * (measured - want) / want:+.1f}%)")
+
+
+# -- command line ------------------------------------------------------------------------------
+
+def _memory(text: str) -> int:
+    """"80GiB", "80GB", "H100" -> bytes."""
+    if text.upper() in GPU_MEMORY:
+        return GPU_MEMORY[text.upper()]
+    units = {"GIB": GiB, "GB": 10**9, "MIB": 2**20, "MB": 10**6, "": 1}
+    for unit in sorted(units, key=len, reverse=True):
+        if text.upper().endswith(unit):
+            try:
+                return int(float(text[: len(text) - len(unit)]) * units[unit])
+            except ValueError:
+                break
+    raise PlanError(f"--gpu-memory {text!r}: give a size such as 80GiB or 80GB, or one of {sorted(GPU_MEMORY)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="fastft plan", description="Plan the GPU memory of a recipe on this machine (no GPU, no weights): "
+        "one optimizer step on fake tensors, tracked by torch's memory tracker. Overrides as for fastft train "
+        "(--section.field=value).")
+    parser.add_argument("recipe", nargs="?", default=None, help="a YAML recipe (none: the built-in default)")
+    parser.add_argument("--world-size", type=int, default=1, help="GPUs (FSDP2 over a fake process group)")
+    parser.add_argument("--gpu-memory", default="H100", help="per GPU: 80GiB, 80GB, or H100 / H200 / B200")
+    parser.add_argument("--reserve", default=str(RESERVE), help="left free of --gpu-memory (CUDA context, fragmentation)")
+    parser.add_argument("--max-context", action="store_true", help="the longest packed row that fits")
+    parser.add_argument("--provider", default="fastft", choices=("fastft", "hf", "both"))
+    parser.add_argument("--time", metavar="GPU", choices=sorted(GPUS), help="roofline estimate of the step")
+    parser.add_argument("--scaling", metavar="T1,T2,...", help="per-module activations at these row lengths")
+    parser.add_argument("--json", action="store_true", help="print only the JSON line")
+    parser.add_argument("--fit", type=int, metavar="BYTES", help=argparse.SUPPRESS)  # the trainer's preflight
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        config = load_config(args.recipe, overrides)
+        capacity, reserve = _memory(args.gpu_memory), _memory(args.reserve)
+        if args.fit is not None:
+            base, rows = fit_report(config, world_size=args.world_size, capacity=args.fit, reserve=reserve)
+            print(json.dumps({"plan": base.record(), "alternatives": rows}))
+            return 0
+        providers = ("fastft", "hf") if args.provider == "both" else (args.provider,)
+        for provider in providers:
+            if args.scaling:
+                lengths = [int(x) for x in args.scaling.split(",")]
+                print("\n".join(scaling(config, lengths, world_size=args.world_size, provider=provider)))
+            elif args.max_context:
+                search = max_context(config, capacity=capacity, reserve=reserve, world_size=args.world_size,
+                                     provider=provider)
+                longest = search.plans.get(search.longest)
+                record = {"plan_version": PLAN_VERSION, "provider": provider, "max_context": search.longest,
+                          "capacity": capacity, "reserve": reserve,
+                          "peaks": {t: p.peak for t, p in sorted(search.plans.items())},
+                          "model": longest.model if longest else None}
+                if not args.json:
+                    print(f"fastft plan --max-context: {record['model']}, provider {provider}")
+                    print("\n".join(search.lines()))
+                print(json.dumps(record))
+            else:
+                result = plan(config, world_size=args.world_size, provider=provider, gpu=args.time)
+                if not args.json:
+                    print("\n".join(result.lines()))
+                    usable = capacity - reserve
+                    print(f"  {'fits' if result.fits(capacity, reserve) else 'does NOT fit'} in {usable / GiB:.1f} GiB "
+                          f"({args.gpu_memory} less {reserve / GiB:.1f} GiB reserve)")
+                print(json.dumps(result.record()))
+    except (PlanError, ConfigError) as exc:
+        print(f"fastft plan: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
