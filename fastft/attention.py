@@ -115,7 +115,7 @@ def fastft_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 
     device = torch.device(device)
     window, softcap = _layer_features(config)
     if (_on_gpu(device) and attention_mask is None and q_offset == 0 and q_length == kv_length
-            and kwargs.get("dtype") in HALF_DTYPES and varlen_supports(config, window, softcap)):
+            and _half(kwargs.get("dtype"), device) is not None and varlen_supports(config, window, softcap)):
         return None
     if softcap:  # the eager path adds the mask to the scores
         return eager_mask(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask=attention_mask,
@@ -127,6 +127,17 @@ def fastft_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 
 
 # FlashAttention kernels take 16-bit inputs and head dims up to 256.
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _half(dtype: torch.dtype | None, device: torch.device) -> torch.dtype | None:
+    """The 16-bit dtype attention runs in: `dtype` itself, or under autocast to a 16-bit dtype the
+    autocast dtype (SDPA is on autocast's 16-bit list; fp32 master weights give fp32 q/k/v here,
+    since the rotary embedding's fp32 cos/sin promote them), else None."""
+    if dtype in HALF_DTYPES:
+        return dtype
+    if torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) in HALF_DTYPES:
+        return torch.get_autocast_dtype(device.type)
+    return None
 MAX_HEAD_DIM = 256
 
 _CU_CACHE: dict[str, object] = {}
@@ -242,8 +253,10 @@ def fastft_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                              scaling: float | None = None, sliding_window: int | None = None,
                              softcap: float | None = None, **kwargs):
     """AttentionInterface function: returns (output [batch, seq, heads, head_dim], None)."""
+    half = _half(query.dtype, query.device)
     if (_on_gpu(query.device) and attention_mask is None and key.shape[2] == query.shape[2] and dropout == 0.0
-            and query.dtype in HALF_DTYPES and query.shape[-1] <= MAX_HEAD_DIM and varlen_supports(getattr(module, "config", None), sliding_window, softcap)):
+            and half is not None and query.shape[-1] <= MAX_HEAD_DIM and varlen_supports(getattr(module, "config", None), sliding_window, softcap)):
+        query, key, value = (t.to(half) for t in (query, key, value))  # as autocast casts SDPA's inputs
         return _varlen(query, key, value, scaling, sliding_window, softcap, kwargs), None
     if key.shape[2] == query.shape[2]:
         doc = _document_ids(query, kwargs)

@@ -9,7 +9,7 @@
     fastft bench [ARGS]          the end-to-end benchmark (benchmarks/e2e.py; --help for its options),
                                  from a source checkout
     fastft plan [RECIPE] [ARGS]  the GPU memory a recipe needs, planned on this machine without a GPU or
-                                 weights (fastft/planner.py; --help for its options)
+                                 weights (fastft/planning/; --help for its options)
 """
 
 from __future__ import annotations
@@ -126,9 +126,9 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def plan(argv: list[str]) -> int:
-    from fastft import planner
+    from fastft.planning.__main__ import main as plan_main
 
-    return planner.main(argv)
+    return plan_main(argv)
 
 
 def train(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     p_report.add_argument("--trust-remote-code", action="store_true")
     p_report.set_defaults(func=patch_report)
     sub.add_parser("bench", help="end-to-end training benchmark (benchmarks/e2e.py; its own --help)")
-    sub.add_parser("plan", help="plan a recipe's GPU memory on this machine (fastft/planner.py; its own --help)")
+    sub.add_parser("plan", help="plan a recipe's GPU memory on this machine (fastft/planning/; its own --help)")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # everything after `bench` belongs to benchmarks/e2e.py
         return bench(argparse.Namespace(rest=argv[1:]))

@@ -38,7 +38,7 @@ import time
 import torch
 
 from fastft import checkpoint as ckpt
-from fastft import distributed, flops, metrics, planner, rundir
+from fastft import distributed, flops, metrics, planning, rundir
 from fastft.config import ConfigError, FinetuneConfig, load_config, to_yaml, validate
 
 
@@ -326,7 +326,7 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
             f.write(to_yaml(config))
 
     # 2. tokenizer and model --------------------------------------------------------------------
-    memory_plan = planner.preflight(config, env, log)  # on CUDA: the planned peak; stops here if it cannot fit
+    memory_plan = planning.preflight(config, env, log)  # on CUDA: the planned peak; stops here if it cannot fit
     torch.manual_seed(t.seed)  # the same random init on every rank (FSDP2 shards what each rank holds)
     tokenizer = load_tokenizer(config)
     rank0_load = use_fsdp and env.world_size > 1 and d.load == "rank0"
@@ -495,7 +495,7 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
             result.steps = step
             result.losses.append(loss)
             if step - start_step in (1, 2):  # measured against planned (step 1 has no optimizer states before its step)
-                planner.report_measured(memory_plan, device, log, step, first_step=step == 1)
+                planning.report_measured(memory_plan, device, log, step, first_step=step == 1)
 
             # Metrics: global tokens over the step's wall time (includes the loss sync above).
             if cuda:

@@ -1,11 +1,10 @@
-"""The memory planner (fastft/planner.py) against exact counts from real CPU steps.
+"""The memory planner (fastft/planning/) against exact counts from real CPU steps.
 
 Planned parameter, gradient and optimizer-state bytes must equal a real step's; planned
-activation bytes (what the forward leaves for the backward) must be within 5% of an exact count
-from a real CPU forward of the same small config: every storage saved for backward (through
-torch.autograd.graph.saved_tensors_hooks), the tensors custom autograd nodes keep on their ctx,
-the checkpointed blocks' keyword inputs (held by checkpoint for the recomputation) and the
-outputs the loop holds, each storage once, parameters, buffers and the batch excluded.
+activation bytes (what the forward leaves for the backward) must be within 5% of the exact count
+of a real CPU forward of the same small config (planning.measure_activations: every storage
+saved for backward through torch.autograd.graph.saved_tensors_hooks, and what else the graph and
+the loop hold).
 """
 
 from __future__ import annotations
@@ -16,7 +15,8 @@ import math
 import pytest
 import torch
 
-from fastft import distributed, planner
+from fastft import distributed, planning as planner
+from fastft.planning import __main__ as plan_cli, core, search
 from fastft.architectures import TINY
 from fastft.config import load_config
 from fastft.data import model_inputs
@@ -37,57 +37,14 @@ def _real_model(config, provider="hf"):
     """The planned model built for real (random weights, CPU), wrapped the same way."""
     from fastft.train import build_model
 
-    planned, _ = planner._planned_config(config, provider, None, None)
-    setup = planner._setup(planned, 1)
-    model, _ = build_model(planned, planner._tokenizer(planned), setup["weights"], patch=provider == "fastft")
+    planned, _ = core._planned_config(config, provider, None, None)
+    setup = core._setup(planned, 1)
+    model, _ = build_model(planned, core._tokenizer(planned), setup["weights"], patch=provider == "fastft")
     d = planned.distributed
     distributed.apply_activation_checkpointing(model, d.activation_checkpointing, d.checkpoint_every)
-    batch, _ = planner._micro_batch(planned, provider, model.config.vocab_size)
+    batch, _ = core._micro_batch(planned, provider, model.config.vocab_size)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=setup["autocast"])
     return model.train(), batch, autocast, setup
-
-
-def exact_activation_bytes(config, provider="hf") -> int:
-    model, batch, autocast, _ = _real_model(config, provider)
-    storage = lambda t: t.untyped_storage()  # noqa: E731
-    excluded = {storage(t).data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    excluded |= {storage(v).data_ptr() for v in batch.values() if torch.is_tensor(v)}
-    kept: dict[int, int] = {}
-
-    def keep(t):
-        if torch.is_tensor(t) and storage(t).data_ptr() not in excluded:
-            kept[storage(t).data_ptr()] = storage(t).nbytes()
-
-    def pack(t):
-        keep(t)
-        return t
-
-    def keep_kwargs(module, args, kwargs):
-        for value in kwargs.values():
-            for t in value if isinstance(value, tuple) else (value,):
-                keep(t)
-
-    handles = []  # checkpoint holds a block's keyword inputs for the recomputation
-    if config.distributed.activation_checkpointing != "none":
-        _, blocks = distributed.decoder_blocks(model)
-        handles = [block.register_forward_pre_hook(keep_kwargs, with_kwargs=True) for block in blocks]
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
-        out = model(**model_inputs(batch), num_items_in_batch=batch["num_target_tokens"])
-    for h in handles:
-        h.remove()
-    keep(out.loss)
-    keep(getattr(out, "logits", None))
-    seen, stack = set(), [out.loss.grad_fn]
-    while stack:  # tensors custom autograd nodes keep on their ctx
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        for value in getattr(node, "__dict__", {}).values():
-            for t in value if isinstance(value, (tuple, list)) else (value,):
-                keep(t)
-        stack.extend(n for n, _ in node.next_functions)
-    return sum(kept.values())
 
 
 CASES = [
@@ -105,7 +62,7 @@ CASES = [
 def test_planned_activations_match_saved_tensors(model_type, kw):
     config = _config(model_type, **kw)
     planned = planner.plan(config, provider="hf")
-    exact = exact_activation_bytes(config)
+    exact = planner.measure_activations(config, provider="hf")
     assert abs(planned.activations - exact) <= 0.05 * exact, (planned.activations, exact)
 
 
@@ -158,11 +115,11 @@ def test_peak_is_located_and_first_step_derived():
 def test_max_context_is_the_longest_row_that_fits():
     config = _config(ac="full")
     capacity, reserve, step = 24 * 2**20, 2**20, 256
-    search = planner.max_context(config, capacity=capacity, reserve=reserve, provider="hf", granularity=step,
+    found = planner.max_context(config, capacity=capacity, reserve=reserve, provider="hf", granularity=step,
                                  start=512)
-    assert search.longest > 0 and search.longest % step == 0
-    assert search.plans[search.longest].fits(capacity, reserve)
-    above = planner.plan(planner._row_config(config), provider="hf", rows=1, tokens=search.longest + step)
+    assert found.longest > 0 and found.longest % step == 0
+    assert found.plans[found.longest].fits(capacity, reserve)
+    above = planner.plan(search._row_config(config), provider="hf", rows=1, tokens=found.longest + step)
     assert not above.fits(capacity, reserve)
 
 
@@ -187,7 +144,7 @@ def test_cli_prints_a_plan_and_refuses_bad_input(capsys):
     assert "peak per GPU" in out[1] and json.loads(out[-1])["provider"] == "hf"
     assert main(["plan", "--gpu-memory", "lots"]) == 2
     assert "--gpu-memory" in capsys.readouterr().err
-    assert planner._memory("80GiB") == 80 * 2**30 and planner._memory("H100") == planner.GPU_MEMORY["H100"]
+    assert plan_cli._memory("80GiB") == 80 * 2**30 and plan_cli._memory("H100") == planner.GPU_MEMORY["H100"]
 
 
 @pytest.mark.parametrize("subprocess", [False, pytest.param(True, marks=pytest.mark.slow)])
@@ -198,13 +155,15 @@ def test_trainer_stops_before_loading_when_the_plan_cannot_fit(monkeypatch, tmp_
     import fastft
     from fastft import train
 
-    monkeypatch.setattr(planner, "device_capacity", lambda device: 8 * 2**20)
+    from fastft.planning import trainer as preflight
+
+    monkeypatch.setattr(preflight, "device_capacity", lambda device: 8 * 2**20)
     if not subprocess:
         def in_process(config, *, world_size, capacity, reserve=planner.RESERVE):
             base, rows = planner.fit_report(config, world_size=world_size, capacity=capacity, reserve=reserve)
             return json.loads(json.dumps({"plan": base.record(), "alternatives": rows}))
 
-        monkeypatch.setattr(planner, "plan_in_subprocess", in_process)
+        monkeypatch.setattr(preflight, "plan_in_subprocess", in_process)
     loaded = []  # the trainer's next step after the preflight (the planner needs no tokenizer here)
     monkeypatch.setattr(train, "load_tokenizer", lambda *a, **k: loaded.append(1))
     config = load_config({"model": {"patch": False, "config": {"model_type": "llama", **_SHAPE}},
