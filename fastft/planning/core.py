@@ -135,6 +135,12 @@ class Plan:
     def fits(self, capacity: int, reserve: int = RESERVE) -> bool:
         return self.peak + reserve <= capacity
 
+    @classmethod
+    def from_record(cls, record: dict) -> "Plan":
+        """A plan back from its JSON line (without the per-module activations, which it omits)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{"module_activations": {}, **{k: v for k, v in record.items() if k in names}})
+
     def record(self) -> dict:
         """The JSON line."""
         out = {"plan_version": PLAN_VERSION, **dataclasses.asdict(self)}
@@ -375,7 +381,9 @@ def _one_step(config, provider, world_size, sizes, setup, observe: Callable):
                 out = model(**model_inputs(batch), num_items_in_batch=targets)
             mark("forward")  # autocast's cache of cast weights is gone; what is left waits for backward
             (out.loss * loss_scale).backward()
-            return out  # the loop keeps it (and, unpatched, its logits) until the next micro-batch
+            # fastft's loop keeps the output until the next micro-batch (unpatched, its logits
+            # too); an HF Trainer's compute_loss (and benchmarks/e2e.py) keeps only the loss.
+            return out if provider == "fastft" else None
 
         # The optimizer states, as after step 1; the gradients of earlier micro-batches.
         for p in params:

@@ -38,52 +38,47 @@ class ContextSearch:
 
 
 def max_context(config, *, capacity: int = GPU_MEMORY["H100"], reserve: int = RESERVE, world_size: int = 1,
-                provider: str = "fastft", granularity: int = 1024, start: int = 4096,
-                limit: int = 1 << 24) -> ContextSearch:
+                provider: str = "fastft", granularity: int = 1024, start: int = 4096, limit: int = 1 << 24,
+                known: dict[int, Plan] | None = None) -> ContextSearch:
     """The longest packed row (tokens, a multiple of `granularity`) one optimizer step of `config`
-    fits in `capacity` bytes per GPU, less `reserve`: a bisection on planned peaks, with the next
-    row length guessed by interpolating the peaks planned so far (regula falsi; memory is close
-    to linear in the row length) and bisection when a guess does not shrink the bracket."""
+    fits in `capacity` bytes per GPU, less `reserve`: a bisection on planned peaks, the next row
+    length guessed where the line through the nearest planned peaks meets the budget (regula
+    falsi: memory is close to linear in the row length), halving when a guess does not shrink the
+    bracket. `known`: plans of one row at some lengths already made (for this config)."""
     config = _row_config(_as_config(config))
-    plans: dict[int, Plan] = {}
+    plans: dict[int, Plan] = dict(known or {})
+    usable = capacity - reserve
 
     def fits(tokens: int) -> bool:
         if tokens not in plans:
             plans[tokens] = plan(config, world_size=world_size, provider=provider, rows=1, tokens=tokens)
-        return plans[tokens].fits(capacity, reserve)
+        return plans[tokens].peak <= usable
 
     def guess(a: int, b: int) -> int:  # where the line through the peaks at a and b meets the budget
-        pa, pb = plans[a].peak, plans[b].peak
-        slope = (pb - pa) / (b - a) if b != a else 0
-        target = a + (capacity - reserve - pa) / slope if slope > 0 else 2 * b
-        return int(target // granularity * granularity)
+        slope = (plans[b].peak - plans[a].peak) / (b - a)
+        return int((a + (usable - plans[a].peak) / slope) // granularity * granularity) if slope > 0 else 2 * b
 
-    lo, hi = 0, None
-    t = max(granularity, start // granularity * granularity)
-    while fits(t) and hi is None:  # grow: double, then extrapolate
-        lo = t
-        known = sorted(plans)
-        nxt = guess(known[-2], known[-1]) if len(known) > 1 else 2 * t
-        t = min(limit, max(nxt + granularity, t + granularity))
-        if t >= limit:
-            break
-    if t not in plans or not plans[t].fits(capacity, reserve):
-        hi = t
-    if lo == 0:  # even the first guess does not fit: shrink
-        while hi > granularity:
-            t = max(granularity, hi // 2 // granularity * granularity)
-            if fits(t):
-                lo = t
-                break
+    if not plans:
+        fits(max(granularity, start // granularity * granularity))
+    lo = max((t for t in plans if fits(t)), default=0)
+    hi = min((t for t in plans if not fits(t)), default=None)
+    while hi is None and lo < limit:  # grow: extrapolate from the two longest rows planned
+        longest = sorted(plans)[-2:]
+        t = min(limit, max(guess(*longest) if len(longest) == 2 else 2 * lo, lo + granularity))
+        if fits(t):
+            lo = t
+        else:
             hi = t
-        if lo == 0:
-            return ContextSearch(0, capacity, reserve, plans)
-    while hi is not None and hi - lo > granularity:
+    while lo == 0 and hi > granularity:  # not even the first row fits: shrink
+        t = max(granularity, hi // 2 // granularity * granularity)
+        if fits(t):
+            lo = t
+        else:
+            hi = t
+    while lo > 0 and hi is not None and hi - lo > granularity:
         t = guess(lo, hi)
         if not lo < t < hi:
-            t = (lo + hi) // 2 // granularity * granularity
-        if t <= lo:
-            t = lo + granularity
+            t = max(lo + granularity, (lo + hi) // 2 // granularity * granularity)
         if fits(t):
             lo = t
         else:
