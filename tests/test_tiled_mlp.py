@@ -113,8 +113,9 @@ def test_one_chunk_of_intermediate_activations_is_saved():
 
 def test_auto_tiles_long_rows_only():
     assert tiled_mlp.chunk_tokens("auto", 4096, 2048) == 4096  # one chunk: untiled
-    assert tiled_mlp.chunk_tokens("auto", 131072, 4096) == 4096
-    assert tiled_mlp.chunk_tokens("auto", 131072, 8192) == 8192
+    assert tiled_mlp.chunk_tokens("auto", 20000, 4096) == 4096
+    assert tiled_mlp.chunk_tokens("auto", 20000, 8192) == 8192
+    assert tiled_mlp.chunk_tokens("auto", 131072, 4096) == 131072 // 8  # at most 8 chunks
     assert tiled_mlp.chunk_tokens("off", 131072, 4096) == 131072
     with pytest.raises(ValueError, match="tiled_mlp"):
         tiled_mlp.apply(nn.Linear(2, 2), 0)

@@ -25,9 +25,14 @@ Through the fused kernels: the wrapper calls the module's forward as it is when 
 (fastft.patch's fused LoRA MLP block, or the module's own forward), once per chunk; so apply it
 after fastft.patch.
 
-Chunking ("model.tiled_mlp"): "off"; "auto": chunks of max(4096, H) tokens, and untiled when the
-row has no more tokens than one chunk (so short rows pay nothing); or an int, tokens per chunk.
-The chunk size is decided at each call from the number of tokens it gets.
+Chunking ("model.tiled_mlp"): "off"; an int, tokens per chunk; or "auto": untiled up to
+max(4096, H) tokens (short rows pay nothing), then chunks of that many tokens, and from 8 such
+chunks on, 8 chunks of T / 8. Why 8: at a long row's peak (a block recomputing in the backward)
+the MLP's chunk transients, about 5 x chunk x I x 2 bytes (g, u, and their gradients), then weigh
+what the block's other [T, H] transients weigh (some 10 x T x H x 2 bytes) when the chunk is
+T x H x 2 / (5 I), about T / 9 for I = 3.5 H: smaller chunks save little more, and each chunk is
+one more round of launches (and of ops for the planner to trace). The chunk size is decided at
+each call from the number of tokens it gets.
 """
 
 from __future__ import annotations
@@ -38,13 +43,15 @@ from torch.utils.checkpoint import checkpoint
 
 STATE = "_fastft_tiled_mlp"
 AUTO_MIN_CHUNK = 4096
+AUTO_CHUNKS = 8
+_PROBED: dict[tuple, str] = {}  # (class, projection shapes, dtype, fused forward?) -> the probe's verdict
 
 
 def chunk_tokens(setting: str | int, tokens: int, hidden: int) -> int:
     """Tokens per chunk for a call with `tokens` tokens (>= tokens: run untiled)."""
     if setting == "off":
         return tokens
-    chunk = max(AUTO_MIN_CHUNK, hidden) if setting == "auto" else int(setting)
+    chunk = max(AUTO_MIN_CHUNK, hidden, -(-tokens // AUTO_CHUNKS)) if setting == "auto" else int(setting)
     if chunk < 1:
         raise ValueError(f"model.tiled_mlp={setting!r}: tokens per chunk must be >= 1")
     return chunk
@@ -116,7 +123,12 @@ def apply(model: nn.Module, setting: str | int, report=None) -> list[str]:
         hidden = None if STATE in module.__dict__ else gated_hidden(module)
         if hidden is None:
             continue
-        why = _probe(module, hidden)
+        linears = [getattr(c, "base_layer", c) for c in module.children()]
+        key = (type(module), tuple((m.in_features, m.out_features) for m in linears if isinstance(m, nn.Linear)),
+               next(module.parameters()).dtype, "forward" in module.__dict__)
+        if key not in _PROBED:  # one probe per kind of MLP (a meta module's probe builds a full-size copy)
+            _PROBED[key] = _probe(module, hidden)
+        why = _PROBED[key]
         if why:
             if report is not None:
                 report.add("tiled_mlp", name, type(module).__name__, reason=why)
@@ -126,7 +138,8 @@ def apply(model: nn.Module, setting: str | int, report=None) -> list[str]:
         module.__dict__[STATE] = previous
         tiled.append(name)
         if report is not None:
-            chunk = f"{max(AUTO_MIN_CHUNK, hidden)}-token chunks above that" if setting == "auto" else f"{setting}-token chunks"
+            chunk = (f"rows over {max(AUTO_MIN_CHUNK, hidden)} tokens in chunks of that many, at most {AUTO_CHUNKS}"
+                     if setting == "auto" else f"{setting}-token chunks")
             report.add("tiled_mlp", name, type(module).__name__, "tiled", chunk)
     return tiled
 
