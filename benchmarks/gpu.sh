@@ -55,6 +55,9 @@ elif [ "$PART" = e2e ]; then
   step train_llama1b_shape 120 python3 -m fastft.cli train examples/bench_llama1b_shape.yaml \
     --train.max_steps=30 --logging.run_dir="$OUT/train_llama1b_shape"
   step e2e_others 200 python3 -m benchmarks.e2e --models Qwen3-0.6B,Gemma-3-1B,Qwen3-8B,Mistral-7B-v0.3,Gemma-2-2B,Phi-3-mini --out "$OUT"
+  # Planned (fastft.planning, made on a CPU: benchmarks/plan_e2e.json) against the measured
+  # torch.cuda.max_memory_allocated of every e2e row above: $OUT/plan_check.md.
+  step plan_check 20 python3 -m benchmarks.plan_check "$OUT"
 else
   echo "unknown PART $PART (kernels or e2e)"; exit 2
 fi

@@ -5,7 +5,7 @@ benchmarks/plan_check.py).
 
     python -m benchmarks.plan_tables [--part goals,e2e,harness,checks] [--out benchmarks/PLAN.md]
 
-Plans are cached in benchmarks/results/plans.jsonl (one JSON line per plan, keyed by recipe,
+Plans are cached in benchmarks/results/plans/cache.jsonl (one JSON line per plan, keyed by recipe,
 provider, GPUs and row length, and the planner's PLAN_VERSION), so that a rerun plans only what
 is new; --fresh ignores the cache. Model shapes are benchmarks/e2e_configs.py's (the published
 config.json fields; no download).
@@ -25,7 +25,7 @@ from fastft import planning
 from fastft.config import load_config
 
 HERE = pathlib.Path(__file__).resolve().parent
-CACHE = HERE / "results" / "plans.jsonl"
+CACHE = HERE / "results" / "plans" / "cache.jsonl"  # not results/*.jsonl: those are benchmark rows
 H100 = planning.GPU_MEMORY["H100"]
 GiB = 2**30
 
@@ -77,7 +77,7 @@ class Cache:
             value = make()
             print(f"  planned {key.get('what', '')} in {time.perf_counter() - start:.0f} s", flush=True)
             self.rows[k] = value
-            self.path.parent.mkdir(exist_ok=True)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"key": k, "value": value}) + "\n")
         return self.rows[k]

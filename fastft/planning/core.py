@@ -273,9 +273,13 @@ def _planning(world_size: int, fsdp: bool):
             raise PlanError("fastft.plan with FSDP2 needs its own (fake) process group: run it in a process without "
                             "one (fastft.planning.plan_in_subprocess does)")
     try:
-        with attention.as_on_gpu(), _kernels_as_on_gpu(), \
-                mock.patch.object(_sharding_prop, "detect_fake_mode", lambda *a, **k: None), \
-                mock.patch.object(masking_utils, "find_packed_sequence_indices", lambda position_ids: None):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(attention.as_on_gpu())
+            stack.enter_context(_kernels_as_on_gpu())
+            for module, name, replacement in ((_sharding_prop, "detect_fake_mode", lambda *a, **k: None),
+                                              (masking_utils, "find_packed_sequence_indices", lambda position_ids: None)):
+                if hasattr(module, name):  # other torch / transformers versions may not have them
+                    stack.enter_context(mock.patch.object(module, name, replacement))
             yield
     finally:
         if started:
