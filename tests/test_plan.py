@@ -25,9 +25,11 @@ _SHAPE = {k: v for k, v in TINY.items() if k in ("hidden_size", "intermediate_si
                                                    "num_attention_heads", "num_key_value_heads", "vocab_size")}
 
 
-def _config(model_type="llama", *, lora=False, ac="none", rows=2, tokens=48, precision="bf16", **extra):
+def _config(model_type="llama", *, lora=False, ac="none", rows=2, tokens=48, precision="bf16", patch_options=None,
+            **extra):
     model = {"model_type": model_type, **_SHAPE, **extra}
-    return load_config({"model": {"config": model}, "lora": {"enabled": lora, "r": 4},
+    return load_config({"model": {"config": model, "patch_options": patch_options or {}},
+                        "lora": {"enabled": lora, "r": 4},
                         "data": {"batch_size": rows, "max_seq_len": tokens, "batching": "packed"},
                         "train": {"precision": precision},
                         "distributed": {"activation_checkpointing": ac}})
@@ -63,6 +65,23 @@ def test_planned_activations_match_saved_tensors(model_type, kw):
     config = _config(model_type, **kw)
     planned = planner.plan(config, provider="hf")
     exact = planner.measure_activations(config, provider="hf")
+    assert abs(planned.activations - exact) <= 0.05 * exact, (planned.activations, exact)
+
+
+FASTFT_CASES = [("llama", dict(lora=True)), pytest.param("qwen3", dict(ac="full", head_dim=16), marks=pytest.mark.slow)]
+
+
+@pytest.mark.skipif(not planner.kernels_plannable(), reason="fastft.kernels has no custom ops with fakes yet (issue 13)")
+@pytest.mark.parametrize("model_type,kw", FASTFT_CASES)
+def test_fastft_provider_activations_match_saved_tensors(model_type, kw):
+    """The fused kernels' custom ops: their fake implementations in the plan, the Triton
+    interpreter in the real step (norms, the fused loss, LoRA linear and the LoRA MLP block).
+    Attention stays SDPA in both here: the varlen op the plan uses (torch's) runs on CUDA only,
+    so a CPU step has nothing to count against it."""
+    config = _config(model_type, rows=1, tokens=32, num_hidden_layers=1, patch_options={"attention": False}, **kw)
+    planned = planner.plan(config)
+    assert {"rms_norm", "cross_entropy"} <= set(planned.setup["patched"])
+    exact = planner.measure_activations(config, provider="fastft")
     assert abs(planned.activations - exact) <= 0.05 * exact, (planned.activations, exact)
 
 
