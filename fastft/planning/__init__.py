@@ -20,9 +20,19 @@ minute, measured by torch's own memory tracker:
   4. tracked by torch.distributed._tools.mem_tracker.MemTracker (FSDPMemTracker under FSDP2):
      every storage is attributed to parameters, buffers, gradients, activations (made in the
      forward or a recomputation), temporaries (made in the backward) or optimizer states, per
-     module, forward and backward. Two things are added to torch's trackers here (_Located): the
-     place of the peak (the innermost module running, and the phase), and per-module peak updates
-     in O(depth) instead of O(modules) per op, which makes an 8B model plannable in a minute.
+     module, forward and backward. Added to torch's trackers here (tracking.py): the place of the
+     peak (the innermost module running, and the phase); per-module peak updates in O(depth)
+     instead of O(modules) per op, which makes an 8B model plannable in a minute; gradient hooks
+     on trainable parameters only (torch's raise on a frozen LoRA base); and module tracking that
+     sees keyword inputs (transformers calls its layers with keywords only).
+
+Provider "fastft" is the recipe as fastft trains it; "hf" the same recipe unpatched (Hugging
+Face eager: SDPA attention, materialised logits, rows without padding), in an HF-Trainer-style
+loop that keeps only the loss (fastft's loop keeps the model's output, logits included, until
+the next micro-batch). Modules (files): core (one plan), tracking, roofline (`estimate_time`: a
+time model), search (`max_context`, `scaling`, what would fit), trainer (`preflight`,
+`report_measured`, `measure_activations`: the exact count the plan is checked against), and
+__main__ (`fastft plan`).
 
 What is planned is the GPU's run: bf16 (train.precision auto on CUDA), the fastft attention's
 varlen path (through torch's varlen op, whose fake implementation exists), the fused kernels'

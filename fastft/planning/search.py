@@ -38,7 +38,7 @@ class ContextSearch:
 
 
 def max_context(config, *, capacity: int = GPU_MEMORY["H100"], reserve: int = RESERVE, world_size: int = 1,
-                provider: str = "fastft", granularity: int = 1024, start: int = 4096, limit: int = 1 << 24,
+                provider: str = "fastft", granularity: int = 1024, start: int = 4096, limit: int = 1 << 22,
                 known: dict[int, Plan] | None = None) -> ContextSearch:
     """The longest packed row (tokens, a multiple of `granularity`) one optimizer step of `config`
     fits in `capacity` bytes per GPU, less `reserve`: a bisection on planned peaks, the next row
