@@ -16,8 +16,6 @@ import torch
 from fastft.config import ConfigError, FinetuneConfig, load_config, validate
 from fastft.planning.tracking import _categories, _module_activations, _module_name, _ref, _trackers
 
-from fastft.config import ConfigError, FinetuneConfig, load_config, validate
-
 PLAN_VERSION = 1  # bump when what a plan counts changes; recorded with every table
 
 GiB = 2**30
@@ -73,13 +71,10 @@ def resolve_model(config: FinetuneConfig) -> tuple[dict, str]:
     from transformers import AutoConfig
 
     local = os.path.isdir(os.path.expanduser(m.name))
-    attempts = [("local files", dict(local_files_only=True))]
-    if local or m.name not in PUBLISHED:
-        attempts.append(("the hub", {}))
     errors = []
-    for source, kwargs in attempts:
-        if source == "the hub" and m.name in PUBLISHED:
-            break
+    for source, kwargs in (("local files", {"local_files_only": True}), ("the hub", {})):
+        if source == "the hub" and (local or m.name in PUBLISHED):
+            break  # a folder has no hub copy; a known name needs no network round trip
         try:
             hf = AutoConfig.from_pretrained(os.path.expanduser(m.name), trust_remote_code=m.trust_remote_code, **kwargs)
         except (OSError, ValueError) as exc:

@@ -86,22 +86,85 @@ _FLOPS_REGISTERED = False
 def _register_flop_formulas() -> None:
     """FLOP formulas the roofline needs beyond torch's: the CPU's flash SDPA (what the unpatched
     model runs on fake CPU tensors, standing for the GPU's flash SDPA: torch's formula for that)
-    and fastft's custom ops (kernel_flops in fastft.kernels, where the kernels declare them)."""
+    and fastft's fused ops (kernels/*.py), where fastft.kernels has them as custom ops."""
     global _FLOPS_REGISTERED
     if _FLOPS_REGISTERED:
         return
-    from torch.utils.flop_counter import flop_registry, register_flop_formula
+    from torch.utils.flop_counter import flop_registry
 
     aten = torch.ops.aten  # the same leading arguments (grad_out,) query, key, value as the CUDA ops'
     flop_registry[aten._scaled_dot_product_flash_attention_for_cpu] = flop_registry[
         aten._scaled_dot_product_flash_attention]
     flop_registry[aten._scaled_dot_product_flash_attention_for_cpu_backward] = flop_registry[
         aten._scaled_dot_product_flash_attention_backward]
-    import fastft.kernels
+    import fastft.kernels  # noqa: F401  (registers torch.ops.fastft.*)
 
-    for op, formula in getattr(fastft.kernels, "FLOP_FORMULAS", {}).items():
-        register_flop_formula(op)(formula)
+    for name, formula in KERNEL_FLOPS.items():
+        if hasattr(torch.ops.fastft, name):
+            flop_registry[getattr(torch.ops.fastft, name)] = formula
     _FLOPS_REGISTERED = True
+
+
+# FLOPs of fastft's fused ops: their matmuls (2 per multiply-add), from kernels/<op>.py's math.
+# The norms have none worth counting: the roofline prices them by the bytes they move.
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1]
+
+
+def _lora_projections(params, has_bias):
+    """(W [O, I], A [r, I]) per projection of a flattened (W, b?, A, B, ...) list."""
+    it, out = iter(params), []
+    for bias in has_bias:
+        w = next(it)
+        if bias:
+            next(it)
+        a = next(it)
+        next(it)
+        out.append((w, a))
+    return out
+
+
+def _lora_linear_flops(x, params, has_bias, *args, out_val=None, **kwargs) -> int:
+    n = _rows(x)  # y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ per projection
+    return sum(2 * n * w.shape[0] * w.shape[1] + 2 * n * a.shape[0] * (w.shape[0] + w.shape[1])
+               for w, a in _lora_projections(params, has_bias))
+
+
+def _lora_linear_bwd_flops(dys, x, params, has_bias, us, scales, dropouts, seeds, needs, *args, out_val=None,
+                           **kwargs) -> int:
+    n, total = _rows(x), 0  # dX = dY·W (+ dW = dYᵀ·X when the base trains); four rank-r products
+    for i, (w, a) in enumerate(_lora_projections(params, has_bias)):
+        total += 2 * n * w.shape[0] * w.shape[1] * (int(needs[0]) + int(needs[1 + 4 * i]))
+        total += 4 * n * a.shape[0] * (w.shape[0] + w.shape[1])
+    return total
+
+
+def _lora_mlp_flops(x, params, has_bias, *args, out_val=None, **kwargs) -> int:
+    return _lora_linear_flops(x, params, has_bias)  # gate, up and down, each a LoRA linear
+
+
+def _lora_mlp_bwd_flops(dy, x, g, u, xa_g, xa_u, hd, params, has_bias, activation, dropouts, seeds, scales,
+                        needs, *args, out_val=None, **kwargs) -> int:
+    return _lora_linear_bwd_flops(None, x, params, has_bias, None, None, None, None, needs)
+
+
+def _flce_flops(hidden, weight, *args, out_val=None, **kwargs) -> int:
+    """Logits X·Wᵀ, and with them (in the forward op) dX = dA·W and dW = dAᵀ·X when asked."""
+    need_dx = kwargs.get("need_dx", args[10] if len(args) > 10 else True)
+    need_dw = kwargs.get("need_dw", args[11] if len(args) > 11 else True)
+    return 2 * _rows(hidden) * hidden.shape[-1] * weight.shape[0] * (1 + int(need_dx) + int(need_dw))
+
+
+def _flce_bwd_flops(hidden, weight, *args, out_val=None, **kwargs) -> int:
+    """The recomputing backward op: the logits again, then dX and dW as asked."""
+    need_dx = kwargs.get("need_dx", args[9] if len(args) > 9 else True)
+    need_dw = kwargs.get("need_dw", args[10] if len(args) > 10 else True)
+    return 2 * _rows(hidden) * hidden.shape[-1] * weight.shape[0] * (1 + int(need_dx) + int(need_dw))
+
+
+KERNEL_FLOPS = {"lora_linear": _lora_linear_flops, "lora_linear_bwd": _lora_linear_bwd_flops,
+                "lora_mlp": _lora_mlp_flops, "lora_mlp_bwd": _lora_mlp_bwd_flops,
+                "fused_linear_cross_entropy": _flce_flops, "fused_linear_cross_entropy_bwd": _flce_bwd_flops}
 
 
 def estimate_time(config, provider: str = "fastft", world_size: int = 1, gpu: str = "H100", *,
