@@ -194,3 +194,33 @@ def test_trainer_stops_before_loading_when_the_plan_cannot_fit(monkeypatch, tmp_
     assert not loaded
     assert "per GPU planned" in message and "--distributed.activation_checkpointing=full" in message
     assert "issue 16" in message and "GiB" in message
+
+
+def _examples():
+    import pathlib
+
+    return sorted(str(p) for p in (pathlib.Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+
+
+def _provider():
+    return "fastft" if planner.kernels_plannable() else "hf"
+
+
+@pytest.mark.parametrize("recipe", [r for r in _examples() if any(k in r for k in ("3.2_1b_lora", "gemma3_1b_full",
+                                                                                   "qwen3_8b"))],
+                         ids=lambda r: r.rsplit("/", 1)[-1])
+def test_example_recipes_plan_at_one_layer(recipe, monkeypatch):
+    """Recipes naming hub models plan without the hub (PUBLISHED), here cut to one layer."""
+    for name, fields in list(core.PUBLISHED.items()):
+        monkeypatch.setitem(core.PUBLISHED, name, {**fields, "num_hidden_layers": 1})
+    p = planner.plan(recipe, provider=_provider())
+    assert p.peak > p.state["parameters"] > 0 and "PUBLISHED" in p.setup["source"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", _examples(), ids=lambda r: r.rsplit("/", 1)[-1])
+def test_every_example_recipe_plans_on_a_cpu(recipe):
+    """Every recipe in examples/ at full size, both providers where the kernels can be planned."""
+    for provider in dict.fromkeys([_provider(), "hf"]):
+        p = planner.plan(recipe, provider=provider)
+        assert p.peak > 0 and p.seconds < 600, (recipe, provider, p.seconds)
