@@ -243,6 +243,22 @@ def scaling_lines() -> list[str]:
     return planning.scaling(load_config(tree), [16384, 32768, 65536], provider=provider)
 
 
+def readme_section() -> str:
+    """benchmarks/README.md's planned part (benchmarks/report.py --readme): PLAN.md's goals."""
+    path = HERE / "PLAN.md"
+    if not path.is_file():
+        return ""
+    text = path.read_text()
+    start = text.find("## Goals (planned)")
+    if start < 0:
+        return ""
+    end = text.find("\n## ", start + 1)
+    head = text.splitlines()[2] if len(text.splitlines()) > 2 else ""
+    return ("\n## Planned memory (predictions, not measurements)\n\n" + head + "\n\nFrom [PLAN.md](PLAN.md), which "
+            "also has the end-to-end models' table, the checks against exact counts and the scaling table.\n\n"
+            + text[start:end if end > 0 else len(text)].replace("## Goals (planned)", "### Goals").replace("### Llama", "#### Llama"))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", default="goals,e2e,harness,checks,scaling")

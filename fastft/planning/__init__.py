@@ -41,7 +41,8 @@ on the CPU device (FakeTensorMode on a CPU-only build cannot run a CUDA backward
 the CPU's bf16 autocast: its op lists are not CUDA's, but the models' memory-relevant casts (norms,
 softmax, the loss's upcast) are explicit in their code, and linear layers run in bf16 under both.
 
-Not seen by the tracker (so not in the plan): memory inside an op that is not one of its outputs
+Planned as eager: distributed.compile (torch.compile's fusions save less). Not seen by the
+tracker (so not in the plan): memory inside an op that is not one of its outputs
 (cuBLAS and FlashAttention workspaces: a few MiB), the CUDA context (outside
 torch.cuda.max_memory_allocated, but on the device: RESERVE below keeps room for it) and the
 caching allocator's fragmentation (reserved minus allocated). gpu.sh records planned against
