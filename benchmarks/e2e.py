@@ -12,7 +12,8 @@ Providers, on the same documents:
   hf       what a plain HF Trainer user gets: SDPA attention, one document per row, padded
   liger    HF + Liger-Kernel applied to the instance, on the packed rows (when installed)
   fastft   fastft.patch'ed model on the packed rows (varlen attention, fused kernels)
-Full fine-tuning trains every parameter with fused AdamW; LoRA is PEFT r=16 on all linear layers.
+Full fine-tuning trains every parameter with fused AdamW; LoRA is PEFT r=16 on all linear layers
+(and, for MoE rows, on both expert stacks through PEFT's target_parameters).
 `--max-context` finds, per provider, the longest single document that one LoRA step of
 Llama-3.1-8B fits in GPU memory. `--smoke` runs every model's architecture at a tiny size for one
 step on any device (the test suite runs it); its timings mean nothing.
@@ -114,7 +115,9 @@ def build(spec, mode: str, provider: str, device: str, smoke: bool):
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
+        experts = dict(target_parameters=["experts.gate_up_proj", "experts.down_proj"]) if spec.lora_experts else {}
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0,
+                                                 **experts))
     if provider == "liger":
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
@@ -127,6 +130,7 @@ def build(spec, mode: str, provider: str, device: str, smoke: bool):
 
 def train_steps(model, step_batches: list[dict], warmup: int, steps: int, device: str) -> list[float]:
     from fastft.data import model_inputs
+    from fastft.patching.moe import set_real_tokens
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device == "cuda")
@@ -138,6 +142,7 @@ def train_steps(model, step_batches: list[dict], warmup: int, steps: int, device
             torch.cuda.synchronize()
         start = time.perf_counter()
         total = batch.pop("num_target_tokens")
+        set_real_tokens(model, batch.get("real_tokens"))  # MoE under fastft: packed row tails skip the experts
         loss = model(**model_inputs(batch), num_items_in_batch=total).loss
         loss.backward()
         optimizer.step()

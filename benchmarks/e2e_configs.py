@@ -17,6 +17,7 @@ class E2EModel:
     shape: dict = field(default_factory=dict)
     full_layers: int | None = None    # layer count for full fine-tuning if reduced
     lora_layers: int | None = None    # layer count for LoRA if reduced
+    lora_experts: bool = False        # MoE: LoRA also on the expert stacks (PEFT target_parameters)
 
     def config(self, mode: str):
         from transformers import AutoConfig
@@ -53,14 +54,22 @@ MODELS = [
     E2EModel("Qwen3-30B-A3B", "qwen3_moe", dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
                                                moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
                                                num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
-                                               head_dim=128, rms_norm_eps=1e-6), full_layers=4, lora_layers=8),
+                                               head_dim=128, rms_norm_eps=1e-6, norm_topk_prob=True),
+             full_layers=4, lora_layers=8, lora_experts=True),
+    # allenai/OLMoE-1B-7B-0924: 64 experts, top-8; full fine-tuning of all 16 layers (6.9B parameters
+    # with fp32 AdamW state) does not fit one GPU beside the activations: 8 layers.
+    E2EModel("OLMoE-1B-7B", "olmoe", dict(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_experts=64,
+                                         num_experts_per_tok=8, num_hidden_layers=16, num_attention_heads=16,
+                                         num_key_value_heads=16, rms_norm_eps=1e-5, norm_topk_prob=False,
+                                         max_position_embeddings=4096, tie_word_embeddings=False),
+             full_layers=8, lora_experts=True),
     E2EModel("Mistral-7B-v0.3", "mistral", dict(vocab_size=32768, hidden_size=4096, intermediate_size=14336,
                                                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                                                head_dim=128, sliding_window=None), full_layers=8),
     E2EModel("Mixtral-8x7B", "mixtral", dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
                                             num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=32,
                                             num_attention_heads=32, num_key_value_heads=8, head_dim=128),
-             full_layers=2, lora_layers=4),
+             full_layers=2, lora_layers=4, lora_experts=True),
     E2EModel("Gemma-2-2B", "gemma2", dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216,
                                          num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
                                          head_dim=256, sliding_window=4096, final_logit_softcapping=30.0,

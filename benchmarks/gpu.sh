@@ -7,11 +7,12 @@
 # PART "e2e" (under 10 minutes): the end-to-end benchmark's headline rows (Llama-3.2-1B full
 # fine-tuning, Llama-3.1-8B LoRA, all providers), the trainer itself at the Llama-3.2-1B shape
 # (its metrics.jsonl: tokens/s, MFU, memory), then the other architectures while time lasts.
+# PART "moe" (under 10 minutes): the MoE tests, layer benchmark and e2e rows (see its block).
 # No network needed. Runs from the checkout (PYTHONPATH), with the wheels the device lacks
 # (liger-kernel, datasets) installed from ./.whl when carried (../shared/tools/gpu-wheels.sh).
 # Each step has its own limit and the whole run a deadline, so a hung step cannot eat the lease.
 set -uo pipefail
-OUT=${1:?usage: bash benchmarks/gpu.sh RESULTS_DIR [kernels|e2e]}
+OUT=${1:?usage: bash benchmarks/gpu.sh RESULTS_DIR [kernels|e2e|moe]}
 PART=${2:-kernels}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -58,8 +59,18 @@ elif [ "$PART" = e2e ]; then
   # Planned (fastft.planning, made on a CPU: benchmarks/plan_e2e.json) against the measured
   # torch.cuda.max_memory_allocated of every e2e row above: $OUT/plan_check.md.
   step plan_check 20 python3 -m benchmarks.plan_check "$OUT"
+elif [ "$PART" = moe ]; then
+  # MoE (issue 17): the MoE tests with the kernels compiled, the layer benchmark (Qwen3-30B-A3B and
+  # Mixtral-8x7B shapes, full and expert LoRA, every provider), then the e2e rows of OLMoE-1B-7B
+  # and Qwen3-30B-A3B (layers reduced to fit one GPU, as each row states), full and LoRA.
+  DEADLINE=$((SECONDS + ${FASTFT_GPU_SECONDS:-570}))
+  step tests_moe 120 python3 -m pytest -q -p no:cacheprovider tests/test_moe_kernel.py tests/test_moe_patch.py \
+    tests/test_moe_lora.py
+  step bench_moe 150 python3 -m benchmarks.kernels.moe --out "$OUT"
+  step e2e_olmoe 130 python3 -m benchmarks.e2e --models OLMoE-1B-7B --out "$OUT"
+  step e2e_qwen3_30b_a3b 150 python3 -m benchmarks.e2e --models Qwen3-30B-A3B --out "$OUT"
 else
-  echo "unknown PART $PART (kernels or e2e)"; exit 2
+  echo "unknown PART $PART (kernels, e2e or moe)"; exit 2
 fi
 step report 30 python3 -m benchmarks.report "$OUT"
 cat "$OUT/report.md" 2>/dev/null | tail -n 60

@@ -58,6 +58,8 @@ class LoraConfig:
     dropout: float = 0.0
     target_modules: Union[str, list[str]] = "all-linear"
     modules_to_save: list[str] | None = None
+    # PEFT target_parameters: MoE expert stacks, e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj]
+    target_parameters: list[str] | None = None
 
 
 @dataclasses.dataclass
@@ -105,6 +107,9 @@ class DistributedConfig:
     # shards after fully_shard: one host copy per node) or "every_rank" (each rank loads it whole).
     load: str = "rank0"
     timeout_minutes: int = 30
+    # Expert parallelism (MoE models): each group of this many ranks splits every MoE layer's experts
+    # (all-to-all dispatch, fastft/expert_parallel.py); 1: off. Needs FSDP2 and load=every_rank.
+    expert_parallel: int = 1
 
 
 @dataclasses.dataclass
@@ -440,6 +445,18 @@ def validate(config: FinetuneConfig) -> FinetuneConfig:
     if d.fsdp is False and (d.cpu_offload or not d.reshard_after_forward):
         raise ConfigError("distributed.cpu_offload / distributed.reshard_after_forward are FSDP2 options: "
                           "they need distributed.fsdp=true (or null with several processes)")
+    if d.expert_parallel < 1:
+        raise ConfigError(f"distributed.expert_parallel={d.expert_parallel}: must be >= 1 (1: no expert parallelism)")
+    if d.expert_parallel > 1:
+        if d.fsdp is False:
+            raise ConfigError("distributed.expert_parallel > 1 runs on FSDP2 (the dense gradients are reduced by it): "
+                              "leave distributed.fsdp unset or true")
+        if d.load != "every_rank":
+            raise ConfigError("distributed.expert_parallel > 1 needs distributed.load=every_rank (each rank loads the "
+                              "model and keeps its experts; the rank-0 broadcast does not split experts)")
+        if c.every or c.resume or c.resume_from or c.export:
+            raise ConfigError("distributed.expert_parallel > 1: checkpoints and the export of split experts are not "
+                              "written yet; set checkpoint.every=0 and checkpoint.export=false (and no resume)")
     if d.compile:
         import os
 

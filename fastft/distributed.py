@@ -184,7 +184,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def apply_fsdp(model: nn.Module, *, param_dtype: str = "bfloat16", reduce_dtype: str = "float32",
-               reshard_after_forward: bool = True, cpu_offload: bool = False) -> nn.Module:
+               reshard_after_forward: bool = True, cpu_offload: bool = False, expert_mesh=None) -> nn.Module:
     """fully_shard every decoder block, then the root (torchtitan's order: the root's group holds
     what is left, embeddings and head). The last block is not resharded after forward: its
     backward starts right away and would all-gather it again.
@@ -193,6 +193,11 @@ def apply_fsdp(model: nn.Module, *, param_dtype: str = "bfloat16", reduce_dtype:
     normalises the loss by the global token count and multiplies it by the world size before
     backward (fastft/train.py), so the average is the global per-token mean. (Setting the
     gradient divide factor to 1 instead would need ReduceOp.PREMUL_SUM, which gloo lacks.)
+   
+    Under expert parallelism (fastft/expert_parallel.py), pass `expert_mesh`, the 1-D mesh of the
+    ranks that hold the same experts: each layer's split experts (with their LoRA wrappers) are
+    fully_shard'ed over it first, as their own unit, so that the blocks' FSDP2 groups (over all
+    ranks) leave them out.
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
@@ -200,6 +205,11 @@ def apply_fsdp(model: nn.Module, *, param_dtype: str = "bfloat16", reduce_dtype:
     kwargs = dict(mp_policy=mp)
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())  # pinning needs a GPU
+    if expert_mesh is not None:
+        from fastft.expert_parallel import expert_units
+
+        for unit in expert_units(model):
+            fully_shard(unit, mesh=expert_mesh, reshard_after_forward=reshard_after_forward, **kwargs)
     _, blocks = decoder_blocks(model)
     for i, block in enumerate(blocks):
         fully_shard(block, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1, **kwargs)
@@ -263,17 +273,40 @@ def root_unsharded(model: nn.Module):
                 module.reshard()
 
 
-def clip_grad_norm_(parameters, max_norm: float | None) -> torch.Tensor:
+def expert_mesh(world_size: int, expert_parallel: int, device_type: str):
+    """The ("dp", "ep") device mesh of expert parallelism: groups of `expert_parallel` consecutive
+    ranks split the experts ("ep"), the ranks holding the same experts form the "dp" dimension."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if world_size % expert_parallel:
+        raise ValueError(f"distributed.expert_parallel={expert_parallel} does not divide the {world_size} processes")
+    return init_device_mesh(device_type, (world_size // expert_parallel, expert_parallel), mesh_dim_names=("dp", "ep"))
+
+
+def clip_grad_norm_(parameters, max_norm: float | None, expert_params=(), expert_group=None) -> torch.Tensor:
     """The global L2 norm of the gradients (clipped to `max_norm` when given), for plain tensors
     and for FSDP2's DTensor shards alike: the norm of sharded grads is a DTensor whose
-    `full_tensor()` all-reduces the partial sums (as torchtitan's clip_grad_norm_ does)."""
+    `full_tensor()` all-reduces the partial sums (as torchtitan's clip_grad_norm_ does). Under
+    expert parallelism the split experts' parameters (`expert_params`, on their own mesh) are
+    normed apart and their squares summed over `expert_group`, whose ranks hold different experts."""
     from torch.distributed.tensor import DTensor
 
     params = [p for p in parameters if p.grad is not None]
-    grads = [p.grad for p in params]
-    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False, foreach=None)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()
+    split = {id(p) for p in expert_params}
+
+    def norm(group):
+        value = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type=2.0, error_if_nonfinite=False,
+                                              foreach=None)
+        return value.full_tensor() if isinstance(value, DTensor) else value
+
+    groups = [[p for p in params if id(p) not in split], [p for p in params if id(p) in split]]
+    total = norm(groups[0])
+    if split:
+        experts = norm(groups[1]).to(total.device) ** 2
+        dist.all_reduce(experts, group=expert_group)
+        total = (total ** 2 + experts).sqrt()
     if max_norm is not None:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=None)
+        for group in groups:  # one mesh per call (a foreach op cannot mix DTensor meshes)
+            if group:
+                torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=None)
     return total

@@ -40,6 +40,7 @@ import torch
 from fastft import checkpoint as ckpt
 from fastft import distributed, flops, metrics, planning, rundir
 from fastft.config import ConfigError, FinetuneConfig, load_config, to_yaml, validate
+from fastft.patching.moe import set_real_tokens
 
 
 class TrainingDiverged(RuntimeError):
@@ -193,7 +194,7 @@ def build_model(config: FinetuneConfig, tokenizer, dtype: torch.dtype, *, meta: 
         lc = config.lora
         model = get_peft_model(model, LoraConfig(
             r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
-            modules_to_save=lc.modules_to_save, task_type="CAUSAL_LM"))
+            modules_to_save=lc.modules_to_save, target_parameters=lc.target_parameters, task_type="CAUSAL_LM"))
     report = None
     if m.patch and patch:
         import fastft
@@ -223,6 +224,7 @@ def evaluate(model, tokenizer, val_batches, prompts, golds, *, config, device, a
     for batch in val_batches:
         batch = _to_device(batch, device)
         with autocast():
+            set_real_tokens(model, batch.get("real_tokens"))
             out = model(**model_inputs(batch), num_items_in_batch=one)  # the summed token loss
         total[0] += weight * out.loss.double()
         total[1] += weight * batch["num_target_tokens"].double()
@@ -370,15 +372,18 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
     if t.eval_generate:
         prompts, golds = build_eval_prompts(dataclasses.replace(c.data, eval_examples=t.eval_generate), tokenizer)
 
-    # 4. parallelism, from outside the model: activation checkpointing -> compile -> FSDP2 ----------
+    # 4. parallelism, from outside the model: experts split -> activation checkpointing -> compile -> FSDP2
     if not (use_fsdp and d.cpu_offload) and not rank0_load:
         model.to(device)
+    ep_mesh = _apply_expert_parallel(model, d.expert_parallel, env, log)
     n_ac = distributed.apply_activation_checkpointing(model, d.activation_checkpointing, d.checkpoint_every)
     if d.compile:
         distributed.apply_compile(model)
     if use_fsdp:
         distributed.apply_fsdp(model, param_dtype=param_dtype, reduce_dtype=d.reduce_dtype,
-                               reshard_after_forward=d.reshard_after_forward, cpu_offload=d.cpu_offload)
+                               reshard_after_forward=d.reshard_after_forward, cpu_offload=d.cpu_offload,
+                               expert_mesh=ep_mesh["dp"] if ep_mesh is not None else None)
+    ep_params = _expert_parameters(model) if ep_mesh is not None else []  # FSDP2's, so after fully_shard
     if rank0_load:
         distributed.load_from_rank0(model, full_model, device, cpu_offload=d.cpu_offload)
         del full_model
@@ -475,6 +480,7 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
                 tokens += float(batch["document_lengths"].sum())  # real tokens, padding excluded
                 pairs += flops.causal_pairs(batch["document_lengths"])
                 batch = _to_device(batch, device)
+                set_real_tokens(model, batch.get("real_tokens"))  # MoE: packed tails skip the experts
                 with autocast():
                     out = model(**model_inputs(batch), num_items_in_batch=targets)
                 (out.loss * loss_scale).backward()  # loss_scale = W under FSDP2 (see the module docstring)
@@ -486,7 +492,8 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
                     f"step {step + 1}: the loss is {loss}; stopped before the optimizer step. "
                     + (f"The last good checkpoint is {good} (resume with --checkpoint.resume=true and a lower "
                        "optim.lr)." if good else "No checkpoint was written (set checkpoint.every to keep one)."))
-            grad_norm = distributed.clip_grad_norm_(params, o.grad_clip).item()
+            grad_norm = distributed.clip_grad_norm_(params, o.grad_clip, ep_params,
+                                                    ep_mesh["ep"].get_group() if ep_mesh is not None else None).item()
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -532,6 +539,12 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
         bar.close()
 
     # 8. the end --------------------------------------------------------------------------------
+    if (result.status == "interrupted" or step < t.max_steps) and ep_mesh is not None:
+        result.status = result.status if result.status == "interrupted" else "stopped"
+        log(f"{result.status} at step {step} of {t.max_steps}: no checkpoint (split experts are not checkpointed yet)")
+        mlog.write("end", step, status=result.status)
+        mlog.close()
+        return result
     if result.status == "interrupted" or step < t.max_steps:
         result.status = result.status if result.status == "interrupted" else "stopped"
         saved = ckpt.latest(run_dir)
@@ -557,6 +570,28 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
     mlog.close()
     _summary(log, result)
     return result
+
+
+def _apply_expert_parallel(model, degree: int, env, log):
+    """Split the MoE experts over groups of `degree` ranks (fastft/expert_parallel.py): returns the
+    ("dp", "ep") mesh, or None when degree is 1."""
+    if degree == 1:
+        return None
+    from fastft import expert_parallel
+
+    mesh = distributed.expert_mesh(env.world_size, degree, env.device.type)
+    # FSDP2 averages the experts over the D = W / degree ranks holding them, the loss is scaled by
+    # W: 1/degree on their gradients gives the global mean (fastft/expert_parallel.py).
+    layers = expert_parallel.apply_expert_parallel(model, mesh["ep"].get_group(), weight_grad_scale=1.0 / degree)
+    log(f"expert parallel: {layers} MoE layers' experts split over groups of {degree} ranks "
+        f"({env.world_size // degree} replica(s)), all-to-all dispatch")
+    return mesh
+
+
+def _expert_parameters(model):
+    from fastft.expert_parallel import expert_parameters
+
+    return expert_parameters(model)
 
 
 def _plain(result: dict | None) -> dict | None:

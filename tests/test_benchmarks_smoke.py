@@ -46,3 +46,23 @@ def test_attention_benchmark_smoke(tmp_path):
     assert {(r["provider"], r["mode"]) for r in rows} == {(p, m) for p in ("fastft", "sdpa padded")
                                                           for m in ("fwd", "bwd", "full")}
     assert all("error" not in r and r["real_tokens_per_s"] > 0 for r in rows)
+
+
+def _moe_smoke(tmp_path, ops):
+    from benchmarks.kernels import moe as moe_bench
+
+    moe_bench.main(["--smoke", "--out", str(tmp_path), "--modes", "full",
+                    "--providers", "fastft,transformers grouped_mm", "--ops", ",".join(ops)])
+    rows = [json.loads(line) for line in (tmp_path / "moe_smoke.jsonl").read_text().splitlines()]
+    assert {(r["op"], r["provider"]) for r in rows} == {(o, p) for o in ops for p in ("fastft", "transformers grouped_mm")}
+    assert all("error" not in r and r["ms"] > 0 and r["saved_mib"] > 0 for r in rows), rows
+
+
+def test_moe_benchmark_smoke(tmp_path):
+    """The LoRA row (block, PEFT target_parameters, fastft patch, both providers); the rest is slow."""
+    _moe_smoke(tmp_path, ["moe_qwen3_30b_a3b_lora"])
+
+
+@pytest.mark.slow
+def test_moe_benchmark_smoke_every_op(tmp_path):
+    _moe_smoke(tmp_path, ["moe_qwen3_30b_a3b", "moe_qwen3_30b_a3b_lora", "moe_mixtral_8x7b", "moe_mixtral_8x7b_lora"])

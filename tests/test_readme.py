@@ -96,13 +96,21 @@ layers = [n for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.
 assert {n.rsplit(".", 1)[-1] for n in layers} >= {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 assert model.fastft_report.count("lora") > 0 or any(e.replacement.startswith("lora_mlp") for e in model.fastft_report.entries), str(model.fastft_report)
 """,
+    # README "Mixture of experts": every layer's experts run the grouped kernel, with the experts'
+    # LoRA factors fused into it.
+    "moe-fused": """
+layers = model.config.num_hidden_layers
+report = model.fastft_report
+assert report.count("moe") == layers, str(report)
+assert sum(e.replacement == "moe_experts + LoRA" for e in report.entries) == layers, str(report)
+""",
 }
 
 
 # -- the fake hub --------------------------------------------------------------------------------
 
 # Hub names the docs use -> the seed architecture (fastft.architectures) of their tiny stand-in.
-HUB_MODELS = {"meta-llama/Llama-3.2-1B": "Llama", "Qwen/Qwen3-8B": "Qwen3"}
+HUB_MODELS = {"meta-llama/Llama-3.2-1B": "Llama", "Qwen/Qwen3-8B": "Qwen3", "Qwen/Qwen3-30B-A3B": "Qwen3Moe"}
 
 
 @pytest.fixture(scope="module")

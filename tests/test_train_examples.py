@@ -17,6 +17,7 @@ RECIPES = sorted(EXAMPLES.glob("*.yaml"))
 MODEL_TYPES = {
     "meta-llama/Llama-3.2-1B": "llama", "meta-llama/Llama-3.1-8B": "llama", "Qwen/Qwen3-0.6B": "qwen3",
     "Qwen/Qwen3-8B": "qwen3", "google/gemma-3-1b-pt": "gemma3_text", "mistralai/Mistral-7B-v0.3": "mistral",
+    "Qwen/Qwen3-30B-A3B": "qwen3_moe",
 }
 EXPECTED = {"Llama-3.2-1B", "Qwen3-0.6B", "Qwen3-8B", "gemma-3-1b", "Mistral-7B", "Llama-3.1-8B"}
 

@@ -49,6 +49,15 @@ def saved_activation_bytes(fn, module: nn.Module | None = None) -> int:
     return sum(storages.values())
 
 
+def saved_activation_bytes_or_none(label: str, fn, module: nn.Module | None = None) -> int | None:
+    """saved_activation_bytes, or None (printed) when the provider fails: `measure` records the error."""
+    try:
+        return saved_activation_bytes(fn, module)
+    except Exception as exc:  # noqa: BLE001 - recorded by measure as well
+        print(f"{label}: saved bytes failed: {type(exc).__name__}: {exc}")
+        return None
+
+
 class MLP(nn.Module):
     def __init__(self, H, I):
         super().__init__()
@@ -125,11 +134,7 @@ def main(argv=None):
             if args.providers and name not in args.providers:
                 continue
             x = torch.randn(s["N"], s["H"], dtype=dtype, device=args.device, requires_grad=True)
-            try:
-                saved = saved_activation_bytes(lambda: fn(x), module)
-            except Exception as exc:  # recorded by measure below as well
-                saved = None
-                print(f"{op} {name}: saved bytes failed: {exc}")
+            saved = saved_activation_bytes_or_none(f"{op} {name}", lambda: fn(x), module)
             for mode in args.modes:
                 extra = {"saved_mib": round(saved / 2**20, 3)} if mode == "full" and saved is not None else {}
                 harness.measure(rec, op=op, provider=name, mode=mode, shape=shape, dtype=dtype,

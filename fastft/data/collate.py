@@ -9,13 +9,16 @@ Every batch:
                  normalising a loss summed over micro-batches
   document_lengths   [docs] int64: the real documents' lengths (padding excluded), for counting
                  tokens and attention FLOPs (fastft/flops.py)
-These two are bookkeeping, not model inputs: `model_inputs(batch)` drops them.
+These (and real_tokens below) are bookkeeping, not model inputs: `model_inputs(batch)` drops them.
 Padded batches (`collate_padded`, one example per row, right padding) add
   attention_mask [B, T] int64, 1 on real tokens
 Packed batches (`collate_packed`, several documents per row) add, instead of a mask,
   cu_seq_lens_q, cu_seq_lens_k  [docs + 1] int32: cumulative document lengths over the flattened
                  B * T tokens (transformers' FlashAttentionKwargs names), the row tails included
   max_length_q, max_length_k    python int: the longest of those segments
+  real_tokens    [B, T] bool, False on the row tails (bookkeeping: the trainer hands it to
+                 fastft.patching.moe.set_real_tokens, so MoE experts skip the tails and the
+                 router aux loss leaves them out, as an attention_mask does for padded batches)
 A row's padded tail is a document of its own (positions 0.., labels -100, pad ids), so real tokens
 never attend to it and every one of the B * T slots belongs to exactly one segment.
 
@@ -82,6 +85,7 @@ def collate_packed(rows: Sequence[Sequence[dict]], *, pad_id: int, row_len: int 
     input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
     labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((batch, width), dtype=torch.long)
+    real_tokens = torch.zeros((batch, width), dtype=torch.bool)
     segment_lengths: list[int] = []
     document_lengths: list[int] = []
     for row, docs in enumerate(rows):
@@ -95,6 +99,7 @@ def collate_packed(rows: Sequence[Sequence[dict]], *, pad_id: int, row_len: int 
             segment_lengths.append(n)
             document_lengths.append(n)
             offset += n
+        real_tokens[row, :offset] = True
         if offset < width:  # the tail: its own segment, never attended by real tokens
             position_ids[row, offset:] = torch.arange(width - offset)
             segment_lengths.append(width - offset)
@@ -111,10 +116,11 @@ def collate_packed(rows: Sequence[Sequence[dict]], *, pad_id: int, row_len: int 
         "max_length_k": max_length,
         "num_target_tokens": _num_targets(labels),
         "document_lengths": torch.tensor(document_lengths, dtype=torch.long),
+        "real_tokens": real_tokens,
     }
 
 
-BOOKKEEPING_KEYS = ("num_target_tokens", "document_lengths")
+BOOKKEEPING_KEYS = ("num_target_tokens", "document_lengths", "real_tokens")
 
 
 def model_inputs(batch: dict) -> dict:

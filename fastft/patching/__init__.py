@@ -13,10 +13,11 @@ from torch import nn
 
 from fastft.patching import lora as lora_patch
 from fastft.patching import loss as loss_patch
+from fastft.patching import moe as moe_patch
 from fastft.patching import norms
 from fastft.patching.report import PatchEntry, PatchReport
 
-OPTIONS = ("rms_norm", "layer_norm", "cross_entropy", "attention", "lora")
+OPTIONS = ("rms_norm", "layer_norm", "cross_entropy", "attention", "lora", "moe")
 STATE = "_fastft_patch_state"
 
 
@@ -45,7 +46,7 @@ def _check_options(options: dict[str, Any]) -> dict[str, bool]:
 def patch(model: nn.Module, **options: bool) -> PatchReport:
     """Patch a model in place with the fused kernels; returns what was replaced and what was not.
 
-    Options (all default True): rms_norm, layer_norm, cross_entropy, attention, lora. Patching a
+    Options (all default True): rms_norm, layer_norm, cross_entropy, attention, lora, moe. Patching a
     patched model first restores it, so options can be changed by patching again.
     """
     enabled = _check_options(options)
@@ -105,6 +106,10 @@ def patch(model: nn.Module, **options: bool) -> PatchReport:
             state["attention"] = previous
             report.add("attention", "", previous or "default", f"fastft ({attention.describe(config)})")
 
+    # MoE: experts modules through the grouped-GEMM kernel (with their PEFT LoRA ParamWrappers).
+    if enabled["moe"]:
+        state["moe"] = moe_patch.install(model, hf, report)
+
     # LoRA: PEFT LoRA layers through the fused kernels (the LM head's adapter belongs to the loss).
     if enabled["lora"]:
         state["lora"] = lora_patch.install(model, report, skip={id(head)} if head is not None else set())
@@ -148,6 +153,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     if state is None:
         return model
     lora_patch.uninstall(model, state.get("lora", []))
+    if state.get("moe"):
+        moe_patch.uninstall(model, state["moe"])
     for name in state["norms"]:
         model.set_submodule(name, norms.restore(model.get_submodule(name)))
     hf = _hf_model(model)

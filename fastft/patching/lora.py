@@ -285,6 +285,8 @@ def install(model: nn.Module, report, skip: set[int]) -> list[str]:
         if not is_lora_layer(module):
             continue
         kind = f"lora.{type(module).__name__}"
+        if getattr(module, "fastft_moe_lora", False):
+            continue  # a PEFT ParamWrapper on MoE experts: fastft/patching/moe.py fuses and reports it
         if id(module) in skip:
             report.add("lora", name, kind, reason="LM head: its adapter is fused into the loss (cross_entropy)")
             continue

@@ -1,0 +1,697 @@
+"""Mixture-of-experts experts layer: top-k routed gated experts as grouped GEMMs, permutation fused.
+
+Math (Shazeer et al. 2017, "Outrageously Large Neural Networks"; the stacked-weight layout is
+transformers 5's fused experts). Token n has hidden row x_n [H], top-k experts e_(n,k) and routing
+weights w_(n,k); expert e has W_gu[e] [2I, H] (gate rows, then up rows) and W_d[e] [H, I], and
+optionally a LoRA pair on either stack (Hu et al. 2021): A_gu[e] [r, H], B_gu[e] [2I, r], A_d[e]
+[r, I], B_d[e] [H, r], scales s_gu, s_d. For the slot s = (n, k) with e = e_(n,k):
+    xa_s = x_n·A_gu[e]ᵀ                                              [r]
+    gu_s = x_n·W_gu[e]ᵀ + s_gu·xa_s·B_gu[e]ᵀ = [g_s, u_s]            [2I]
+    h_s  = act(g_s) ⊙ u_s                                            [I]
+    hd_s = h_s·A_d[e]ᵀ                                               [r]
+    y_s  = h_s·W_d[e]ᵀ + s_d·hd_s·B_d[e]ᵀ                            [H]
+    out_n = Σ_k w_(n,k)·y_(n,k)
+Backward, with dout [N, H] (dout_s = dout_n of the slot's token):
+    a_s   = dout_s·W_d[e] + s_d·(dout_s·B_d[e])·A_d[e]     dL/dh_s before the routing weight
+    dw_s  = a_s · h_s                                      routing-weight gradient
+    dh_s  = w_s·a_s;   dg_s = dh_s ⊙ u_s ⊙ act'(g_s);   du_s = dh_s ⊙ act(g_s)
+    dxa_s = s_gu·dgu_s·B_gu[e]
+    dx_n  = Σ_k [dgu_s·W_gu[e] + dxa_s·A_gu[e]]
+    dW_gu[e] = Σ_(s∈e) dgu_sᵀ·x_n          dW_d[e] = Σ_(s∈e) w_s·dout_sᵀ·h_s
+    dB_gu[e] = s_gu·Σ dgu_sᵀ·xa_s          dA_gu[e] = Σ dxa_sᵀ·x_n
+    dB_d[e]  = s_d·Σ w_s·dout_sᵀ·hd_s      dA_d[e]  = s_d·Σ w_s·(dout_s·B_d[e])ᵀ·h_s
+(act'(g) from lora_mlp's closed forms: silu, gelu tanh, gelu erf.)
+
+Layout: the S = N·K slots are sorted by expert once per call (a stable torch.sort of the expert
+ids on the device), so that expert e owns the sorted rows offsets[e] .. offsets[e+1]. Nothing is
+permuted in memory: every GEMM's prologue gathers the rows it needs (x and dout by the row's
+token, everything else is already in sorted order), the forward's epilogue multiplies by the
+routing weight and writes each row to its slot (n·K + k), and one small kernel sums the K slots of
+each token in fp32 (the combine; deterministic, unlike atomics). A program owns BLOCK_M sorted
+rows of one expert; the expert of program t is found by comparing t with the cumulative tile
+counts (a vector compare in the kernel), so the grid needs no host sync: it is launched at its
+upper bound cdiv(S, BLOCK_M) + E programs and those past the last tile return at once. An expert
+with no tokens has no tiles, so it costs nothing in the forward and in dX; its weight gradient is
+a zero write. The expert id E (one past the last) means "no expert": such slots are skipped
+everywhere (expert parallelism marks other ranks' experts so; see fastft/expert_parallel.py).
+
+Kernels (each a grouped GEMM over the sorted rows, weights addressed by strides, so transposed
+and interleaved expert layouts and PEFT's LoRA factor layouts are views, never copies):
+    _glu_fwd_kernel      gu = x[token]·W_gu[e]ᵀ (+ low rank); stores gu and h = act(g)⊙u
+    _grouped_mm_kernel   y = X[rows]·W[e]ᵀ (+ low rank); epilogue: plain store, or × w and
+                         scatter to the slot (down projection, dX)
+    _glu_bwd_kernel      a = dout[token]·W_d[e] (+ low rank); epilogue: dw partial sums, dgu, h
+    _weight_grad_kernel  dW[e] = Σ_(rows of e) (w·)A[rows]ᵀ·B[rows]: one program per expert and
+                         output tile, looping over that expert's rows (bounds read on the device)
+    _combine_kernel      out_n = Σ_k Y[n·K + k] over the slots that have an expert
+
+Saved for backward: x (the input, no copy), the routing (4 int32 vectors of S or E entries), gu
+[S, 2I] and, with LoRA, xa [S, r] and hd [S, r]; h is recomputed from gu. That is 2·I·K elements a
+token (Qwen3-30B-A3B, I = 768, K = 8, bf16: 24.6 KB), where transformers' grouped_mm path keeps
+the gathered hidden states [S, H], the gate-up output, the activation and its product, and the
+down output (2·H + 4·I elements a slot: 114 KB a token there). LoRA never forms W + s·B·A:
+PEFT's target_parameters path materialises that whole [E, 2I, H] stack per forward and its
+gradient per backward.
+
+Cost: the FLOPs of the routed slots only, 2·S·H·2I + 2·S·I·H = 6·S·H·I forward and twice that
+backward (dX and dW), plus the rank-r terms; each expert's weights are read once per BLOCK_M-row
+tile of its slots. Host sync: none (the routing is built with device ops; the interpreter, on the
+CPU anyway, sizes its grid exactly).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._common import as_rows, interpreting, round_to, use_triton
+from .lora import _fp32_dot
+from .lora_mlp import ACTIVATIONS, _act_and_grad, activation_reference
+
+_ACT_ID = {name: i for i, name in enumerate(ACTIVATIONS)}
+
+
+class ExpertLoRA(NamedTuple):
+    """A LoRA pair on a stack of expert weights W [E, out, in]: delta W[e] = scale·b[e]·a[e].
+    a [E, r, in] and b [E, out, r] may be strided views (PEFT's ParamWrapper factors are)."""
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+
+
+# ------------------------------------------------------------------------------------------------
+# Reference: the per-expert loop (transformers' eager experts), in the input dtype, fp32 combine.
+# ------------------------------------------------------------------------------------------------
+def _expert_linear(x, w, lora, e):
+    y = F.linear(x, w)
+    if lora is not None:
+        y = y + F.linear(F.linear(x, lora.a[e]), lora.b[e]) * lora.scale
+    return y
+
+
+def moe_experts_reference(x, topk_idx, topk_w, gate_up, down, activation="silu", gate_up_lora=None,
+                          down_lora=None):
+    """Σ_k w_(n,k)·expert_(e_(n,k))(x_n), one expert at a time. gate_up [E, 2I, H] (gate rows
+    first), down [E, H, I]; topk_idx [N, K] with values in [0, E] (E: no expert); LoRA pairs as
+    ExpertLoRA. Each expert computes in the input dtype; the weighted outputs are summed in fp32
+    (as transformers' grouped_mm path does), then cast to x's dtype."""
+    n_experts = gate_up.shape[0]
+    out = torch.zeros(x.shape[0], down.shape[1], dtype=torch.promote_types(x.dtype, torch.float32),
+                      device=x.device)
+    for e in range(n_experts):
+        token, k = torch.where(topk_idx == e)
+        if token.numel() == 0:
+            continue
+        g, u = _expert_linear(x[token], gate_up[e], gate_up_lora, e).chunk(2, dim=-1)
+        y = _expert_linear(activation_reference(g, activation) * u, down[e], down_lora, e)
+        out.index_add_(0, token, (y * topk_w[token, k, None]).to(out.dtype))
+    return out.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton: shared pieces.
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _tile(TILE_CUM, OFFSETS, E, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(expert, sorted rows [BLOCK_M] int64, row mask) of this program's tile. The caller has
+    checked that program_id(0) < the total tile count."""
+    t = tl.program_id(0)
+    ids = tl.arange(0, BLOCK_E)
+    cum = tl.load(TILE_CUM + ids, mask=ids < E, other=2147483647)        # [BLOCK_E] int32
+    e = tl.sum((cum <= t).to(tl.int32), axis=0)                          # first expert with cum > t
+    first_tile = tl.sum(tl.where(ids == e - 1, cum, 0), axis=0)          # tiles of experts < e
+    start = tl.load(OFFSETS + e) + (t - first_tile) * BLOCK_M
+    end = tl.load(OFFSETS + e + 1)
+    rows = start.to(tl.int64) + tl.arange(0, BLOCK_M)
+    return e.to(tl.int64), rows, rows < end
+
+
+@triton.jit
+def _dot(acc, a, b, FP32_DOT: tl.constexpr):
+    if FP32_DOT:  # the interpreter's bf16 dot is wrong; fp32 inputs stay exact (no tf32)
+        return acc + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _mainloop(acc, X, src, row_mask, stride_xm, Wp, cols, col_mask, stride_wn, stride_wk, K,
+              BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr):
+    """acc [BM, BN] += X[src, :K]·Wp[cols, :K]ᵀ, Wp addressed as Wp + n·stride_wn + k·stride_wk."""
+    ks = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + ks
+        k_mask = kk < K
+        x = tl.load(X + src[:, None] * stride_xm + kk[None, :], mask=row_mask[:, None] & k_mask[None, :],
+                    other=0.0)                                                       # [BM, BK]
+        w = tl.load(Wp + kk[:, None] * stride_wk + cols[None, :] * stride_wn,
+                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)             # [BK, BN]
+        acc = _dot(acc, x, w, FP32_DOT)
+    return acc
+
+
+@triton.jit
+def _low_rank(acc, LR, rows, row_mask, R, LBp, cols, col_mask, stride_lbn, stride_lbr, scale,
+              BLOCK_R: tl.constexpr, FP32_DOT: tl.constexpr):
+    """acc += scale·LR[rows, :R]·LBp[cols, :R]ᵀ (LR [S, R] contiguous, sorted rows)."""
+    ranks = tl.arange(0, BLOCK_R)
+    lr = tl.load(LR + rows[:, None] * R + ranks[None, :], mask=row_mask[:, None] & (ranks < R)[None, :],
+                 other=0.0)                                                          # [BM, BR]
+    lb = tl.load(LBp + ranks[:, None] * stride_lbr + cols[None, :] * stride_lbn,
+                 mask=(ranks < R)[:, None] & col_mask[None, :], other=0.0)          # [BR, BN]
+    zero = tl.zeros(acc.shape, dtype=tl.float32)
+    return acc + _dot(zero, lr, lb, FP32_DOT) * scale
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton: the four grouped GEMMs and the combine.
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _glu_fwd_kernel(
+    X, TOKEN, stride_xm,                               # X [N, H]; TOKEN [S] int32 (sorted row -> token)
+    W, stride_we, stride_wn, stride_wk, w_up,          # W_gu[e, n, k]; up rows start w_up elements after gate
+    LR, LB, stride_lbe, stride_lbn, stride_lbr, lb_up, lr_scale, R,   # LoRA: xa [S, R], B_gu[e, n, j]
+    GU, HO,                                            # GU [S, 2I] pre-activations, HO [S, I] = act(g)·u
+    TILE_CUM, OFFSETS, E, I, K,
+    ACT: tl.constexpr, HAS_LR: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    if tl.program_id(0) >= tl.load(TILE_CUM + E - 1):
+        return
+    e, rows, row_mask = _tile(TILE_CUM, OFFSETS, E, BLOCK_E, BLOCK_M)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < I
+    src = tl.load(TOKEN + rows, mask=row_mask, other=0).to(tl.int64)
+    Wp = W + e * stride_we
+    g = _mainloop(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), X, src, row_mask, stride_xm, Wp, cols,
+                  col_mask, stride_wn, stride_wk, K, BLOCK_K, FP32_DOT)
+    u = _mainloop(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), X, src, row_mask, stride_xm, Wp + w_up, cols,
+                  col_mask, stride_wn, stride_wk, K, BLOCK_K, FP32_DOT)
+    if HAS_LR:
+        LBp = LB + e * stride_lbe
+        g = _low_rank(g, LR, rows, row_mask, R, LBp, cols, col_mask, stride_lbn, stride_lbr, lr_scale, BLOCK_R,
+                      FP32_DOT)
+        u = _low_rank(u, LR, rows, row_mask, R, LBp + lb_up, cols, col_mask, stride_lbn, stride_lbr, lr_scale,
+                      BLOCK_R, FP32_DOT)
+    mask = row_mask[:, None] & col_mask[None, :]
+    g = round_to(g, GU.dtype.element_ty)
+    u = round_to(u, GU.dtype.element_ty)
+    tl.store(GU + rows[:, None] * (2 * I) + cols[None, :], g, mask=mask)
+    tl.store(GU + rows[:, None] * (2 * I) + I + cols[None, :], u, mask=mask)
+    a, _ = _act_and_grad(g.to(tl.float32), ACT)   # h from the stored (rounded) g, u: the backward's h
+    tl.store(HO + rows[:, None] * I + cols[None, :], round_to(a * u.to(tl.float32), HO.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _grouped_mm_kernel(
+    X, X_ROWS, stride_xm,                              # X [*, K]; X_ROWS [S] int32 when GATHER
+    W, stride_we, stride_wn, stride_wk,                # W[e, n, k]
+    LR, LB, stride_lbe, stride_lbn, stride_lbr, lr_scale, R,
+    OUT, stride_om, SLOT, ROW_W,                       # OUT [S, N]: sorted rows, or slots when SCATTER
+    w_split,                                           # SPLIT: columns K..2K of X meet W + w_split
+    TILE_CUM, OFFSETS, E, N, K,
+    GATHER: tl.constexpr, SCATTER: tl.constexpr, ROW_SCALE: tl.constexpr, HAS_LR: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    if tl.program_id(0) >= tl.load(TILE_CUM + E - 1):
+        return
+    e, rows, row_mask = _tile(TILE_CUM, OFFSETS, E, BLOCK_E, BLOCK_M)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    src = rows
+    if GATHER:
+        src = tl.load(X_ROWS + rows, mask=row_mask, other=0).to(tl.int64)
+    Wp = W + e * stride_we
+    acc = _mainloop(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), X, src, row_mask, stride_xm, Wp, cols, col_mask,
+                    stride_wn, stride_wk, K, BLOCK_K, FP32_DOT)
+    if SPLIT:  # [dg, du]·[W_g; W_u] for gate/up halves that are not one strided block (interleaved)
+        acc = _mainloop(acc, X + K, src, row_mask, stride_xm, Wp + w_split, cols, col_mask, stride_wn, stride_wk, K,
+                        BLOCK_K, FP32_DOT)
+    if HAS_LR:
+        acc = _low_rank(acc, LR, rows, row_mask, R, LB + e * stride_lbe, cols, col_mask, stride_lbn, stride_lbr,
+                        lr_scale, BLOCK_R, FP32_DOT)
+    dst = rows
+    if SCATTER:
+        dst = tl.load(SLOT + rows, mask=row_mask, other=0).to(tl.int64)
+        if ROW_SCALE:
+            acc = acc * tl.load(ROW_W + dst, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+    tl.store(OUT + dst[:, None] * stride_om + cols[None, :], round_to(acc, OUT.dtype.element_ty),
+             mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _glu_bwd_kernel(
+    DOUT, TOKEN, stride_dm,                            # DOUT [N, H]
+    W, stride_we, stride_wn, stride_wk,                # W_d as [e, n over I, k over H]
+    LR, LB, stride_lbe, stride_lbn, stride_lbr, lr_scale, R,  # dout·B_d [S, R], A_d as [e, n over I, j]
+    GU, SLOT, ROW_W,                                   # GU [S, 2I]; ROW_W [S] routing weights by slot
+    DGU, HO, DW_PART, n_part,                          # DGU [S, 2I]; HO [S, I] (STORE_H); DW_PART [S, n_part] fp32
+    TILE_CUM, OFFSETS, E, I, K,
+    ACT: tl.constexpr, HAS_LR: tl.constexpr, STORE_H: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+):
+    if tl.program_id(0) >= tl.load(TILE_CUM + E - 1):
+        return
+    e, rows, row_mask = _tile(TILE_CUM, OFFSETS, E, BLOCK_E, BLOCK_M)
+    pid_n = tl.program_id(1)
+    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < I
+    src = tl.load(TOKEN + rows, mask=row_mask, other=0).to(tl.int64)
+    a = _mainloop(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOUT, src, row_mask, stride_dm, W + e * stride_we,
+                  cols, col_mask, stride_wn, stride_wk, K, BLOCK_K, FP32_DOT)
+    if HAS_LR:
+        a = _low_rank(a, LR, rows, row_mask, R, LB + e * stride_lbe, cols, col_mask, stride_lbn, stride_lbr,
+                      lr_scale, BLOCK_R, FP32_DOT)
+    mask = row_mask[:, None] & col_mask[None, :]
+    g = tl.load(GU + rows[:, None] * (2 * I) + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(GU + rows[:, None] * (2 * I) + I + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    act, dact = _act_and_grad(g, ACT)
+    h = round_to(act * u, GU.dtype.element_ty)      # exactly the forward's h
+    slot = tl.load(SLOT + rows, mask=row_mask, other=0).to(tl.int64)
+    w = tl.load(ROW_W + slot, mask=row_mask, other=0.0).to(tl.float32)
+    tl.store(DW_PART + rows * n_part + pid_n, tl.sum(a * h.to(tl.float32), axis=1), mask=row_mask)
+    dh = a * w[:, None]
+    tl.store(DGU + rows[:, None] * (2 * I) + cols[None, :], round_to(dh * u * dact, DGU.dtype.element_ty), mask=mask)
+    tl.store(DGU + rows[:, None] * (2 * I) + I + cols[None, :], round_to(dh * act, DGU.dtype.element_ty), mask=mask)
+    if STORE_H:
+        tl.store(HO + rows[:, None] * I + cols[None, :], h, mask=mask)
+
+
+@triton.jit
+def _weight_grad_kernel(
+    A, A_ROWS, stride_am, B, B_ROWS, stride_bm,        # A [*, P], B [*, Q] (unit stride along P / Q)
+    SLOT, ROW_W,                                       # ROW_SCALE: rows of A scaled by ROW_W[SLOT[row]]
+    DW, stride_de, stride_dp, stride_dq,               # DW[e, p, q]
+    OFFSETS, P, Q, scale,
+    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, ROW_SCALE: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    e = tl.program_id(0).to(tl.int64)
+    ps = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    qs = tl.program_id(2).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    start = tl.load(OFFSETS + e)
+    end = tl.load(OFFSETS + e + 1)
+    acc = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_M):           # no iteration for an expert without tokens
+        rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        row_mask = rows < end
+        ra = rows
+        if GATHER_A:
+            ra = tl.load(A_ROWS + rows, mask=row_mask, other=0).to(tl.int64)
+        rb = rows
+        if GATHER_B:
+            rb = tl.load(B_ROWS + rows, mask=row_mask, other=0).to(tl.int64)
+        at = tl.load(A + ra[None, :] * stride_am + ps[:, None], mask=row_mask[None, :] & (ps < P)[:, None],
+                     other=0.0)                                                      # [BP, BM]
+        if ROW_SCALE:
+            slot = tl.load(SLOT + rows, mask=row_mask, other=0).to(tl.int64)
+            w = tl.load(ROW_W + slot, mask=row_mask, other=0.0).to(tl.float32)
+            at = round_to(at.to(tl.float32) * w[None, :], A.dtype.element_ty)
+        b = tl.load(B + rb[:, None] * stride_bm + qs[None, :], mask=row_mask[:, None] & (qs < Q)[None, :],
+                    other=0.0)                                                       # [BM, BQ]
+        acc = _dot(acc, at, b, FP32_DOT)
+    acc = acc * tl.cast(scale, tl.float32)
+    tl.store(DW + e * stride_de + ps[:, None] * stride_dp + qs[None, :] * stride_dq,
+             round_to(acc, DW.dtype.element_ty), mask=(ps < P)[:, None] & (qs < Q)[None, :])
+
+
+@triton.jit
+def _combine_kernel(Y, IDX, OUT, N, H, E, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    """OUT[n] = Σ_k Y[n·K + k] (fp32, fixed order) over the slots whose expert id is < E."""
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
+    t_mask = tokens < N
+    acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
+    for k in range(TOP_K):
+        slots = tokens * TOP_K + k
+        live = t_mask & (tl.load(IDX + slots, mask=t_mask, other=E) < E)
+        acc += tl.load(Y + slots[:, None] * H + cols[None, :], mask=live[:, None] & (cols < H)[None, :],
+                       other=0.0).to(tl.float32)
+    tl.store(OUT + tokens[:, None] * H + cols[None, :], round_to(acc, OUT.dtype.element_ty),
+             mask=t_mask[:, None] & (cols < H)[None, :])
+
+
+# ------------------------------------------------------------------------------------------------
+# Host side: routing, launch geometry, launchers.
+# ------------------------------------------------------------------------------------------------
+class Routing(NamedTuple):
+    """The slots sorted by expert: sorted row -> slot and token; expert e owns rows offsets[e]..offsets[e+1]."""
+    slot: torch.Tensor       # [S] int32: the slot n·K + k of each sorted row
+    token: torch.Tensor      # [S] int32: its token n
+    offsets: torch.Tensor    # [E + 1] int32
+    tile_cum: torch.Tensor   # [E] int32: cumulative BLOCK_M tiles (experts 0..e)
+    idx: torch.Tensor        # [S] expert id per slot (E: none), for the combine
+    programs: int            # grid size along the tiles (an upper bound on the GPU)
+    block_m: int
+    num_experts: int
+    top_k: int
+
+
+class Blocks(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def row_block(device_type: str, slots: int, n_experts: int) -> int:
+    """BLOCK_M, the sorted rows per program (one choice per call: the routing's tiles use it): 128
+    when the experts average 256 rows or more (Qwen3-30B-A3B and Mixtral at 8192 tokens), else 64."""
+    if device_type != "cuda" and interpreting():
+        return 64
+    return 128 if slots >= 256 * max(1, n_experts) else 64
+
+
+def launch_blocks(device_type: str, kind: str, n_out: int, k_dim: int, block_m: int) -> Blocks:
+    """Tiles of one grouped GEMM: a pure function of the device kind, the kernel ("mm", "glu_fwd",
+    "glu_bwd", "weight_grad"), its output columns n_out, reduction length k_dim and BLOCK_M, so that
+    an ahead-of-time compile sees exactly what a GPU run launches. The GPU choices come from
+    compiling for sm_90 (benchmarks/NOTES.md: registers and spills per kernel): 3 stages; a
+    plain grouped GEMM takes 128x128 tiles on 8 warps with 128-row blocks (64x64 on 4 warps
+    otherwise); the gate/up forward, with two accumulators, keeps 64 columns; the fused down /
+    activation backward, whose epilogue holds six [BM, BN] fp32 tiles, takes 8 warps and 32
+    columns at 128 rows (254 registers and spills at 64x64 on 4 warps). Untuned until measured.
+    The interpreter pays per program and per loop iteration, so it gets big tiles."""
+    if device_type != "cuda" and interpreting():
+        return Blocks(block_m, min(128, max(16, triton.next_power_of_2(n_out))),
+                      min(128, max(16, triton.next_power_of_2(k_dim))), 1, 1)
+    wide = block_m == 128
+    block_n = {"mm": 128 if wide else 64, "glu_fwd": 64, "glu_bwd": 32 if wide else 64,
+               "weight_grad": 128}[kind]
+    warps = 8 if wide or kind in ("glu_bwd", "weight_grad") else 4
+    return Blocks(block_m, min(block_n, max(16, triton.next_power_of_2(n_out))), 64, warps, 3)
+
+
+def route(topk_idx: torch.Tensor, num_experts: int, block_m: int) -> Routing:
+    """Sort the slots by expert with device ops only (no host sync). topk_idx [N, K] ints in
+    [0, num_experts]; the value num_experts marks a slot with no expert (it sorts last and no
+    expert owns it). Ids outside that range are not checked (that would synchronise)."""
+    n_tokens, top_k = topk_idx.shape
+    flat = topk_idx.reshape(-1)
+    device = flat.device
+    _, order = torch.sort(flat.to(torch.int32), stable=True)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=device)
+    counts.scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.int32))
+    counts = counts[:num_experts]
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int32, device=device)
+    offsets[1:] = counts.cumsum(0)
+    tile_cum = ((counts + block_m - 1) // block_m).cumsum(0).to(torch.int32)
+    slots = flat.numel()
+    if device.type == "cuda":
+        programs = triton.cdiv(slots, block_m) + num_experts
+    else:  # the interpreter runs on the CPU: an exact grid costs no device sync there
+        programs = int(tile_cum[-1]) if num_experts else 0
+    return Routing(order.to(torch.int32), (order // top_k).to(torch.int32), offsets, tile_cum, flat, programs,
+                   block_m, num_experts, top_k)
+
+
+def _grid_ok(routing: Routing) -> bool:
+    return routing.programs > 0 and routing.num_experts > 0
+
+
+def _lr_args(lr):
+    """(LR, LB view, strides, scale, R, BLOCK_R) for an optional low-rank term (rows [S, R], LB [E, n, R])."""
+    if lr is None:
+        return None, None, 0, 0, 0, 0.0, 0, 16
+    rows, lb, scale = lr
+    rank = rows.shape[1]
+    return rows, lb, lb.stride(0), lb.stride(1), lb.stride(2), float(scale), rank, max(16, triton.next_power_of_2(rank))
+
+
+def grouped_mm(x, w3, routing: Routing, *, gather: bool, lr=None, scatter: bool = False, row_w=None,
+               split: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Y[row] = X[token(row) if gather else row]·W[e]ᵀ (+ scale·LR[row]·LB[e]ᵀ) for the sorted rows;
+    w3 is a [E, n, k] view (any strides). split: X has 2k columns, the second k of which meet the
+    weight view that starts `split` elements after w3 (a gate/up pair). scatter: Y is indexed by
+    slot and, with row_w, each row is multiplied by its routing weight row_w[slot]. Returns
+    [S, n] in x's dtype."""
+    n_out, k_dim = w3.shape[1], w3.shape[2]
+    slots = routing.slot.numel()
+    if out is None:
+        out = torch.empty(slots, n_out, dtype=x.dtype, device=x.device)
+    if not _grid_ok(routing) or n_out == 0:
+        return out
+    bl = launch_blocks(x.device.type, "mm", n_out, k_dim, routing.block_m)
+    lr_rows, lb, s_lbe, s_lbn, s_lbr, lr_scale, rank, block_r = _lr_args(lr)
+    _grouped_mm_kernel[(routing.programs, triton.cdiv(n_out, bl.block_n))](
+        x, routing.token, x.stride(0), w3, w3.stride(0), w3.stride(1), w3.stride(2),
+        lr_rows, lb, s_lbe, s_lbn, s_lbr, lr_scale, rank,
+        out, out.stride(0), routing.slot, row_w, split or 0, routing.tile_cum, routing.offsets, routing.num_experts,
+        n_out, k_dim, GATHER=gather, SCATTER=scatter, ROW_SCALE=row_w is not None, HAS_LR=lr is not None,
+        SPLIT=split is not None,
+        BLOCK_E=triton.next_power_of_2(routing.num_experts), BLOCK_M=routing.block_m, BLOCK_N=bl.block_n,
+        BLOCK_K=bl.block_k, BLOCK_R=block_r, FP32_DOT=_fp32_dot(x, w3), num_warps=bl.num_warps,
+        num_stages=bl.num_stages)
+    return out
+
+
+def weight_grad(a, b, routing: Routing, out: torch.Tensor, *, gather_a=False, gather_b=False, row_w=None,
+                scale: float = 1.0) -> torch.Tensor:
+    """out[e] = scale·Σ_(sorted rows of e) (row_w[slot]·)A[row]ᵀ·B[row] (rows gathered by token
+    where asked); out is a [E, P, Q] tensor or view (any strides), written in full."""
+    n_experts, p_dim, q_dim = out.shape
+    if n_experts == 0 or p_dim == 0 or q_dim == 0:
+        return out
+    bl = launch_blocks(a.device.type, "weight_grad", q_dim, p_dim, routing.block_m)
+    block_p = min(128, max(16, triton.next_power_of_2(p_dim)))  # P plays the M role of this GEMM
+    _weight_grad_kernel[(n_experts, triton.cdiv(p_dim, block_p), triton.cdiv(q_dim, bl.block_n))](
+        a, routing.token, a.stride(0), b, routing.token, b.stride(0), routing.slot, row_w,
+        out, out.stride(0), out.stride(1), out.stride(2), routing.offsets, p_dim, q_dim, float(scale),
+        GATHER_A=gather_a, GATHER_B=gather_b, ROW_SCALE=row_w is not None, BLOCK_P=block_p, BLOCK_Q=bl.block_n,
+        BLOCK_M=bl.block_k, FP32_DOT=_fp32_dot(a, b), num_warps=bl.num_warps, num_stages=bl.num_stages)
+    return out
+
+
+def combine(y: torch.Tensor, routing: Routing, n_tokens: int) -> torch.Tensor:
+    """out[n] = Σ_k y[n·K + k] over slots with an expert, fp32 sum, y's dtype."""
+    hidden = y.shape[1]
+    out = torch.empty(n_tokens, hidden, dtype=y.dtype, device=y.device)
+    if n_tokens == 0 or hidden == 0:
+        return out
+    block_t, block_h = (64, 128) if y.device.type != "cuda" and interpreting() else (16, 256)
+    _combine_kernel[(triton.cdiv(n_tokens, block_t), triton.cdiv(hidden, block_h))](
+        y, routing.idx, out, n_tokens, hidden, routing.num_experts, TOP_K=routing.top_k, BLOCK_T=block_t,
+        BLOCK_H=block_h, num_warps=4)
+    return out
+
+
+def _glu_forward(x, gate_up3, w_up, routing, lr, lb_up, activation):
+    """(gu [S, 2I], h [S, I]) for the sorted rows."""
+    slots, inter = routing.slot.numel(), gate_up3.shape[1]
+    gu = torch.empty(slots, 2 * inter, dtype=x.dtype, device=x.device)
+    h = torch.empty(slots, inter, dtype=x.dtype, device=x.device)
+    if not _grid_ok(routing):
+        return gu, h
+    bl = launch_blocks(x.device.type, "glu_fwd", inter, gate_up3.shape[2], routing.block_m)
+    lr_rows, lb, s_lbe, s_lbn, s_lbr, lr_scale, rank, block_r = _lr_args(lr)
+    _glu_fwd_kernel[(routing.programs, triton.cdiv(inter, bl.block_n))](
+        x, routing.token, x.stride(0), gate_up3, gate_up3.stride(0), gate_up3.stride(1), gate_up3.stride(2), w_up,
+        lr_rows, lb, s_lbe, s_lbn, s_lbr, lb_up, lr_scale, rank, gu, h,
+        routing.tile_cum, routing.offsets, routing.num_experts, inter, gate_up3.shape[2],
+        ACT=_ACT_ID[activation], HAS_LR=lr is not None, BLOCK_E=triton.next_power_of_2(routing.num_experts),
+        BLOCK_M=routing.block_m, BLOCK_N=bl.block_n, BLOCK_K=bl.block_k, BLOCK_R=block_r,
+        FP32_DOT=_fp32_dot(x, gate_up3), num_warps=bl.num_warps, num_stages=bl.num_stages)
+    return gu, h
+
+
+def _glu_backward(dout, down_t, routing, gu, topk_w, lr, activation, store_h):
+    """(dgu [S, 2I], h [S, I] or None, dw [S] fp32 by sorted row); down_t is W_d as [E, I, H]."""
+    slots, inter = gu.shape[0], gu.shape[1] // 2
+    dgu = torch.empty_like(gu)
+    h = torch.empty(slots, inter, dtype=gu.dtype, device=gu.device) if store_h else None
+    bl = launch_blocks(dout.device.type, "glu_bwd", inter, down_t.shape[2], routing.block_m)
+    n_part = triton.cdiv(inter, bl.block_n)
+    dw_part = torch.zeros(slots, n_part, dtype=torch.float32, device=gu.device)
+    if not _grid_ok(routing):
+        return dgu, h, dw_part.sum(1)
+    lr_rows, lb, s_lbe, s_lbn, s_lbr, lr_scale, rank, block_r = _lr_args(lr)
+    _glu_bwd_kernel[(routing.programs, n_part)](
+        dout, routing.token, dout.stride(0), down_t, down_t.stride(0), down_t.stride(1), down_t.stride(2),
+        lr_rows, lb, s_lbe, s_lbn, s_lbr, lr_scale, rank, gu, routing.slot, topk_w, dgu, h, dw_part, n_part,
+        routing.tile_cum, routing.offsets, routing.num_experts, inter, down_t.shape[2],
+        ACT=_ACT_ID[activation], HAS_LR=lr is not None, STORE_H=store_h,
+        BLOCK_E=triton.next_power_of_2(routing.num_experts), BLOCK_M=routing.block_m, BLOCK_N=bl.block_n,
+        BLOCK_K=bl.block_k, BLOCK_R=block_r, FP32_DOT=_fp32_dot(dout, down_t), num_warps=bl.num_warps,
+        num_stages=bl.num_stages)
+    return dgu, h, dw_part.sum(1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Autograd Function and the functional API.
+# ------------------------------------------------------------------------------------------------
+LAYOUTS = ("concatenated", "interleaved")  # gate_up rows: [gate; up] or [g0, u0, g1, u1, ...]
+
+
+def gate_up_halves(t: torch.Tensor, layout: str) -> tuple[torch.Tensor, int]:
+    """(gate view [E, I, ...], element offset from a gate element to its up partner) of a stack
+    whose dim 1 holds the 2I gate/up rows in `layout`."""
+    inter = t.shape[1] // 2
+    if layout == "interleaved":
+        return t[:, 0::2], t.stride(1)
+    return t[:, :inter], inter * t.stride(1)
+
+
+def _up_view(t: torch.Tensor, layout: str) -> torch.Tensor:
+    return t[:, 1::2] if layout == "interleaved" else t[:, t.shape[1] // 2:]
+
+
+def _concatenated(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """A gate/up stack (dim 1) in the concatenated layout: itself, or a copy of interleaved rows."""
+    return torch.cat([t[:, 0::2], t[:, 1::2]], dim=1) if layout == "interleaved" else t
+
+
+class MoEExpertsFunction(torch.autograd.Function):
+    """Inputs: x [N, H], topk_w [N, K], gate_up [E, 2I, H] and down [E, H, I] (logical views), the
+    LoRA factors a_gu [E, r, H], b_gu [E, 2I, r], a_d [E, r, I], b_d [E, H, r] or None, then the
+    Routing, activation, layout, the two LoRA scales and the scale on the expert
+    parameters' gradients (expert parallelism, fastft/expert_parallel.py). Saves x, the routing,
+    gu, xa, hd."""
+
+    @staticmethod
+    def forward(ctx, x, topk_w, gate_up, down, a_gu, b_gu, a_d, b_d, routing, activation, layout, s_gu, s_d,
+                grad_scale):
+        w_slot = topk_w.reshape(-1)
+        gate, w_up = gate_up_halves(gate_up, layout)
+        xa = lr_gu = None
+        lb_up = 0
+        if a_gu is not None:
+            xa = grouped_mm(x, a_gu, routing, gather=True)                          # [S, r]
+            b_gate, lb_up = gate_up_halves(b_gu, layout)
+            lr_gu = (xa, b_gate, s_gu)
+        gu, h = _glu_forward(x, gate, w_up, routing, lr_gu, lb_up, activation)      # [S, 2I], [S, I]
+        hd = grouped_mm(h, a_d, routing, gather=False) if a_d is not None else None  # [S, r]
+        ys = grouped_mm(h, down, routing, gather=False, lr=None if hd is None else (hd, b_d, s_d), scatter=True,
+                        row_w=w_slot)                                                # [S, H] by slot
+        del h
+        ctx.save_for_backward(x, w_slot, gate_up, down, a_gu, b_gu, a_d, b_d, gu, xa, hd, *routing[:5])
+        ctx.meta = routing[5:], activation, layout, s_gu, s_d, grad_scale, topk_w.shape
+        return combine(ys, routing, x.shape[0])
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, w_slot, gate_up, down, a_gu, b_gu, a_d, b_d, gu, xa, hd, *routing = ctx.saved_tensors
+        meta, activation, layout, s_gu, s_d, grad_scale, w_shape = ctx.meta
+        routing = Routing(*routing, *meta)
+        need = ctx.needs_input_grad
+        dout = as_rows(dout)
+        grads = [None] * 8
+        # Down projection (and the activation's backward, fused into its epilogue).
+        u = grouped_mm(dout, b_d.transpose(1, 2), routing, gather=True) if a_d is not None else None  # dout·B_d
+        store_h = need[3] or (a_d is not None and need[6])
+        dgu, h, dw_sorted = _glu_backward(dout, down.transpose(1, 2), routing, gu, w_slot,
+                                          None if u is None else (u, a_d.transpose(1, 2), s_d), activation, store_h)
+        if need[3]:
+            grads[3] = weight_grad(dout, h, routing, torch.empty_like(down), gather_a=True, row_w=w_slot,
+                                   scale=grad_scale)
+        if a_d is not None and need[6]:
+            grads[6] = weight_grad(u, h, routing, torch.empty_like(a_d), row_w=w_slot, scale=s_d * grad_scale)
+        if a_d is not None and need[7]:
+            grads[7] = weight_grad(dout, hd, routing, torch.empty_like(b_d), gather_a=True, row_w=w_slot,
+                                   scale=s_d * grad_scale)
+        del h, u
+        inter = gu.shape[1] // 2
+        dg, du = dgu[:, :inter], dgu[:, inter:]
+        # Gate/up: LoRA's rank-r gradient first (dX needs it), then the weight gradients, then dX.
+        dxa = None
+        if a_gu is not None and (need[0] or need[4]):
+            b_gate, lb_up = gate_up_halves(b_gu, layout)
+            dxa = grouped_mm(dgu, b_gate.transpose(1, 2), routing, gather=False, split=lb_up)  # dg·B_g + du·B_u
+            dxa.mul_(s_gu)
+        if a_gu is not None and need[5]:
+            grads[5] = torch.empty_like(b_gu)
+            weight_grad(dg, xa, routing, gate_up_halves(grads[5], layout)[0], scale=s_gu * grad_scale)
+            weight_grad(du, xa, routing, _up_view(grads[5], layout), scale=s_gu * grad_scale)
+        if a_gu is not None and need[4]:
+            grads[4] = weight_grad(dxa, x, routing, torch.empty_like(a_gu), gather_b=True, scale=grad_scale)
+        if need[2]:
+            grads[2] = torch.empty_like(gate_up)
+            weight_grad(dg, x, routing, gate_up_halves(grads[2], layout)[0], gather_b=True, scale=grad_scale)
+            weight_grad(du, x, routing, _up_view(grads[2], layout), gather_b=True, scale=grad_scale)
+        if need[0]:
+            gate, w_up = gate_up_halves(gate_up, layout)
+            dxs = grouped_mm(dgu, gate.transpose(1, 2), routing, gather=False, split=w_up, scatter=True,
+                             lr=None if dxa is None else (dxa, a_gu.transpose(1, 2), 1.0))  # [S, H] by slot
+            grads[0] = combine(dxs, routing, x.shape[0])
+        if need[1]:
+            dw = torch.empty_like(dw_sorted).index_copy_(0, routing.slot.long(), dw_sorted)
+            grads[1] = dw.view(w_shape).to(w_slot.dtype)
+        return (*grads, None, None, None, None, None, None)
+
+
+def _check(x, topk_idx, topk_w, gate_up, down, activation, layout, loras):
+    if activation not in _ACT_ID:
+        raise ValueError(f"moe_experts: activation {activation!r} is not one of {ACTIVATIONS}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"moe_experts: layout {layout!r} is not one of {LAYOUTS}")
+    if x.dim() != 2 or topk_idx.dim() != 2 or topk_w.shape != topk_idx.shape or topk_idx.shape[0] != x.shape[0]:
+        raise ValueError(f"moe_experts: x {tuple(x.shape)} must be [N, H] and topk_idx {tuple(topk_idx.shape)}, "
+                         f"topk_w {tuple(topk_w.shape)} both [N, K]")
+    if topk_idx.is_floating_point() or not topk_w.is_floating_point():
+        raise TypeError(f"moe_experts: topk_idx must hold integer expert ids (got {topk_idx.dtype}) and topk_w "
+                        f"floating routing weights (got {topk_w.dtype}); check the argument order")
+    n_exp, two_i, hidden = gate_up.shape if gate_up.dim() == 3 else (0, 0, 0)
+    if gate_up.dim() != 3 or two_i % 2 or hidden != x.shape[1] or down.shape != (n_exp, hidden, two_i // 2):
+        raise ValueError(f"moe_experts: gate_up {tuple(gate_up.shape)} and down {tuple(down.shape)} must be "
+                         f"[E, 2I, H] and [E, H, I] with H = {x.shape[1]} (pass transposed=True for [E, H, 2I] / [E, I, H])")
+    for name, lora, w in (("gate_up_lora", loras[0], gate_up), ("down_lora", loras[1], down)):
+        if lora is not None and (lora.a.shape[::2] != (n_exp, w.shape[2]) or lora.b.shape[:2] != w.shape[:2]
+                                 or lora.a.shape[1] != lora.b.shape[2]):
+            raise ValueError(f"moe_experts: {name} a {tuple(lora.a.shape)}, b {tuple(lora.b.shape)} do not fit the "
+                             f"weights {tuple(w.shape)}: a must be [E, r, in], b [E, out, r]")
+
+
+def moe_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor, gate_up: torch.Tensor,
+                down: torch.Tensor, activation: str = "silu", *, gate_up_lora: ExpertLoRA | None = None,
+                down_lora: ExpertLoRA | None = None, layout: str = "concatenated", transposed: bool = False,
+                weight_grad_scale: float = 1.0) -> torch.Tensor:
+    """Σ_k topk_w[n, k]·expert_(topk_idx[n, k])(x[n]) for gated experts (module docstring).
+
+    x [N, H]; topk_idx, topk_w [N, K] (ids in [0, E], E meaning none); gate_up [E, 2I, H] with the
+    gate/up rows in `layout`, down [E, H, I] (transposed=True: [E, H, 2I] and [E, I, H]);
+    activation "silu", "gelu_tanh" or "gelu". LoRA pairs as ExpertLoRA in the [E, out, in]
+    orientation of the logical weights. weight_grad_scale multiplies the gradients of the expert
+    parameters (the stacks and their LoRA factors; not dX, not the routing weights' gradient).
+    Returns [N, H] in x's dtype."""
+    if transposed:
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+    loras = (gate_up_lora, down_lora)
+    _check(x, topk_idx, topk_w, gate_up, down, activation, layout, loras)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):  # as autocast runs each expert's F.linear
+        dtype = torch.get_autocast_dtype(device_type)
+        x, gate_up, down = x.to(dtype), gate_up.to(dtype), down.to(dtype)
+    loras = tuple(None if lo is None else ExpertLoRA(lo.a.to(x.dtype), lo.b.to(x.dtype), float(lo.scale))
+                  for lo in loras)
+    if gate_up.dtype != x.dtype or down.dtype != x.dtype:
+        raise TypeError(f"moe_experts: x ({x.dtype}) and the expert weights ({gate_up.dtype}, {down.dtype}) must "
+                        "share one dtype (or run under autocast)")
+    tensors = [x, topk_idx, topk_w, gate_up, down, *(t for lo in loras if lo is not None for t in lo[:2])]
+    if not use_triton(*tensors):  # the reference, in the concatenated layout
+        scale = float(weight_grad_scale)
+        gate_up, down = _scaled_grad(_concatenated(gate_up, layout), scale), _scaled_grad(down, scale)
+        loras = [None if lo is None else ExpertLoRA(_scaled_grad(lo.a, scale), _scaled_grad(
+            _concatenated(lo.b, layout) if lo is loras[0] else lo.b, scale), lo.scale) for lo in loras]
+        return moe_experts_reference(x, topk_idx, topk_w, gate_up, down, activation, *loras)
+    with torch.autocast(device_type, enabled=False):
+        x = as_rows(x)
+        routing = route(topk_idx, gate_up.shape[0], row_block(device_type, topk_idx.numel(), gate_up.shape[0]))
+        (a_gu, b_gu, s_gu), (a_d, b_d, s_d) = ((lo.a, lo.b, lo.scale) if lo is not None else (None, None, 0.0)
+                                               for lo in loras)
+        return MoEExpertsFunction.apply(x, topk_w, gate_up, down, a_gu, b_gu, a_d, b_d, routing, activation, layout,
+                                        s_gu, s_d, float(weight_grad_scale))
+
+
+def _scaled_grad(t: torch.Tensor, scale: float) -> torch.Tensor:
+    """t, with its gradient multiplied by scale on the way back (weight_grad_scale, reference path)."""
+    t = t.view_as(t)
+    if t.requires_grad:
+        t.register_hook(lambda g: g * scale)
+    return t
