@@ -203,6 +203,13 @@ def _planned_config(config: FinetuneConfig, provider: str, rows: int | None, tok
         raise PlanError(f"provider={provider!r}: use 'fastft' (the recipe as fastft trains it) or 'hf' (the same "
                         "recipe unpatched: Hugging Face eager with SDPA, materialised logits)")
     config = copy.deepcopy(config)
+    # The QLoRA seam (issue 16 adds model.quantization): 4-bit bases are not planned yet. What it
+    # needs here: the quantized layers built on the meta device with their packed uint8 weights
+    # and absmax scales at their real size, and a fake implementation of the dequantize-matmul.
+    quantization = getattr(config.model, "quantization", None)
+    if quantization not in (None, "none"):
+        raise PlanError(f"model.quantization={quantization!r}: 4-bit parameters are not planned yet (the planner's "
+                        "QLoRA support follows issue 16); plan the bf16 recipe for an upper bound")
     fields, source = resolve_model(config)
     config.model.name, config.model.config = None, fields
     if provider == "hf":
