@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from fastft import distributed
@@ -79,3 +80,13 @@ def test_offload_with_lora_dropout_matches_full_checkpointing():
     assert torch.equal(losses_full[0], losses_off[0])
     for name in grads_full:
         assert torch.equal(grads_full[name], grads_off[name]), name
+
+
+@pytest.mark.slow
+def test_offload_benchmark_smoke(tmp_path):
+    """benchmarks/offload.py runs (tiny model, one step per mode) and report.py reads its rows."""
+    from benchmarks import offload, report
+
+    rows = offload.main(["--smoke", "--out", str(tmp_path)])
+    assert [r["provider"] for r in rows] == ["full", "offload", "save_on_cpu"] and all("ms" in r for r in rows)
+    assert "offload" in report.main([str(tmp_path), "--smoke"])
