@@ -32,7 +32,7 @@ def plan_in_subprocess(config: FinetuneConfig, *, world_size: int, capacity: int
 
     from fastft.config import to_yaml
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this fastft, installed or not
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this fastft's parent
     with tempfile.TemporaryDirectory() as tmp:
         recipe = os.path.join(tmp, "recipe.yaml")
         with open(recipe, "w", encoding="utf-8") as f:
