@@ -11,6 +11,9 @@ convention; LoRA rows give both conventions), step time p50/p90 and peak memory.
 Providers, on the same documents:
   hf       what a plain HF Trainer user gets: SDPA attention, one document per row, padded
   liger    HF + Liger-Kernel applied to the instance, on the packed rows (when installed)
+  trl      what a TRL SFTTrainer user gets with packing on (TRL 1.16): TRL's best-fit-decreasing
+           packing and padding-free collator (one flat row with position_ids and cu_seq_lens), SDPA,
+           and the loss from TRL's chunked log-prob LM head (add_fused_lm_head, fused_lm_head=True)
   fastft   fastft.patch'ed model on the packed rows (varlen attention, fused kernels)
 Full fine-tuning trains every parameter with fused AdamW; LoRA is PEFT r=16 on all linear layers
 (and, for MoE rows, on both expert stacks through PEFT's target_parameters).
@@ -32,7 +35,7 @@ from benchmarks import harness
 from benchmarks.e2e_configs import BY_NAME, MODELS
 from fastft.flops import mfu, training_flops
 
-PROVIDERS = ("hf", "liger", "fastft")
+PROVIDERS = ("hf", "liger", "trl", "fastft")
 
 
 def parse(argv):
@@ -86,10 +89,33 @@ def batches(docs: list[dict], provider: str, seq: int, rows: int) -> list[dict]:
     """The packed micro-batches; for "hf" the same documents of each step, padded one per row."""
     from fastft.data import PackedBatches, collate_padded
 
+    if provider == "trl":
+        return trl_batches(docs, seq, rows)
     packer = PackedBatches(docs, pad_id=0, max_seq_len=seq, mode="packed", batch_size=rows, shuffle=False)
     if provider != "hf":
         return list(packer)
     return [collate_padded([docs[i] for row in step for i in row], pad_id=0) for step in packer.plan()]
+
+
+def trl_batches(docs: list[dict], seq: int, rows: int) -> list[dict]:
+    """TRL's own data path on the same documents: pack_dataset(..., "bfd") into sequences of `seq`
+    tokens, `rows` of them per step through SFTTrainer's padding-free collator; each forward asks
+    for TRL's fused LM head (the flag rides in the batch, model_inputs passes it on)."""
+    from datasets import Dataset
+    from trl.data_utils import pack_dataset
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    packed = pack_dataset(Dataset.from_list([{"input_ids": d["input_ids"], "labels": d["labels"]} for d in docs]),
+                          seq, "bfd")
+    collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
+    out = []
+    for start in range(0, len(packed), rows):
+        batch = collate([packed[i] for i in range(start, min(start + rows, len(packed)))])
+        batch.pop("seq_idx", None)  # for linear-attention layers only
+        batch["num_target_tokens"] = (batch["labels"][:, 1:] != -100).sum()
+        batch["fused_lm_head"] = True
+        out.append(batch)
+    return out
 
 
 def build(spec, mode: str, provider: str, device: str, smoke: bool):
@@ -118,6 +144,11 @@ def build(spec, mode: str, provider: str, device: str, smoke: bool):
         experts = dict(target_parameters=["experts.gate_up_proj", "experts.down_proj"]) if spec.lora_experts else {}
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0,
                                                  **experts))
+    if provider == "trl":  # as SFTTrainer does: on the model inside the PEFT wrapper
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(model.get_base_model() if mode == "lora" else model,
+                          outputs=("log_probs", "entropy", "is_top1"))  # what SFTTrainer asks for
     if provider == "liger":
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 

@@ -6,8 +6,12 @@
                                  a hub name when online, or a seed architecture's name such as
                                  "Gemma2"), built on the meta device: no weights are loaded
 
+    fastft train [RECIPE] [--section.field=VALUE ...]
+                                 fine-tune (no recipe: the built-in default run); --help lists every field
+    fastft plot RUN_DIR [RUN_DIR ...]
+                                 draw a run's curves.png again, or overlay several runs in one picture
     fastft bench [ARGS]          the end-to-end benchmark (benchmarks/e2e.py; --help for its options),
-                                 from a source checkout
+                                 from a source checkout; --smoke writes to a temporary folder unless --out
     fastft plan [RECIPE] [ARGS]  the GPU memory a recipe needs, planned on this machine without a GPU or
                                  weights (fastft/planning/; --help for its options)
 """
@@ -111,17 +115,44 @@ def patch_report(args: argparse.Namespace) -> int:
 
 def bench(args: argparse.Namespace) -> int:
     import pathlib
+    import tempfile
 
     root = pathlib.Path(__file__).resolve().parent.parent
     if not (root / "benchmarks" / "e2e.py").is_file():
         print(f"fastft bench: benchmarks/ not found beside {root / 'fastft'}; it runs from a source checkout "
               "(git clone, then pip install -e '.[bench]')", file=sys.stderr)
         return 2
+    rest = list(args.rest)
+    if "--smoke" in rest and not any(a == "--out" or a.startswith("--out=") for a in rest):
+        # A smoke run's timings mean nothing: keep its rows out of benchmarks/results/.
+        rest += ["--out", tempfile.mkdtemp(prefix="fastft-bench-smoke-")]
     _prepare_device()
     sys.path.insert(0, str(root))
     from benchmarks import e2e
 
-    e2e.main(args.rest)
+    e2e.main(rest)
+    return 0
+
+
+def plot(args: argparse.Namespace) -> int:
+    import pathlib
+
+    from fastft.metrics import plot_runs
+
+    missing = [d for d in args.run_dirs if not (pathlib.Path(d) / "metrics.jsonl").is_file()]
+    if missing:
+        print(f"fastft plot: no metrics.jsonl in {', '.join(map(repr, missing))}; give fastft run folders "
+              "(logging.run_dir, e.g. runs/latest)", file=sys.stderr)
+        return 2
+    labels = args.labels.split(",") if args.labels else None
+    if labels is not None and len(labels) != len(args.run_dirs):
+        print(f"fastft plot: {len(labels)} labels for {len(args.run_dirs)} run folders", file=sys.stderr)
+        return 2
+    out = args.out or (str(pathlib.Path(args.run_dirs[0]) / "curves.png") if len(args.run_dirs) == 1 else "curves.png")
+    path = plot_runs(args.run_dirs, out, labels=labels, log=lambda line: print(line, file=sys.stderr))
+    if path is None:
+        return 1
+    print(path)
     return 0
 
 
@@ -136,25 +167,23 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
     # set by the user (the interpreter is correct but far too slow for training: ~35 s per step of
     # the default model, measured on 2 cores). So, unlike `demo`, train does not set it.
     from fastft.checkpoint import UnsafeCheckpoint
-    from fastft.config import ConfigError, load_config
+    from fastft.config import ConfigError, load_config, to_yaml
+    from fastft.hub import LoadError
     from fastft.train import TrainingDiverged, finetune
 
     if args.resume:
         overrides = overrides + ["--checkpoint.resume=true"]
     try:
         config = load_config(args.recipe, overrides)
-    except ConfigError as exc:
-        print(f"fastft train: bad config: {exc}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        from fastft.config import to_yaml
-
-        print(to_yaml(config), end="")
-        return 0
-    try:
+        if args.print_config:
+            print(to_yaml(config), end="")
+            return 0
         result = finetune(config)
     except ConfigError as exc:
         print(f"fastft train: bad config: {exc}", file=sys.stderr)
+        return 2
+    except LoadError as exc:
+        print(f"fastft train: {exc}", file=sys.stderr)
         return 2
     except (TrainingDiverged, UnsafeCheckpoint) as exc:
         print(f"fastft train: {exc}", file=sys.stderr)
@@ -162,29 +191,26 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0 if result.status in ("finished", "stopped") else 130
 
 
-def _train_args(argv: list[str], parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, list[str]]:
-    recipe, resume, show, overrides = None, False, False, []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--resume":
-            resume = True
-        elif arg == "--print-config":
-            show = True
-        elif arg.startswith("--"):
-            overrides.append(arg)
-            if "=" not in arg and i + 1 < len(argv):
-                overrides.append(argv[i + 1])
-                i += 1
-        elif recipe is None:
-            recipe = arg
-        else:
-            parser.error(f"one recipe at most: got {recipe!r} and {arg!r}")
-        i += 1
-    return argparse.Namespace(recipe=recipe, resume=resume, print_config=show), overrides
+def _train_parser(sub) -> argparse.ArgumentParser:
+    from fastft.config import help_text
+
+    p_train = sub.add_parser(
+        "train", help="fine-tune (no recipe: the built-in default run)", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fine-tune a causal LM: a YAML recipe (see examples/), then --section.field=VALUE overrides "
+                    "(VALUE is YAML: 1e-4, true, null, [q_proj, v_proj], {attention: false}).",
+        epilog="config fields (type; default), by section:\n\n" + help_text())
+    p_train.add_argument("recipe", nargs="?", default=None, help="a YAML recipe (see examples/)")
+    p_train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p_train.add_argument("--print-config", action="store_true", help="print the checked config as YAML and exit")
+    return p_train
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # everything after `bench` belongs to benchmarks/e2e.py
+        return bench(argparse.Namespace(rest=argv[1:]))
+    if argv[:1] == ["plan"]:  # and after `plan` to fastft/planning/__main__.py
+        return plan(argv[1:])
     parser = argparse.ArgumentParser(prog="fastft", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
@@ -195,26 +221,21 @@ def main(argv: list[str] | None = None) -> int:
     p_report.add_argument("model", help="local folder or config.json, hub name, or a seed architecture's name")
     p_report.add_argument("--trust-remote-code", action="store_true")
     p_report.set_defaults(func=patch_report)
+    p_train = _train_parser(sub)
+    p_plot = sub.add_parser("plot", help="draw curves.png of one run, or overlay several")
+    p_plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="fastft run folders (holding metrics.jsonl)")
+    p_plot.add_argument("--out", default=None, help="the PNG (default: RUN_DIR/curves.png for one run, "
+                                                    "./curves.png for several)")
+    p_plot.add_argument("--labels", default=None, help="comma-separated legend names, one per run (default: folder names)")
+    p_plot.set_defaults(func=plot)
     sub.add_parser("bench", help="end-to-end training benchmark (benchmarks/e2e.py; its own --help)")
     sub.add_parser("plan", help="plan a recipe's GPU memory on this machine (fastft/planning/; its own --help)")
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:  # everything after `bench` belongs to benchmarks/e2e.py
-        return bench(argparse.Namespace(rest=argv[1:]))
-    if argv[:1] == ["plan"]:
-        return plan(argv[1:])
-    p_train = sub.add_parser("train", help="fine-tune (no recipe: the built-in default run)",
-                             description="Fine-tune a causal LM. Any config field can be overridden as "
-                                         "--section.field=value (sections: model, data, lora, optim, train, "
-                                         "distributed, checkpoint, logging).")
-    p_train.add_argument("recipe", nargs="?", default=None, help="a YAML recipe (see examples/)")
-    p_train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-    p_train.add_argument("--print-config", action="store_true", help="print the checked config as YAML and exit")
-    p_train.set_defaults(func=train)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv):
-        # Overrides are split here, not by argparse (which takes "--a.b={x: 1, y: 2}" for a
-        # positional because of the spaces).
-        return train(*_train_args(argv[1:], p_train))
+    if argv[:1] == ["train"]:
+        from fastft.config import split_overrides
+
+        rest, overrides = split_overrides(argv[1:])
+        args = p_train.parse_args(rest)
+        return train(args, overrides)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

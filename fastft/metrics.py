@@ -1,4 +1,5 @@
-"""Training metrics: peak memory, and where the numbers go (JSON lines, TensorBoard).
+"""Training metrics: peak memory, where the numbers go (JSON lines, TensorBoard), the progress
+bar, and pictures of runs (curves.png, `fastft plot`).
 
 FLOPs and MFU follow one convention for the trainer and the benchmarks: fastft/flops.py.
 """
@@ -58,3 +59,132 @@ class MetricsLog:
             self.file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+# -- the loop's per-step record and progress bar ---------------------------------------------------
+
+def step_record(out, n_params: tuple[float, float], layers: int, d_attn: int, device: torch.device,
+                world_size: int, *, epoch: int) -> dict:
+    """The metrics line of one step (fastft.train.StepResult `out`): loss, lr, grad norm, global
+    real tokens per second, MFU (fastft/flops.py's convention and 6N), step time, peak memory."""
+    from fastft import flops
+
+    work = flops.step_flops(*n_params, out.tokens, layers, d_attn, out.pairs)
+    memory, memory_kind = peak_memory_gib(device)
+    return {"loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm, "tokens_per_s": out.tokens / out.seconds,
+            "mfu": flops.mfu(work["flops"], out.seconds, device, world_size),
+            "mfu_6n": flops.mfu(work["flops_6n"], out.seconds, device, world_size), "step_s": out.seconds,
+            "peak_memory_gib": memory, "memory_kind": memory_kind, "target_tokens": int(out.target_tokens),
+            "epoch": epoch}
+
+
+def progress_bar(total: int, initial: int, *, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+
+
+def update_bar(bar, record: dict) -> None:
+    if bar is None:
+        return
+    mfu = record["mfu"]
+    bar.set_postfix_str(f"loss {record['loss']:.3f} lr {record['lr']:.1e} gnorm {record['grad_norm']:.2f} "
+                        f"tok/s {record['tokens_per_s']:,.0f} MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} "
+                        f"mem {record['peak_memory_gib']:.2f}GiB", refresh=False)
+    bar.update(1)
+
+
+# -- pictures of a run ---------------------------------------------------------------------------------
+
+PANELS = [  # (title, record kind, keys, y label)
+    ("loss", None, None, "loss per target token"),
+    ("SQuAD EM / F1", "eval", ("exact_match", "f1"), "%"),
+    ("learning rate", "train", ("lr",), "lr"),
+    ("throughput", "train", ("tokens_per_s",), "real tokens / s (all ranks)"),
+    ("peak memory", "train", ("peak_memory_gib",), "GiB"),
+    ("gradient norm (before clipping)", "train", ("grad_norm",), "L2 norm"),
+]
+_NAMES = {"exact_match": "EM", "f1": "F1", "lr": "lr", "tokens_per_s": "tokens/s", "peak_memory_gib": "peak memory",
+          "grad_norm": "grad norm"}
+_told_about_matplotlib = False
+
+
+def read_metrics(run_dir) -> list[dict]:
+    path = pathlib.Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics.jsonl (is {run_dir} a fastft run folder?)")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _series(records: list[dict], kind: str, key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[key]) for r in records if r["kind"] == kind and r.get(key) is not None]
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def _smooth(values: list[float]) -> list[float]:
+    """A trailing mean over 2% of the points (at least 1): the trend of a noisy per-step series."""
+    window = max(1, len(values) // 50)
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def _plot_series(ax, steps, values, *, colour, label, style="-", marker=None):
+    """Per-step series: faint raw values and their trend; evaluation series: points joined."""
+    if marker is None and len(values) > 50:
+        ax.plot(steps, values, color=colour, lw=0.6, alpha=0.25)
+        values = _smooth(values)
+    ax.plot(steps, values, color=colour, ls=style, lw=1.5, marker=marker, ms=4, label=label)
+
+
+def plot_runs(run_dirs, out, *, labels=None, log=print) -> str | None:
+    """Draw the curves of one or several runs (overlaid, one colour per run) into the PNG `out`:
+    train and val loss, EM/F1 at each evaluation, learning rate, tokens/s, peak memory and grad
+    norm against step. Returns the path, or None (once saying how to get it) without matplotlib."""
+    global _told_about_matplotlib
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        if not _told_about_matplotlib:
+            log("curves.png not drawn: matplotlib is not installed (pip install matplotlib, or "
+                "pip install 'fastft[plot]'; then `fastft plot RUN_DIR` draws it from metrics.jsonl)")
+            _told_about_matplotlib = True
+        return None
+    runs = [(str(label), read_metrics(d)) for label, d in zip(labels or [pathlib.Path(d).name for d in run_dirs],
+                                                              run_dirs)]
+    figure = Figure(figsize=(15, 8.5), layout="constrained")
+    FigureCanvasAgg(figure)  # renders without pyplot: no global backend is set in the caller's process
+    axes = figure.subplots(2, 3).flatten()
+    colours = [f"C{i % 10}" for i in range(len(runs))]
+    for ax, (title, kind, keys, ylabel) in zip(axes, PANELS):
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        for (label, records), colour in zip(runs, colours):
+            if kind is None:  # the loss panel: train per step, val at each evaluation
+                _plot_series(ax, *_series(records, "train", "loss"), colour=colour, label=f"{label} train")
+                _plot_series(ax, *_series(records, "eval", "val_loss"), colour=colour, label=f"{label} val",
+                             style="--", marker="o")
+                continue
+            for key, style in zip(keys, ("-", ":")):
+                name = f"{label} {_NAMES[key]}" if len(keys) > 1 or len(runs) > 1 else _NAMES[key]
+                _plot_series(ax, *_series(records, kind, key), colour=colour, label=name, style=style,
+                             marker="o" if kind == "eval" else None)
+        if title == "learning rate":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        if ax.has_data() and ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    kinds = {r.get("memory_kind") for _, records in runs for r in records if r.get("memory_kind")}
+    if kinds:
+        axes[4].set_title("peak memory (" + ", ".join(sorted(kinds)) + ")")
+    figure.suptitle("fastft: " + ", ".join(label for label, _ in runs))
+    out = pathlib.Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=90)
+    return str(out)

@@ -3,7 +3,16 @@
 import pytest
 
 from fastft.cli import main
-from fastft.config import ConfigError, FinetuneConfig, load_config, parse_overrides, to_yaml
+import pathlib
+
+from fastft.config import (SECTIONS, ConfigError, FinetuneConfig, field_docs, load_config, markdown_table,
+                           parse_overrides, section_fields, split_overrides, to_yaml, validate)
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Fields whose name and type say all (the rest must have a docstring: --help shows it).
+KNOWN_SELF_EXPLANATORY = {"data.train_split", "data.eval_split", "data.system_prompt", "data.buffer_size",
+                          "data.eval_batch_size", "lora.dropout", "optim.betas", "optim.eps", "train.seed",
+                          "logging.progress_bar"}
 
 
 def test_empty_recipe_is_the_builtin_default():
@@ -28,11 +37,17 @@ def test_yaml_recipe_and_overrides(tmp_path):
     (["--train.lr=1e-4"], "train.lr: unknown field; did you mean optim.lr?"),
     (["--optim.learning_rate=1e-4"], "optim.learning_rate: unknown field; did you mean optim.lr"),
     (["--optm.lr=1"], "optm: unknown section; did you mean optim?"),
-    (["--optim.lr=fast"], "optim.lr: expected a float, got 'fast'"),
-    (["--train.max_steps=2.5"], "train.max_steps: expected an integer, got 2.5"),
-    (["--lora.enabled=maybe"], "lora.enabled: expected true/false"),
-    (["--optim.schedule=exp"], "optim.schedule='exp': use one of"),
-    (["--data.batching=rows"], "data.batching='rows'"),
+    (["--optim.lr=fast"], "optim.lr='fast': input should be a valid number"),
+    (["--train.max_steps=2.5"], "train.max_steps=2.5: input should be a valid integer"),
+    (["--train.max_steps=0"], "train.max_steps=0: input should be greater than 0"),
+    (["--lora.enabled=maybe"], "lora.enabled='maybe': input should be a valid boolean"),
+    (["--optim.schedule=exp"], "optim.schedule='exp': input should be 'cosine', 'linear' or 'constant'"),
+    (["--data.batching=rows"], "data.batching='rows': input should be 'packed', 'flat' or 'padded'"),
+    (["--data.batching=flat"], "data.batching='flat' needs data.token_budget"),
+    (["--optim.betas=[0.9, 1.5]"], "optim.betas[1]=1.5: input should be less than 1"),
+    (["--lora.target_modules={a: 1}"], "lora.target_modules={'a': 1}: expected str | list[str]"),
+    (["--model.patch_options={attention: 1}"], "model.patch_options.attention=1: input should be a valid boolean"),
+    (["--model.config.hidden_size=8"], "for a mapping field write it whole, e.g. --model.config={hidden_size: VALUE"),
     (["--train.global_batch_rows=8", "--train.global_batch_tokens=4096"], "train.global_batch_tokens and train.global_batch_rows"),
     (["--optim.warmup_steps=50", "--train.max_steps=10"], "optim.warmup_steps=50 is more than train.max_steps=10"),
     (["--distributed.fsdp=false", "--distributed.cpu_offload=true"], "distributed.cpu_offload"),
@@ -75,6 +90,43 @@ def test_cli_bad_config_fails_before_any_work(capsys):
 def test_parse_overrides_values_are_yaml():
     assert parse_overrides(["--a.b=1", "--a.c=[1, 2]", "--d.e=null", "--d.f=hello"]) == {
         "a": {"b": 1, "c": [1, 2]}, "d": {"e": None, "f": "hello"}}
+
+
+def test_split_overrides_keeps_values_with_spaces():
+    argv = ["r.yaml", "--model.config={model_type: llama, hidden_size: 8}", "--resume", "--optim.lr", "1e-4", "-h"]
+    assert split_overrides(argv) == (["r.yaml", "--resume", "-h"],
+                                     ["--model.config={model_type: llama, hidden_size: 8}", "--optim.lr", "1e-4"])
+
+
+def test_numbers_for_text_fields_and_empty_sections():
+    config = load_config({"data": None, "logging": {"run_dir": 2024}, "optim": {"lr": "3e-4"}})
+    assert config.logging.run_dir == "2024" and config.optim.lr == 3e-4
+    assert config.data == FinetuneConfig().data  # an empty section is all defaults
+
+
+def test_a_field_set_in_python_is_checked_again():
+    config = load_config()
+    config.train.max_steps = "12"
+    assert validate(config).train.max_steps == 12
+    config.optim.schedule = "exp"
+    with pytest.raises(ConfigError, match="optim.schedule='exp'"):
+        validate(config)
+
+
+def test_every_field_is_documented_in_help_and_in_the_readme_table(capsys):
+    docs = field_docs()
+    assert len(docs) == sum(len(section_fields(s)) for s in SECTIONS) > 60
+    undocumented = [f.key for f in docs if not f.doc and f.key not in KNOWN_SELF_EXPLANATORY]
+    assert not undocumented, f"fields without a docstring: {undocumented}"
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for f in docs:
+        assert f"--{f.key}  ({f.type}; default {f.default})" in out
+    assert "--optim.schedule  (cosine | linear | constant; default cosine)" in out
+    assert "--train.max_steps  (int > 0; default 300)" in out or "--train.max_steps  (int > 0;" in out
+    readme = (ROOT / "examples" / "README.md").read_text()
+    assert markdown_table() in readme, "examples/README.md's field table is stale: run python -m fastft.config"
 
 
 def test_cli_print_config_shows_the_merged_recipe(capsys):

@@ -193,7 +193,7 @@ def test_loader_errors_say_what_to_do(tmp_path):
 def test_builtin_dataset_answers_are_spans_and_seeded():
     train = builtin.builtin_squad_records("train")
     validation = builtin.builtin_squad_records("validation")
-    assert len(train) == 4000 and len(validation) == 500
+    assert len(train) == 20_000 and len(validation) == 500
     for row in train + validation:
         (text,), (start,) = row["answers"]["text"], row["answers"]["answer_start"]
         assert row["context"][start : start + len(text)] == text
@@ -205,6 +205,45 @@ def test_builtin_dataset_answers_are_spans_and_seeded():
     assert 50 < sum(not r["answers"]["text"] for r in with_unanswerable) < 150
     with pytest.raises(ValueError, match="unknown split 'test'"):
         builtin.builtin_squad_records("test")
+
+
+def _names(rows) -> set[str]:
+    """Every person ("First Last") and town ("Stem Kind") in the stories and questions."""
+    import re
+
+    first, towns = set(builtin._FIRST_NAMES), set(builtin._TOWN_STEMS)
+    found = set()
+    for row in rows:
+        for text in (row["context"], row["question"]):
+            words = re.findall(r"\w+", text)
+            found |= {f"{a} {b}" for a, b in zip(words, words[1:]) if a in first or a in towns}
+    return found
+
+
+def test_builtin_validation_people_and_towns_never_occur_in_training():
+    train = _names(builtin.builtin_squad_records("train"))
+    validation = _names(builtin.builtin_squad_records("validation"))
+    assert len(validation) > 500 and not train & validation
+    assert all(builtin.split_of(*name.split()) == "validation" for name in validation)
+
+
+def test_word_level_tokenizer_covers_the_builtin_data_and_round_trips(tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = builtin.word_level_tokenizer()
+    unk = tokenizer.convert_tokens_to_ids(builtin.WORD_TOKENIZER_UNK)
+    rows = builtin.builtin_squad_records("validation") + builtin.builtin_squad_records("train", num_examples=2000)
+    for row in rows:
+        ids = tokenizer(row["context"] + " " + row["question"])["input_ids"]
+        assert unk not in ids and ids[0] == tokenizer.bos_token_id
+        answer = row["answers"]["text"][0]
+        assert tokenizer.decode(tokenizer(answer, add_special_tokens=False)["input_ids"]) == answer
+    assert len(tokenizer) == 7 + len(builtin.builtin_vocabulary()) < 1000
+    tokenizer.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    text = rows[0]["context"]
+    assert again(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert tokenizer("a qwertyuiop")["input_ids"][-1] == unk  # outside the vocabulary: one unknown word
 
 
 def test_builtin_source_through_the_loader_and_formatter():
@@ -304,17 +343,17 @@ def test_data_config_recipe_end_to_end():
     from fastft.data.recipe import DataConfig, build_eval_prompts, build_train_batches
 
     tokenizer = builtin.byte_level_tokenizer()
-    config = DataConfig(max_seq_len=512, batching="flat", token_budget=2048, eval_examples=8)
+    config = DataConfig(max_seq_len=512, batching="flat", token_budget=2048, eval_examples=8, builtin_examples=3000)
     batches, report = build_train_batches(config, tokenizer, rank=1, world_size=2)
     text = str(report)
-    assert "4000 read, 4000 kept" in text and "efficiency" in text and "x 2 rank(s)" in text
+    assert "3000 read, 3000 kept" in text and "efficiency" in text and "x 2 rank(s)" in text
     first = next(iter(batches))
     assert first["input_ids"].shape[0] == 1 and first["input_ids"].shape[1] <= 2048
     prompts, references = build_eval_prompts(config, tokenizer)
     assert len(prompts) == len(references) == 8
     with pytest.raises(ValueError, match="needs data.token_budget"):
         DataConfig(batching="flat")
-    with pytest.raises(ValueError, match="data.format='qa'"):
+    with pytest.raises(ValueError, match=r"format\n  Input should be 'squad' or 'sft'"):  # pydantic's message
         DataConfig(format="qa")
     with pytest.raises(ValueError, match=r"lacks \['\{question\}'\]"):
         DataConfig(template="{context}")

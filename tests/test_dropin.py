@@ -1,8 +1,12 @@
 """A patched model is a plain nn.Module: it trains in HF Trainer and TRL's SFTTrainer, and saves
-as a plain Hugging Face checkpoint."""
+as a plain Hugging Face checkpoint. Inside SFTTrainer (TRL 1.16), which fastft kernels run is
+counted: the norms, the attention and the LoRA kernels do, with TRL's packing off and on; the
+fused loss does not (TRL computes the loss with its own chunked log-prob head). README.md's
+drop-in section says the same."""
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import pathlib
@@ -50,9 +54,55 @@ def test_hf_trainer_losses_match_unpatched(tmp_path):
     torch.testing.assert_close(torch.tensor(fast), torch.tensor(plain), rtol=2e-4, atol=2e-4)
 
 
-@pytest.mark.skipif(not GPT2_TOKENIZER.is_dir(), reason="shared assets (GPT-2 tokenizer) not present")
-def test_trl_sft_trainer_trains_a_patched_model(tmp_path):
+def count_fastft_kernels(monkeypatch) -> collections.Counter:
+    """Counts, from now on, the calls of the fastft kernels a patched model can make: rms_norm (the
+    norm modules), fused_linear_cross_entropy (the loss), the "fastft" attention function (and the
+    calls that saw packed documents: cu_seq_lens or restarting position_ids), lora_linear/lora_mlp."""
+    from transformers import AttentionInterface
+
+    import fastft.patching.lora as lora
+    import fastft.patching.loss as loss
+    import fastft.patching.norms as norms
+
+    counts: collections.Counter = collections.Counter()
+
+    def counted(module, name):
+        original = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return original(*args, **kwargs)
+        monkeypatch.setattr(module, name, wrapper)
+
+    for module, name in ((norms, "rms_norm"), (loss, "fused_linear_cross_entropy"), (lora, "lora_linear"),
+                         (lora, "lora_mlp")):
+        counted(module, name)
+    attention = AttentionInterface._global_mapping["fastft"]
+
+    def counted_attention(module, query, key, value, attention_mask, **kwargs):
+        counts["attention"] += 1
+        positions = kwargs.get("position_ids")
+        restarts = positions is not None and bool((positions[..., 1:] == 0).any())
+        counts["attention_packed"] += kwargs.get("cu_seq_lens_q") is not None or restarts
+        return attention(module, query, key, value, attention_mask, **kwargs)
+    monkeypatch.setitem(AttentionInterface._global_mapping, "fastft", counted_attention)
+    return counts
+
+
+def _sft_run(trl, model, tokenizer, data, path, *, steps, packing):
+    args = trl.SFTConfig(output_dir=str(path), max_steps=steps, per_device_train_batch_size=4, learning_rate=3e-3,
+                         logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", seed=0, data_seed=0,
+                         max_length=32, disable_tqdm=True, packing=packing)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+@pytest.fixture
+def sft_setup():
     trl = pytest.importorskip("trl")
+    if not GPT2_TOKENIZER.is_dir():
+        pytest.skip("shared assets (GPT-2 tokenizer) not present")
     from datasets import Dataset
     from transformers import AutoTokenizer
 
@@ -63,22 +113,59 @@ def test_trl_sft_trainer_trains_a_patched_model(tmp_path):
                                eos_token_id=tokenizer.eos_token_id)
     data = Dataset.from_list([{"prompt": f"Question {i}: what is {i} plus one?", "completion": f" {i + 1}."}
                               for i in range(16)])
+    return trl, tokenizer, config, data
 
-    def run(model, name):
-        args = trl.SFTConfig(output_dir=str(tmp_path / name), max_steps=4, per_device_train_batch_size=4,
-                             learning_rate=3e-3, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
-                             seed=0, data_seed=0, max_length=32, disable_tqdm=True)
-        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
-        trainer.train()
-        return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
+def test_trl_sft_trainer_trains_a_patched_model(tmp_path, sft_setup, monkeypatch):
+    """Padded batches (SFTTrainer's default): the same losses as unpatched; norms and attention run
+    through fastft, the loss through TRL's head."""
+    trl, tokenizer, config, data = sft_setup
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(config)
     patched = copy.deepcopy(base)
-    fastft.patch(patched)
-    plain, fast = run(base, "plain"), run(patched, "fast")
+    report = fastft.patch(patched)
+    assert report.count("cross_entropy") == 1  # patched, and yet (below) never called by SFTTrainer
+    plain = _sft_run(trl, base, tokenizer, data, tmp_path / "plain", steps=4, packing=False)
+    counts = count_fastft_kernels(monkeypatch)
+    fast = _sft_run(trl, patched, tokenizer, data, tmp_path / "fast", steps=4, packing=False)
     assert len(fast) == 4 and fast[-1] < fast[0]
     torch.testing.assert_close(torch.tensor(fast), torch.tensor(plain), rtol=2e-4, atol=2e-4)
+    layers = config.num_hidden_layers
+    assert counts["rms_norm"] >= 4 * (2 * layers + 1) and counts["attention"] >= 4 * layers, counts
+    assert counts["attention_packed"] == 0 and counts["fused_linear_cross_entropy"] == 0, counts
+
+
+def test_trl_packing_runs_fastft_attention_on_documents_and_lora_kernels(tmp_path, sft_setup, monkeypatch):
+    """packing=True (TRL 1.16: best-fit-decreasing, padding-free rows with position_ids and cu_seq_lens)
+    and a LoRA model patched by fastft: every attention call sees the packed documents, the LoRA
+    layers run fastft's kernels, and still TRL's head computes the loss."""
+    from peft import LoraConfig, get_peft_model
+
+    trl, tokenizer, config, data = sft_setup
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_config(config),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    fastft.patch(model)
+    counts = count_fastft_kernels(monkeypatch)
+    losses = _sft_run(trl, model, tokenizer, data, tmp_path / "packed", steps=2, packing=True)
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert counts["attention"] > 0 and counts["attention_packed"] == counts["attention"], counts
+    assert counts["rms_norm"] > 0 and counts["lora_linear"] >= 2 * 2 * config.num_hidden_layers, counts
+    assert counts["fused_linear_cross_entropy"] == 0, counts
+
+
+def test_e2e_benchmark_trl_provider_smoke(tmp_path):
+    """benchmarks/e2e.py's trl provider (TRL's packing, padding-free collator and chunked log-prob
+    head) trains on the same documents as the others."""
+    pytest.importorskip("trl")
+    from benchmarks import e2e
+
+    rows = e2e.main(["--smoke", "--out", str(tmp_path), "--modes", "full", "--models", "Llama-3.2-1B",
+                     "--providers", "hf,trl"])
+    by = {r["provider"]: r for r in rows}
+    assert not any(r.get("error") for r in rows), rows
+    assert by["trl"]["real_tokens_per_step"] == by["hf"]["real_tokens_per_step"] > 0
+    assert by["trl"]["slots_per_step"] == by["trl"]["real_tokens_per_step"]  # padding-free: no padding slots
 
 
 def test_save_pretrained_round_trip_is_a_plain_hf_checkpoint(tmp_path):

@@ -260,13 +260,24 @@ def test_flce_benchmark_smoke(tmp_path):
             (tmp_path / "fused_linear_cross_entropy_smoke.jsonl").read_text().splitlines()]
     seen = {(r["op"], r["provider"], r["mode"]) for r in rows}
     assert ("matmul3", "torch.matmul", "full") in seen
-    for provider in ("fastft", "torch"):
+    trl = [] if bench.trl_chunked_loss() is None else ["trl"]  # TRL's chunked log-prob head (test extra)
+    for provider in ("fastft", "torch", *trl):
         for mode in ("fwd", "bwd", "full"):
             assert ("fused_linear_cross_entropy", provider, mode) in seen
     for r in rows:
         assert "error" not in r, r
         for key in ("device", "torch", "triton", "commit", "date", "shape", "dtype"):
             assert r[key], f"missing {key}"
+
+
+def test_flce_benchmark_trl_provider_computes_the_same_loss(device):
+    from benchmarks.kernels import fused_linear_cross_entropy as bench
+
+    trl_loss = bench.trl_chunked_loss()
+    if trl_loss is None:
+        pytest.skip("trl is not installed")
+    x, w, y = bench._inputs(64, 32, 300, torch.float32, device)
+    torch.testing.assert_close(trl_loss(x, w, y), bench.torch_eager_loss(x, w, y), rtol=1e-5, atol=1e-6)
 
 
 def test_autocast_matches_eager_autocast(device):

@@ -101,7 +101,7 @@ def test_trainer_expert_parallel_two_processes_match_one(tmp_path):
 
 
 @pytest.mark.parametrize("fields,message", [
-    ({"expert_parallel": 0}, "must be >= 1"),
+    ({"expert_parallel": 0}, "distributed.expert_parallel=0: input should be greater than 0"),
     ({"expert_parallel": 2}, "load=every_rank"),
     ({"expert_parallel": 2, "load": "every_rank", "fsdp": False}, "runs on FSDP2"),
 ])

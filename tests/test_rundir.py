@@ -13,7 +13,7 @@ from fastft.train import finetune
 TINY = {"model": {"config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
                              "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2},
                   "patch": False},
-        "data": {"max_seq_len": 128, "batch_size": 2},
+        "data": {"max_seq_len": 128, "batch_size": 2, "builtin_examples": 500},
         "train": {"max_steps": 3, "eval_every": 0, "eval_generate": 0, "eval_batches": 1, "eval_before": False},
         "logging": {"quiet": True, "progress_bar": False, "tensorboard": False}}
 

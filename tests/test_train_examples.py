@@ -56,7 +56,7 @@ def test_example_recipe_validates_and_runs_tiny(path, patched, tmp_path):
     raw["model"] = {**raw["model"], "name": None, "config": tiny_model_config(recipe), "tokenizer": "byte",
                     "patch": patched}
     raw["data"] = {**raw.get("data", {}), "source": "builtin", "max_seq_len": 64, "batch_size": 2,
-                   "eval_max_new_tokens": 4}
+                   "eval_max_new_tokens": 4, "builtin_examples": 200}
     raw["train"] = {**raw.get("train", {}), "max_steps": 2, "global_batch_tokens": None, "global_batch_rows": 4,
                     "precision": "fp32", "eval_every": 0, "eval_before": False, "eval_batches": 1,
                     "eval_generate": 2}

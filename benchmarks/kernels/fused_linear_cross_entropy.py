@@ -7,6 +7,9 @@ Providers, each over the modes fwd / bwd / full (harness.MODES):
   torch           Hugging Face's eager path: logits = x @ W^T, upcast to fp32, F.cross_entropy
   torch.compile   the same function through torch.compile (skipped in the CPU smoke run)
   liger           LigerFusedLinearCrossEntropyLoss, where liger-kernel and CUDA are present
+  trl             TRL's chunked log-prob head (trl.kernels.ChunkedLogProbFunction, what SFTTrainer
+                  computes its loss with since TRL 1.x, through add_fused_lm_head): the valid rows,
+                  vocabulary chunks of TRL's own width (32768), loss = -mean log p(target)
 and one row op="matmul3", provider="torch.matmul": the three matmuls X W^T, dZ W, dZ^T X at
 the same shape and dtype, the floor that a fused op can approach (2 N H V FLOPs each).
 
@@ -34,6 +37,22 @@ SMOKE_SHAPES = [(64, 64, 512)]
 def torch_eager_loss(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     # What HF eager does: lm_head in the model dtype, then ForCausalLMLoss upcasts to fp32.
     return F.cross_entropy((x @ w.t()).float(), y, ignore_index=-100)
+
+
+def trl_chunked_loss():
+    """TRL's chunked log-prob loss as SFTTrainer's fused LM head runs it, or None without TRL."""
+    try:
+        from trl.kernels import ChunkedLogProbFunction
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
+    except ImportError:
+        return None
+
+    def loss(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        valid = y != -100  # TRL scores the valid positions only (on Triton devices)
+        log_probs = ChunkedLogProbFunction.apply(x[valid], w, None, y[valid], 1.0, chunk, None, 1.0, ("log_probs",))[0]
+        return -log_probs.sum() / valid.sum().clamp(min=1)
+
+    return loss
 
 
 def _inputs(N, H, V, dtype, device):
@@ -87,6 +106,9 @@ def main(argv=None) -> None:
 
         liger = LigerFusedLinearCrossEntropyLoss()
         providers["liger"] = lambda x, w, y: liger(w, x, y)
+    trl_loss = trl_chunked_loss()
+    if trl_loss is not None:
+        providers["trl"] = trl_loss
     if args.providers:
         providers = {k: v for k, v in providers.items() if k in args.providers}
 

@@ -14,6 +14,7 @@ from fastft.data.builtin import (
     builtin_squad,
     builtin_squad_records,
     byte_level_tokenizer,
+    word_level_tokenizer,
 )
 from fastft.data.collate import collate_packed, collate_padded, model_inputs
 from fastft.data.loaders import flatten_squad_json, load_sft, load_squad, load_table
@@ -28,7 +29,7 @@ __all__ = [
     "DEFAULT_SQUAD_TEMPLATE", "IGNORE_INDEX", "SIMPLE_CHAT_TEMPLATE",
     "DataConfig", "DataReport", "PackedBatches", "PackingStats", "SFTFormatter", "SquadFormatter",
     "best_fit_decreasing", "build_eval_prompts", "build_train_batches", "builtin_squad", "builtin_squad_records",
-    "byte_level_tokenizer", "collate_packed", "collate_padded", "exact_match_score", "f1_score",
+    "byte_level_tokenizer", "word_level_tokenizer", "collate_packed", "collate_padded", "exact_match_score", "f1_score",
     "flatten_squad_json", "generate_answers", "load_sft", "load_squad", "load_table", "make_formatter",
     "model_inputs", "normalize_answer", "squad_metrics",
 ]

@@ -1,25 +1,38 @@
-"""The built-in default: a synthetic SQuAD-format dataset and a byte-level tokenizer, both made here.
+"""The built-in default: a synthetic SQuAD-format dataset and two tokenizers, all made here.
 
 For the main job on a fresh machine with no model hub. Every word comes from the lists in this
-file (names and towns are built from made-up syllables), so the repository holds no third-party
-text. Each example is a short story of 2-5 fact sentences about one to three invented people, and
-a question whose answer is an exact span of the story; distractor facts of the same kind about
-other people make the model read the name, not just the question type. Generation is seeded and
-fast (a few thousand examples in a few tens of milliseconds).
+file (first names, surnames and town names are built from made-up syllables), so the repository
+holds no third-party text. Each example is a short story of 2-5 fact sentences about one to three
+invented people, and a question whose answer is an exact span of the story; distractor facts of
+the same kinds about the other people make the model read the name, not just the question type.
 
-The tokenizer is byte-level (256 byte tokens + a few special tokens, no merges): it needs no
-training data and no download, encodes any text, and is saved with the run like any
-`PreTrainedTokenizerFast` (`tokenizer.save_pretrained(dir)`).
+Honest validation: a person is a (first name, surname) pair and a town a (stem, kind) pair, and
+each pair belongs to one split by a fixed hash, so no validation person or town ever appears in
+a training story (`split_of`); the stories come from different seeds, and the facts are drawn
+afresh for every story, so an answer cannot be remembered from training, only read.
+
+Tokenizers, both built in code (no training data, no download), both `PreTrainedTokenizerFast`
+that save with the run like any other (`tokenizer.save_pretrained(dir)`):
+- `word_level_tokenizer()`: one token per word or punctuation mark of this file's vocabulary
+  (about 1,400 tokens). The default run's: an answer is one to three tokens that the model learns
+  to copy from the story within minutes on a CPU, where byte by byte it takes far longer.
+- `byte_level_tokenizer()`: 256 bytes + special tokens; encodes any text.
+Generation is seeded and fast (20,000 examples in about a second).
 """
 
 from __future__ import annotations
 
+import functools
 import random
+import re
+import zlib
+
+# -- the vocabulary ----------------------------------------------------------------------------------
 
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "th", "sh"]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "ei", "ou"]
 _CODAS = ["", "", "n", "r", "l", "s", "m", "k", "th"]
-_TOWN_ENDINGS = ["ford", "holm", "vale", "mere", "stead", "wick", "port", "bury", "dell", "reach"]
+_TOWN_KINDS = ["Ford", "Holm", "Vale", "Mere", "Stead", "Wick", "Port", "Bury", "Dell", "Reach"]
 _JOBS = ["baker", "carpenter", "pilot", "teacher", "gardener", "weaver", "potter", "sailor", "doctor",
          "painter", "miller", "tailor", "engineer", "librarian", "farmer", "chemist"]
 _COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "grey", "white", "black", "brown", "pink"]
@@ -28,18 +41,57 @@ _INSTRUMENTS = ["flute", "violin", "drum", "harp", "trumpet", "piano", "cello", 
 _MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
            "October", "November", "December"]
 _NUMBER_WORDS = ["two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
+_YEARS = range(1850, 2016)
+_VALIDATION_SHARE = 5  # one (first name, surname) or (stem, kind) pair in 5 is a validation-only one
+PEOPLE_PER_STORY = (1, 3)
+FACTS_PER_STORY = (2, 5)
 
 
 def _word(rng: random.Random, syllables: int) -> str:
     return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables))
 
 
-def _person(rng: random.Random) -> str:
-    return f"{_word(rng, rng.randint(1, 2)).capitalize()} {_word(rng, rng.randint(2, 3)).capitalize()}"
+def _pool(name: str, size: int, syllables: tuple[int, int], taken: set[str]) -> list[str]:
+    """`size` distinct capitalised made-up words, seeded by `name`, none already in `taken`."""
+    rng, words = random.Random(f"fastft-builtin-{name}"), []
+    while len(words) < size:
+        word = _word(rng, rng.randint(*syllables)).capitalize()
+        if word not in taken:
+            taken.add(word)
+            words.append(word)
+    return words
 
 
-def _town(rng: random.Random) -> str:
-    return (_word(rng, rng.randint(1, 2)) + rng.choice(_TOWN_ENDINGS)).capitalize()
+_TAKEN: set[str] = set()
+_FIRST_NAMES = _pool("first-names", 160, (1, 2), _TAKEN)
+_SURNAMES = _pool("surnames", 160, (2, 3), _TAKEN)
+_TOWN_STEMS = _pool("towns", 120, (1, 2), _TAKEN)
+
+
+def split_of(*words: str) -> str:
+    """The split a person (first name, surname) or a town (stem, kind) belongs to: a fixed hash,
+    so that validation names never occur in training stories."""
+    return "validation" if zlib.crc32(" ".join(words).encode()) % _VALIDATION_SHARE == 0 else "train"
+
+
+@functools.lru_cache(maxsize=None)
+def _pairs(kind: str, split: str) -> list[tuple[str, str]]:
+    """Every person or town of a split, as (first word, second word)."""
+    left, right = (_FIRST_NAMES, _SURNAMES) if kind == "person" else (_TOWN_STEMS, _TOWN_KINDS)
+    return [(a, b) for a in left for b in right if split_of(a, b) == split]
+
+
+def _person(rng: random.Random, split: str, avoid=()) -> str:
+    pairs = _pairs("person", split)
+    while True:
+        pair = pairs[rng.randrange(len(pairs))]
+        if pair[0] not in avoid and pair[1] not in avoid:
+            return " ".join(pair)
+
+
+def _town(rng: random.Random, split: str) -> str:
+    pairs = _pairs("town", split)
+    return " ".join(pairs[rng.randrange(len(pairs))])
 
 
 # A fact kind: (sentence templates, question templates, answer slot). Slots in {braces} are filled
@@ -62,33 +114,42 @@ _FACTS = {
     "friend": (["{name} is an old friend of {other}.", "{name} and {other} have been friends for years."],
                ["Who is an old friend of {name}?", "Who has been friends with {name} for years?"], "other"),
 }
+_COUNTS = _NUMBER_WORDS + [str(n) for n in range(13, 40)]
 
 
-def _slots(rng: random.Random, name: str) -> dict[str, str]:
-    return {
-        "name": name,
-        "town": _town(rng),
-        "year": str(rng.randint(1850, 2015)),
-        "job": rng.choice(_JOBS),
-        "colour": rng.choice(_COLOURS),
-        "count": rng.choice(_NUMBER_WORDS + [str(n) for n in range(13, 40)]),
-        "animal": rng.choice(_ANIMALS),
-        "date": f"{rng.randint(1, 28)} {rng.choice(_MONTHS)} {rng.randint(1850, 2015)}",
-        "instrument": rng.choice(_INSTRUMENTS),
-        "other": _person(rng),
-    }
+_SLOTS = {  # slot -> (rng, split, people in the story) -> value
+    "town": lambda rng, split, people: _town(rng, split),
+    "year": lambda rng, split, people: str(rng.choice(_YEARS)),
+    "job": lambda rng, split, people: rng.choice(_JOBS),
+    "colour": lambda rng, split, people: rng.choice(_COLOURS),
+    "count": lambda rng, split, people: rng.choice(_COUNTS),
+    "animal": lambda rng, split, people: rng.choice(_ANIMALS),
+    "date": lambda rng, split, people: f"{rng.randint(1, 28)} {rng.choice(_MONTHS)} {rng.choice(_YEARS)}",
+    "instrument": lambda rng, split, people: rng.choice(_INSTRUMENTS),
+    "other": lambda rng, split, people: _person(rng, split, avoid={w for p in people for w in p.split()}),
+}
+_TEMPLATE_SLOTS = {kind: sorted({m for t in sentences + questions for m in re.findall(r"\{(\w+)\}", t)} - {"name"})
+                   for kind, (sentences, questions, _) in _FACTS.items()}
 
 
-def _example(rng: random.Random, qid: str, unanswerable: bool) -> dict:
-    people = [_person(rng) for _ in range(rng.randint(1, 3))]
+def _slots(rng: random.Random, split: str, kind: str, name: str, people: list[str]) -> dict[str, str]:
+    """The values of the slots a fact of `kind` about `name` uses."""
+    return {"name": name, **{slot: _SLOTS[slot](rng, split, people) for slot in _TEMPLATE_SLOTS[kind]}}
+
+
+def _example(rng: random.Random, split: str, qid: str, unanswerable: bool) -> dict:
+    # One to three people with distinct first names and surnames (so one word tells them apart).
+    people: list[str] = []
+    for _ in range(rng.randint(*PEOPLE_PER_STORY)):
+        people.append(_person(rng, split, avoid={w for p in people for w in p.split()}))
     # Distinct (person, fact kind) pairs, so that no question has two conflicting answers.
     pairs = [(person, kind) for person in people for kind in _FACTS]
-    chosen = rng.sample(pairs, min(rng.randint(2, 5), len(pairs)))
+    chosen = rng.sample(pairs, min(rng.randint(*FACTS_PER_STORY), len(pairs)))
     sentences: list[str] = []
     facts: list[tuple[str, str, dict[str, str], int]] = []  # (kind, template, slots, sentence offset)
     offset = 0
     for person, kind in chosen:
-        slots = _slots(rng, person)
+        slots = _slots(rng, split, kind, person, people)
         template = rng.choice(_FACTS[kind][0])
         sentence = template.format(**slots)
         facts.append((kind, template, slots, offset))
@@ -99,7 +160,7 @@ def _example(rng: random.Random, qid: str, unanswerable: bool) -> dict:
     questions, answer_slot = _FACTS[kind][1], _FACTS[kind][2]
     if unanswerable:
         # Ask about someone the story never mentions: the answer is not in the context.
-        slots = dict(slots, name=_person(rng))
+        slots = dict(slots, name=_person(rng, split, avoid={w for p in people for w in p.split()}))
         return {"id": qid, "title": slots["name"], "context": context,
                 "question": rng.choice(questions).format(**slots), "answers": {"text": [], "answer_start": []}}
     answer = slots[answer_slot]
@@ -112,32 +173,39 @@ def _example(rng: random.Random, qid: str, unanswerable: bool) -> dict:
             "answers": {"text": [answer], "answer_start": [answer_start]}}
 
 
+SPLIT_SIZES = {"train": 20_000, "validation": 500}
+
+
 def builtin_squad_records(
     split: str = "train", *, num_examples: int | None = None, seed: int = 0, unanswerable_fraction: float = 0.0
 ) -> list[dict]:
     """Synthetic SQuAD-format rows (`id, title, context, question, answers{text[], answer_start[]}`).
 
-    `train` (4,000 by default) and `validation` (500) come from different seeds, so no story is
-    shared. `unanswerable_fraction` > 0 adds SQuAD v2.0-style questions with no answer.
+    `train` (20,000 by default) and `validation` (500) come from different seeds and different
+    people and towns (see the module docstring). `unanswerable_fraction` > 0 adds SQuAD
+    v2.0-style questions with no answer.
     """
-    sizes = {"train": 4000, "validation": 500}
-    if split not in sizes:
-        raise ValueError(f"unknown split {split!r} for the built-in dataset: use one of {sorted(sizes)}")
+    if split not in SPLIT_SIZES:
+        raise ValueError(f"unknown split {split!r} for the built-in dataset: use one of {sorted(SPLIT_SIZES)}")
     if not 0.0 <= unanswerable_fraction < 1.0:
         raise ValueError(f"unanswerable_fraction must be in [0, 1), got {unanswerable_fraction}")
-    n = sizes[split] if num_examples is None else num_examples
+    n = SPLIT_SIZES[split] if num_examples is None else num_examples
     rng = random.Random(f"fastft-builtin-{split}-{seed}")
     return [
-        _example(rng, f"builtin-{split}-{i:05d}", rng.random() < unanswerable_fraction) for i in range(n)
+        _example(rng, split, f"builtin-{split}-{i:05d}", rng.random() < unanswerable_fraction) for i in range(n)
     ]
 
 
+@functools.lru_cache(maxsize=8)
 def builtin_squad(split: str = "train", **kwargs):
-    """The built-in dataset as a `datasets.Dataset` with the hub `squad` columns."""
+    """The built-in dataset as a `datasets.Dataset` with the hub `squad` columns (made once per
+    process for each set of arguments: a Dataset is immutable)."""
     import datasets
 
     return datasets.Dataset.from_list(builtin_squad_records(split, **kwargs))
 
+
+# -- tokenizers --------------------------------------------------------------------------------------
 
 # A minimal chat template, written for fastft: "<|role|>\n" + content + eos, one line per message;
 # the generation prompt opens an assistant turn. Rendering a conversation one message longer only
@@ -149,20 +217,28 @@ SIMPLE_CHAT_TEMPLATE = (
 )
 
 BYTE_TOKENIZER_SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"]
+WORD_TOKENIZER_UNK = "<|unk|>"
+_WORD = re.compile(r"\w+|[^\w\s]+")  # what tokenizers' `Whitespace` pre-tokenizer splits on
 
 
-def byte_level_tokenizer():
-    """A `PreTrainedTokenizerFast` over raw UTF-8 bytes: ids 0-5 are the special tokens
-    (bos, eos, pad, and the chat roles), 6-261 the 256 bytes. Adds BOS; has a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+@functools.lru_cache(maxsize=1)
+def builtin_vocabulary() -> tuple[str, ...]:
+    """Every word and punctuation mark the built-in data and the default SQuAD prompt can contain."""
+    from fastft.data.squad import DEFAULT_SQUAD_TEMPLATE
+
+    texts = [DEFAULT_SQUAD_TEMPLATE.format(context="", question="")]
+    for sentences, questions, _ in _FACTS.values():
+        texts += [re.sub(r"\{\w+\}", " ", t) for t in sentences + questions]
+    words = {w for text in texts for w in _WORD.findall(text)}
+    words |= {*_FIRST_NAMES, *_SURNAMES, *_TOWN_STEMS, *_TOWN_KINDS, *_JOBS, *_COLOURS, *_ANIMALS,
+              *_INSTRUMENTS, *_MONTHS, *_COUNTS, *map(str, _YEARS), *map(str, range(1, 29))}
+    return tuple(sorted(words))
+
+
+def _fast_tokenizer(backend, vocab: dict[str, int]):
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    byte_symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {token: i for i, token in enumerate(BYTE_TOKENIZER_SPECIAL_TOKENS)}
-    vocab.update({symbol: len(BYTE_TOKENIZER_SPECIAL_TOKENS) + i for i, symbol in enumerate(byte_symbols)})
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(BYTE_TOKENIZER_SPECIAL_TOKENS)
     backend.post_processor = processors.TemplateProcessing(
         single="<|bos|> $A", pair="<|bos|> $A $B", special_tokens=[("<|bos|>", vocab["<|bos|>"])]
@@ -173,3 +249,32 @@ def byte_level_tokenizer():
     )
     tokenizer.chat_template = SIMPLE_CHAT_TEMPLATE
     return tokenizer
+
+
+def word_level_tokenizer():
+    """A `PreTrainedTokenizerFast` with one token per word or punctuation mark of
+    `builtin_vocabulary()`: ids 0-5 are the special tokens (bos, eos, pad, the chat roles), 6 the
+    unknown word, then the words. Splits on whitespace and punctuation; decodes words joined by
+    spaces. Adds BOS; has a chat template. Text outside the vocabulary becomes `<|unk|>`: for
+    other data use a real tokenizer (model.tokenizer) or the byte-level one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {token: i for i, token in enumerate([*BYTE_TOKENIZER_SPECIAL_TOKENS, WORD_TOKENIZER_UNK])}
+    vocab.update({word: len(vocab) + i for i, word in enumerate(builtin_vocabulary())})
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=WORD_TOKENIZER_UNK))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return _fast_tokenizer(backend, vocab)
+
+
+def byte_level_tokenizer():
+    """A `PreTrainedTokenizerFast` over raw UTF-8 bytes: ids 0-5 are the special tokens
+    (bos, eos, pad, and the chat roles), 6-261 the 256 bytes. Adds BOS; has a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    byte_symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate(BYTE_TOKENIZER_SPECIAL_TOKENS)}
+    vocab.update({symbol: len(BYTE_TOKENIZER_SPECIAL_TOKENS) + i for i, symbol in enumerate(byte_symbols)})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    return _fast_tokenizer(backend, vocab)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -85,13 +86,20 @@ def load_table(source: str, split: str = "train", *, streaming: bool = False, **
         raise ValueError(f"{source}: unknown file type {suffix!r}; use .json (SQuAD layout or JSON lines), .jsonl or .parquet")
     if path.suffix.lower() in (".json", ".jsonl", ".parquet") or source.startswith((".", "/", "~")):
         raise FileNotFoundError(f"dataset file {source!r} does not exist; check the path, or use source='builtin'")
+    from fastft import hub
+
+    online = not hub.offline_by_setting() and hub.hub_reachable()
     try:
-        return datasets.load_dataset(source, split=split, streaming=streaming)
+        with contextlib.nullcontext() if online else hub.offline_mode():  # the cache only: no retries
+            return datasets.load_dataset(source, split=split, streaming=streaming)
     except Exception as error:  # offline, unknown name, unknown split: say what to do instead
-        raise RuntimeError(
-            f"could not load dataset {source!r} (split {split!r}) from the Hugging Face hub: {error}. "
-            "Offline? Point source at a local SQuAD .json / .jsonl / .parquet file, or use source='builtin'"
-        ) from error
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise hub.LoadError(
+            f"data.source={source!r} (split {split!r}): cannot load the dataset from "
+            + ("the Hugging Face hub" if online else "the local cache only (the hub is not reachable)")
+            + f": {reason}. Fixes: point data.source at a local SQuAD .json / .jsonl / .parquet file, use "
+            "data.source=builtin, or fill the cache on a machine with network and run with HF_HUB_OFFLINE=1"
+        ) from None
 
 
 def _columns(dataset) -> list[str] | None:

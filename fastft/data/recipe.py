@@ -8,6 +8,10 @@ Each step reports what it did in one line (`DataReport.lines`), for the start-up
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
+
+from pydantic import ConfigDict, PositiveInt
+from pydantic.dataclasses import dataclass
 
 from fastft.data.loaders import load_table
 from fastft.data.packing import MODES, PackedBatches
@@ -15,36 +19,57 @@ from fastft.data.sft import SFTFormatter
 from fastft.data.squad import DEFAULT_SQUAD_TEMPLATE, SquadFormatter, check_template
 
 
-@dataclasses.dataclass
+# The settings of every config section (fastft/config.py's too): an unknown field is an error, a
+# field's docstring (the string under it) is its help text, and a number given for a text field
+# (YAML reads `--logging.run_dir=2024` as one) is taken as text.
+SECTION = ConfigDict(extra="forbid", use_attribute_docstrings=True, coerce_numbers_to_str=True)
+
+
+@dataclass(config=SECTION)
 class DataConfig:
-    source: str = "builtin"  # "builtin", a hub name ("squad", "squad_v2"), or a .json/.jsonl/.parquet path
-    format: str = "squad"  # "squad" (context/question/answers) or "sft" (prompt/response or messages)
+    source: str = "builtin"
+    """builtin (fastft's synthetic SQuAD-format data), a hub name (squad, squad_v2), or a .json/.jsonl/.parquet file"""
+    format: Literal["squad", "sft"] = "squad"
+    """squad (context/question/answers columns) or sft (prompt/response, or messages)"""
     train_split: str = "train"
     eval_split: str = "validation"
-    eval_source: str | None = None  # defaults to `source` (a local file is one split: give the eval file here)
-    max_seq_len: int = 1024
-    template: str = DEFAULT_SQUAD_TEMPLATE  # squad: prompt with {context} and {question}
-    chat: bool = False  # use the tokenizer's chat template
+    builtin_examples: PositiveInt | None = None
+    """source=builtin: training examples generated (null: 20,000; the validation split keeps its 500)"""
+    eval_source: str | None = None
+    """the evaluation data; null: `source` (a local file is one split: give the eval file here)"""
+    max_seq_len: PositiveInt = 1024
+    """tokens per packed row, and the longest example (longer contexts are cut around the answer)"""
+    template: str = DEFAULT_SQUAD_TEMPLATE
+    """squad: the prompt, with {context} and {question} (and optionally {title})"""
+    chat: bool = False
+    """render prompts with the tokenizer's chat template"""
     system_prompt: str | None = None
-    unanswerable_answer: str | None = None  # squad v2.0: None drops unanswerable questions
-    prompt_column: str = "prompt"  # sft
+    unanswerable_answer: str | None = None
+    """squad v2.0: the answer trained for unanswerable questions; null drops them"""
+    prompt_column: str = "prompt"
+    """sft: the prompt column"""
     response_column: str = "response"
+    """sft: the response column"""
     messages_column: str = "messages"
-    batching: str = "packed"  # "packed" rows of max_seq_len, "flat" (padding-free) or "padded"
-    batch_size: int = 8  # rows per micro-batch (packed, padded)
-    token_budget: int | None = None  # tokens per micro-batch (flat)
+    """sft: the chat-turns column (used when present)"""
+    batching: Literal[MODES] = "packed"
+    """packed (rows of max_seq_len), flat (one padding-free row of token_budget tokens) or padded"""
+    batch_size: PositiveInt = 8
+    """rows per micro-batch per process (packed, padded)"""
+    token_budget: PositiveInt | None = None
+    """flat: tokens per micro-batch (>= max_seq_len)"""
     seed: int = 0
+    """the packing plan's shuffle"""
     streaming: bool = False
-    buffer_size: int = 10_000  # documents packed together when streaming
-    eval_examples: int | None = 500  # None: the whole eval split
-    eval_max_new_tokens: int = 32
-    eval_batch_size: int = 16
+    """read the source as a stream (hub or files), packing buffer_size documents at a time"""
+    buffer_size: PositiveInt = 10_000
+    eval_examples: PositiveInt | None = 500
+    """questions read from the eval split for EM/F1; null: all"""
+    eval_max_new_tokens: PositiveInt = 32
+    """greedy generation stops at EOS or after this many tokens"""
+    eval_batch_size: PositiveInt = 16
 
     def __post_init__(self):
-        if self.format not in ("squad", "sft"):
-            raise ValueError(f"data.format={self.format!r}: use 'squad' or 'sft'")
-        if self.batching not in MODES:
-            raise ValueError(f"data.batching={self.batching!r}: use one of {MODES}")
         if self.batching == "flat" and self.token_budget is None:
             raise ValueError("data.batching='flat' needs data.token_budget (tokens per micro-batch, >= max_seq_len)")
         if self.format == "squad":
@@ -75,7 +100,8 @@ def make_formatter(config: DataConfig, tokenizer):
 def build_train_batches(config: DataConfig, tokenizer, *, rank: int = 0, world_size: int = 1):
     """(an iterable of this rank's micro-batches, call `.set_epoch(e)` per epoch; DataReport)."""
     report = DataReport()
-    rows = load_table(config.source, config.train_split, streaming=config.streaming)
+    sized = {"num_examples": config.builtin_examples} if config.source == "builtin" and config.train_split == "train" else {}
+    rows = load_table(config.source, config.train_split, streaming=config.streaming, **sized)
     formatter = make_formatter(config, tokenizer)
     examples = formatter.encode(rows)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

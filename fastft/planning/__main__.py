@@ -44,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scaling", metavar="T1,T2,...", help="per-module activations at these row lengths")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     parser.add_argument("--fit", type=int, metavar="BYTES", help=argparse.SUPPRESS)  # the trainer's preflight
-    args, overrides = parser.parse_known_args(argv)
+    from fastft.config import split_overrides
+
+    rest, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(rest)
     try:
         config = load_config(args.recipe, overrides)
         capacity, reserve = _memory(args.gpu_memory), _memory(args.reserve)

@@ -178,23 +178,22 @@ def _as_config(config) -> FinetuneConfig:
     return load_config(config)
 
 
+GPU = torch.device("cuda")  # what the trainer's decisions are made for (no CUDA is touched)
+
+
 def _setup(config: FinetuneConfig, world_size: int) -> dict:
-    """The trainer's precision and parallelism decisions (fastft/train.py) as they fall on CUDA."""
-    d, t, m = config.distributed, config.train, config.model
-    fsdp = bool(d.fsdp) or (d.fsdp is None and world_size > 1)
-    bf16 = t.precision in ("bf16", "auto")  # auto is bf16 on CUDA
-    param_dtype = d.param_dtype if d.param_dtype != "auto" else ("bfloat16" if bf16 else "float32")
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-    if m.dtype != "auto":
-        weights = dtypes[m.dtype]
-    else:
-        weights = torch.bfloat16 if (config.lora.enabled and bf16 and not fsdp) else torch.float32
-    return {"fsdp": fsdp, "weights": weights, "param_dtype": param_dtype, "autocast": bf16 and not fsdp,
-            "fused": config.optim.fused if config.optim.fused is not None else True,
-            "precision": (f"weights {str(weights).removeprefix('torch.')}"
-                          + (f", FSDP2 params {param_dtype}" if fsdp else ", bf16 autocast" if bf16 and not fsdp else "")),
+    """The trainer's own precision decision (fastft.train.decide_precision) as it falls on CUDA."""
+    from fastft.distributed import DistEnv
+    from fastft.train import decide_precision
+
+    p = decide_precision(config, DistEnv(world_size=world_size, device=GPU))
+    d, m = config.distributed, config.model
+    return {"fsdp": p.fsdp, "weights": p.weights, "param_dtype": p.param_dtype, "autocast": p.autocast_on,
+            "precision": (f"weights {str(p.weights).removeprefix('torch.')}"
+                          + (f", FSDP2 params {p.param_dtype}" if p.fsdp else ", bf16 autocast" if p.autocast_on else "")),
             "training": f"LoRA r={config.lora.r}" if config.lora.enabled else "full fine-tuning",
-            "activation_checkpointing": d.activation_checkpointing, "tiled_mlp": m.tiled_mlp}
+            "activation_checkpointing": d.activation_checkpointing, "tiled_mlp": m.tiled_mlp,
+            "_precision": p}
 
 
 def _planned_config(config: FinetuneConfig, provider: str, rows: int | None, tokens: int | None):
@@ -362,6 +361,7 @@ def _one_step(config, provider, world_size, sizes, setup, observe: Callable):
 
     from fastft import distributed
     from fastft.data import model_inputs
+    from fastft.train import _local_grad_square, build_optimizer
 
     model = _build(config, provider, setup)
     vocab = config.model.config.get("vocab_size") or len(_tokenizer(config))
@@ -373,11 +373,7 @@ def _one_step(config, provider, world_size, sizes, setup, observe: Callable):
         if not setup["fsdp"] and hasattr(hf, "tie_weights"):
             hf.tie_weights()  # to_empty makes new tensors per module: tied embeddings would come apart
         model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            [{"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
-             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-            lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=setup["fused"])
+        params, optimizer, _, setup["fused"], _ = build_optimizer(model, config, setup["_precision"], GPU)
         batch = {k: fake.from_tensor(v) if torch.is_tensor(v) else v for k, v in real_batch.items()}
         targets = batch["num_target_tokens"] * sizes["accumulation"] * world_size
         autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if setup["autocast"] else contextlib.nullcontext
@@ -407,7 +403,9 @@ def _one_step(config, provider, world_size, sizes, setup, observe: Callable):
         with observer:
             out = micro_step(last=True, mark=mark)
             mark("micro-batch")
-            distributed.clip_grad_norm_(params, o.grad_clip)
+            if o.grad_clip is not None:  # as train_step: the local squared norm, one all-reduce, the clip
+                norm = distributed.all_reduce_sum(_local_grad_square(params, torch.device("cpu"))).sqrt()
+                torch.nn.utils.clip_grads_with_norm_(params, o.grad_clip, norm, foreach=None)
             optimizer.step()
             mark("optimizer")
             # What the tracker holds after the step, before zero_grad: the exact state totals.
@@ -444,7 +442,7 @@ def _run(config, provider, world_size, sizes, setup, gpu) -> Plan:
         state=state, module_activations=_module_activations(tracker),
         activations=(_categories(tracker.marks["forward"]).get("activations", 0)
                      - _categories(tracker.marks["start"]).get("activations", 0)),
-        setup={k: v for k, v in setup.items() if k != "weights"} | {"weights": str(setup["weights"])})
+        setup={k: v for k, v in setup.items() if k not in ("weights", "_precision")} | {"weights": str(setup["weights"])})
     if gpu is not None:
         from fastft.planning.roofline import estimate_time
 
