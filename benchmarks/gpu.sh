@@ -4,6 +4,9 @@
 #   bash benchmarks/gpu.sh RESULTS_DIR [PART]
 #
 # PART "kernels" (default, under 8 minutes on one H100): tests, then every kernel benchmark.
+# PART "long" (under 8 minutes): offloaded checkpointing against full and save_on_cpu (8 of
+# Llama-3.1-8B's layers, 32k tokens), then the longest-row goal: all 32 layers, LoRA, 131072
+# tokens, offload + tiled MLP (peak and step time beside benchmarks/PLAN.md's plan).
 # PART "e2e" (under 10 minutes): the end-to-end benchmark's headline rows (Llama-3.2-1B full
 # fine-tuning, Llama-3.1-8B LoRA and QLoRA, all providers), the trainer itself at the Llama-3.2-1B shape
 # (its metrics.jsonl: tokens/s, MFU, memory), then the other architectures while time lasts.
@@ -63,6 +66,13 @@ elif [ "$PART" = e2e ]; then
   step train_llama1b_shape 120 python3 -m fastft.cli train examples/bench_llama1b_shape.yaml \
     --train.max_steps=30 --logging.run_dir="$OUT/train_llama1b_shape"
   step e2e_others 200 python3 -m benchmarks.e2e --models Qwen3-0.6B,Gemma-3-1B,Qwen3-8B,Mistral-7B-v0.3,Gemma-2-2B,Phi-3-mini --out "$OUT"
+  # Planned (fastft.planning, made on a CPU: benchmarks/plan_e2e.json) against the measured
+  # torch.cuda.max_memory_allocated of every e2e row above: $OUT/plan_check.md.
+  step plan_check 20 python3 -m benchmarks.plan_check "$OUT"
+elif [ "$PART" = long ]; then
+  step offload_32k 180 python3 -m benchmarks.offload --seq 32768 --layers 8 --out "$OUT"
+  step long_128k 280 python3 -m benchmarks.offload --seq 131072 --layers 32 --tiled auto --modes offload \
+    --warmup 1 --steps 2 --out "$OUT"
 elif [ "$PART" = moe ]; then
   # MoE (issue 17): the MoE tests with the kernels compiled, the layer benchmark (Qwen3-30B-A3B and
   # Mixtral-8x7B shapes, full and expert LoRA, every provider), then the e2e rows of OLMoE-1B-7B
@@ -74,7 +84,7 @@ elif [ "$PART" = moe ]; then
   step e2e_olmoe 130 python3 -m benchmarks.e2e --models OLMoE-1B-7B --out "$OUT"
   step e2e_qwen3_30b_a3b 150 python3 -m benchmarks.e2e --models Qwen3-30B-A3B --out "$OUT"
 else
-  echo "unknown PART $PART (kernels, e2e or moe)"; exit 2
+  echo "unknown PART $PART (kernels, e2e, long or moe)"; exit 2
 fi
 if [ "$PART" = e2e ]; then
   # Attention paths (issue 12): the trainer's step-1 counters (metrics.jsonl, kind "attention")

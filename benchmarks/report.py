@@ -266,7 +266,9 @@ def main(argv=None) -> str:
                   "`benchmarks/results/` (each row names its device, versions, commit and date). How they are "
                   "measured: `benchmarks/harness.py`, `benchmarks/e2e.py`; floors and misses: `NOTES.md`.\n\n")
         pictures = "".join(f"\n![{p.stem}](plots/{p.name})\n" for p in images)
-        (here / "README.md").write_text(header + text + "\n" + pictures)
+        from benchmarks.plan_tables import readme_section  # the planner's predictions, labelled so
+
+        (here / "README.md").write_text(header + text + "\n" + pictures + readme_section())
     return text
 
 

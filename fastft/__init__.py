@@ -42,4 +42,8 @@ def __getattr__(name):
         from fastft import config as _config, train as _train
 
         return getattr(_train if name == "finetune" else _config, name)
+    if name == "plan":  # the memory planner (fastft/planning/): fastft.plan(config) plans one step
+        import importlib
+
+        return importlib.import_module("fastft.planning").plan
     raise AttributeError(f"module 'fastft' has no attribute {name!r}")

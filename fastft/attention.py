@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import dataclasses
 import inspect
 import sys
@@ -141,7 +142,24 @@ def _builtin_backends() -> tuple[VarlenBackend, ...]:
 
 def varlen_backends() -> tuple[VarlenBackend, ...]:
     """The varlen backends of this process, in the order they are tried."""
+    if _AS_ON_GPU.get():
+        return tuple(dataclasses.replace(b, devices=b.devices | {"cpu"}) for b in _builtin_backends() if b.name == "torch")
     return (*_REGISTERED, *_builtin_backends())
+
+
+# fastft.plan (fastft/planning/) runs a model on fake CPU tensors to plan what a GPU holds: inside
+# `as_on_gpu()` the one backend is torch's varlen op (its fake implementation exists; flash-attn's
+# need not), taking CPU tensors as it would CUDA ones, so that the plan decides as a GPU run does.
+_AS_ON_GPU = contextvars.ContextVar("fastft_attention_as_on_gpu", default=False)
+
+
+@contextlib.contextmanager
+def as_on_gpu():
+    token = _AS_ON_GPU.set(True)
+    try:
+        yield
+    finally:
+        _AS_ON_GPU.reset(token)
 
 
 def register_varlen_backend(backend: VarlenBackend) -> None:

@@ -15,6 +15,8 @@
     fastft bench --compile-report [ARGS]
                                  every kernel compiled for sm_80/sm_90/sm_100 without a GPU: registers,
                                  spills, shared memory, occupancy (benchmarks/compile_report.py)
+    fastft plan [RECIPE] [ARGS]  the GPU memory a recipe needs, planned on this machine without a GPU or
+                                 weights (fastft/planning/; --help for its options)
 """
 
 from __future__ import annotations
@@ -161,6 +163,12 @@ def plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def plan(argv: list[str]) -> int:
+    from fastft.planning.__main__ import main as plan_main
+
+    return plan_main(argv)
+
+
 def train(args: argparse.Namespace, overrides: list[str]) -> int:
     # On a CPU the fused kernels fall back to their torch references unless TRITON_INTERPRET=1 is
     # set by the user (the interpreter is correct but far too slow for training: ~35 s per step of
@@ -208,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # everything after `bench` belongs to benchmarks/e2e.py
         return bench(argparse.Namespace(rest=argv[1:]))
+    if argv[:1] == ["plan"]:  # and after `plan` to fastft/planning/__main__.py
+        return plan(argv[1:])
     parser = argparse.ArgumentParser(prog="fastft", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
@@ -226,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     p_plot.add_argument("--labels", default=None, help="comma-separated legend names, one per run (default: folder names)")
     p_plot.set_defaults(func=plot)
     sub.add_parser("bench", help="end-to-end training benchmark (benchmarks/e2e.py; its own --help)")
+    sub.add_parser("plan", help="plan a recipe's GPU memory on this machine (fastft/planning/; its own --help)")
     if argv[:1] == ["train"]:
         from fastft.config import split_overrides
 

@@ -81,6 +81,8 @@ class ModelConfig:
     """QLoRA: quantize the 4-bit blocks' scales too (0.37 bit a parameter less)"""
     compute_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """QLoRA: what the 4-bit weights dequantize into and multiply in; auto is bf16 when training in bf16, else the weights' dtype"""
+    tiled_mlp: Union[Literal["off", "auto"], PositiveInt] = "off"
+    """gated MLPs over chunks of tokens (fastft/patching/tiled_mlp.py): off, auto (long rows only) or tokens per chunk"""
 
 
 @dataclass(config=SECTION)
@@ -158,8 +160,8 @@ class DistributedConfig:
     """FSDP2 MixedPrecisionPolicy: auto is bf16 on CUDA, fp32 on CPU"""
     reduce_dtype: Literal["float32", "bfloat16"] = "float32"
     """FSDP2 gradient reduction"""
-    activation_checkpointing: Literal["none", "full", "selective"] = "none"
-    """recompute every block's activations (full) or every n-th (selective)"""
+    activation_checkpointing: Literal["none", "full", "selective", "offload"] = "none"
+    """recompute every block's activations (full) or every n-th (selective); offload: full, each block's saved input in pinned host memory"""
     checkpoint_every: PositiveInt = 2
     """selective: recompute every n-th block only"""
     compile: bool = False

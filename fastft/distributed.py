@@ -2,7 +2,9 @@
 `parallelize` and `apply_fsdp`, re-written here):
 
     init()                          process group from torchrun's environment (none for one process)
-    apply_activation_checkpointing  per decoder block: "full" (every block) or "selective" (every n-th)
+    apply_activation_checkpointing  per decoder block: "full" (every block), "selective" (every n-th)
+                                    or "offload" (every block, its saved input in host memory:
+                                    fastft/offload.py)
     apply_compile                   torch.compile per decoder block (in place: parameter names kept)
     apply_fsdp                      fully_shard per decoder block, then the root; MixedPrecisionPolicy
                                     (bf16 params, fp32 reduce), reshard-after-forward, CPU offload
@@ -143,11 +145,20 @@ def _checkpointed_forward(block: nn.Module, original):
 def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) -> int:
     """Recompute blocks' activations in the backward. mode "full": every block; "selective":
     every `every`-th block (torchtitan's layer-selective option: a memory/compute trade-off in
-    between). The block's forward is wrapped per instance, so parameter names (state dicts, PEFT,
-    save_pretrained) do not change. Returns the number of blocks wrapped."""
+    between); "offload": every block, with the input each keeps for its recomputation in pinned
+    host memory (fastft.offload.BlockOffload). The block's forward is wrapped per instance, so
+    parameter names (state dicts, PEFT, save_pretrained) do not change. Returns the number of
+    blocks wrapped."""
     if mode == "none":
         return 0
     _, blocks = decoder_blocks(model)
+    if mode == "offload":
+        from fastft.offload import BlockOffload
+
+        offload = BlockOffload()
+        for i, block in enumerate(blocks):
+            block.forward = offload.wrap(i, block.forward)
+        return len(blocks)
     wrapped = 0
     for i, block in enumerate(blocks):
         if mode == "full" or (mode == "selective" and i % every == 0):

@@ -48,7 +48,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from fastft import checkpoint as ckpt
-from fastft import distributed, flops, hub, metrics, quantization, rundir
+from fastft import distributed, flops, hub, metrics, planning, quantization, rundir
 from fastft.config import ConfigError, FinetuneConfig, load_config, to_yaml, validate
 from fastft.patching.moe import set_real_tokens
 
@@ -238,6 +238,10 @@ def build_model(config: FinetuneConfig, tokenizer, dtype: torch.dtype, *, meta: 
         import fastft
 
         report = fastft.patch(model, **m.patch_options)
+    if m.tiled_mlp != "off":  # after patch: each chunk runs the (fused) MLP forward
+        from fastft.patching import tiled_mlp
+
+        tiled_mlp.apply(model, m.tiled_mlp, report)
     return model, report
 
 
@@ -719,6 +723,7 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
     run_dir = prepare_run_dir(config, env)
 
     # 2. tokenizer and model --------------------------------------------------------------------
+    memory_plan = planning.preflight(config, env, log)  # on CUDA: the planned peak; stops here if it cannot fit
     torch.manual_seed(t.seed)  # the same random init on every rank (FSDP2 shards what each rank holds)
     tokenizer = load_tokenizer(config)
     model, patch_report, full_model = build_models(config, tokenizer, precision, env)
@@ -797,6 +802,8 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
             result.losses.append(out.loss)
             if step == start_step + 1:
                 log_attention_paths(patch_report, mlog, step, bar.write if bar is not None else log)
+            if step - start_step in (1, 2):  # measured against planned (step 1 has no optimizer states before its step)
+                planning.report_measured(memory_plan, device, log, step, first_step=step == 1)
             micro_batches, targets = upcoming, out.next_targets
             record = metrics.step_record(out, n_params, layers, d_attn, device, env.world_size, epoch=stream.epoch)
             if step % c.logging.log_every == 0 or step == last_step:

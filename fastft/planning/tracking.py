@@ -1,0 +1,178 @@
+"""torch's memory trackers, extended for planning: the place of the peak, per-module peaks in
+O(depth), frozen parameters, keyword inputs (fastft/planning/__init__.py explains the plan)."""
+
+from __future__ import annotations
+
+from copy import deepcopy
+
+import torch
+
+
+# -- torch's trackers, with the peak located ----------------------------------------------------
+
+def _trackers():
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
+
+    KwargsModTracker = _kwargs_mod_tracker()
+
+    class _Located:
+        """Records where each new peak happens; updates the running modules' peaks in O(depth).
+
+        torch's _update_peak_stats walks every module tracked so far after every op (O(ops x
+        modules): minutes for an 8B model); the modules it updates are those in ModTracker's
+        `parents`, which this looks up by name instead. `host` names categories that live in
+        host memory (FSDP2 CPU offload): the device peak excludes them."""
+
+        host: frozenset = frozenset()
+
+        def _locate_init(self):
+            self.where, self.phase_peaks, self.device_peak = ("", ""), {}, 0
+            self._by_fqn, self._indexed = {}, -1
+            self.marks: dict[str, dict] = {}
+
+        def mark(self, name: str) -> None:
+            """Keep the current snapshot under `name` (the step's milestones)."""
+            self.marks[name] = self.get_tracker_snapshot("current")
+
+        def _phase(self) -> str:
+            return "optimizer" if self._in_opt else "backward" if self._mod_tracker.is_bw else "forward"
+
+        def _update_peak_stats(self, peak_state) -> None:
+            if len(self.memory_tracking) != self._indexed:  # a module ran for the first time
+                self._by_fqn = {s.mod_fqn: s for s in self.memory_tracking.values()}
+                self._indexed = len(self.memory_tracking)
+            parents = self._mod_tracker.parents
+            for dev, snap in self._curr_mem_snap.items():
+                total = snap[_TOTAL_KEY]
+                for fqn in parents:
+                    stats = self._by_fqn.get(fqn)
+                    if stats is not None and peak_state in stats.snapshots and stats.local_peak.get(dev, 0) < total:
+                        stats.local_peak[dev] = total
+                        stats.snapshots[peak_state][-1][dev] = deepcopy(snap)
+                on_device = total - sum(v for k, v in snap.items() if k in self.host)
+                phase = self._phase()
+                self.phase_peaks[phase] = max(self.phase_peaks.get(phase, 0), on_device)
+                if on_device > self.device_peak:
+                    self.device_peak = on_device
+                    self._peak_mem[dev] = total
+                    self._peak_mem_snap[dev] = deepcopy(snap)
+                    self.where = (_module_name(max(parents - {"Global"}, key=len, default="")), phase)
+
+    class Tracker(_Located, MemTracker):
+        def __init__(self, model):
+            super().__init__()
+            self._locate_init()
+            self._mod_tracker = KwargsModTracker(model)
+
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            # torch's version registers a gradient hook on every parameter, which raises for a
+            # frozen one (a LoRA base): hook only those that train.
+            memory = super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+            if install_grad_hooks:
+                for p in module.parameters():
+                    if p.requires_grad and self._param_to_grad_hook_handles.get(p, None) is None:
+                        self._param_to_grad_hook_handles[p] = (
+                            p.register_hook(self._on_grad),
+                            p.register_post_accumulate_grad_hook(lambda q: self._on_grad(q.grad)))
+            return memory
+
+        def _on_grad(self, grad) -> None:
+            self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
+
+    class FSDPTracker(_Located, FSDPMemTracker):
+        def __init__(self, model, optimizer, host=()):
+            super().__init__(model, optimizer)
+            self._locate_init()
+            self._mod_tracker = KwargsModTracker(model)
+            self.host = frozenset(host)
+
+    return Tracker, FSDPTracker
+
+
+def _kwargs_mod_tracker():
+    from torch.distributed._tools.mod_tracker import ModTracker
+
+    class KwargsModTracker(ModTracker):
+        """torch's ModTracker, also seeing keyword inputs. It learns that a module's backward has
+        ended from a gradient hook on the module's positional tensor inputs; transformers calls
+        its attention and decoder layers with keywords only (self_attn(hidden_states=...)), so
+        those would stay "running" until the whole backward ends, and every later backward op
+        would be attributed to them. Here the model's modules get the same bookkeeping from a
+        per-module pre-hook that sees keywords (nn.Module's global hooks do not)."""
+
+        def __init__(self, model):
+            super().__init__()
+            self._model, self._own, self._handles = model, set(), []
+
+        def __enter__(self):
+            super().__enter__()
+            self._get_mod_name(self._model)  # every module's name known before any hook asks (FSDPMemTracker's do)
+            for module in self._model.modules():
+                self._own.add(id(module))
+                # prepended: it runs first, where the global hook it replaces would
+                self._handles.append(module.register_forward_pre_hook(self._kwargs_pre_hook, with_kwargs=True,
+                                                                      prepend=True))
+            return self
+
+        def __exit__(self, *args):
+            for handle in self._handles:
+                handle.remove()
+            self._handles, self._own = [], set()
+            super().__exit__(*args)
+
+        def _fw_pre_hook(self, mod, input):
+            if id(mod) not in self._own:
+                super()._fw_pre_hook(mod, input)
+
+        def _kwargs_pre_hook(self, mod, args, kwargs):
+            super()._fw_pre_hook(mod, (args, kwargs))
+
+    return KwargsModTracker
+
+
+# Tracker categories -> the plan's.
+_CATEGORY = {
+    "Parameter": "parameters", "Sharded Param": "parameters", "Unsharded Param": "gathered parameters",
+    "All Gather": "gathered parameters", "Buffer": "buffers", "Gradient": "gradients",
+    "Sharded Grad": "gradients", "Unsharded Grad": "gradient buffers", "Reduce Scatter": "gradient buffers",
+    "Activation": "activations", "Temp": "temporaries", "Optstate": "optimizer states",
+    "OptState": "optimizer states", "Other": "inputs", "Inputs": "inputs",
+}
+
+
+def _categories(snapshot: dict) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for device_snap in snapshot.values():
+        for key, value in device_snap.items():
+            name = _CATEGORY.get(getattr(key, "value", key))
+            if name is not None and value:
+                out[name] = out.get(name, 0) + value
+    return out
+
+
+def _ref(value: str):
+    from torch.distributed._tools.fsdp2_mem_tracker import _FSDPRefType
+
+    return next(r for r in _FSDPRefType if r.value == value)
+
+
+def _module_activations(tracker) -> dict[str, int]:
+    """Per module: activation bytes alive after its forward minus before (what it leaves behind,
+    its output included), from MemTracker's per-module snapshots (first call of each module)."""
+    from torch.distributed._tools.mem_tracker import _ModState, _MemRefType
+
+    out = {}
+    for stats in tracker.memory_tracking.values():
+        pre, post = stats.snapshots.get(_ModState.PRE_FW), stats.snapshots.get(_ModState.POST_FW)
+        if not pre or not post:
+            continue
+        act = lambda snap: sum(s.get(_MemRefType.ACT, 0) for s in snap.values())  # noqa: E731
+        out[_module_name(stats.mod_fqn)] = act(post[0]) - act(pre[0])
+    return out
+
+
+def _module_name(fqn: str) -> str:
+    """ModTracker names modules from the root's class ("LlamaForCausalLM.model.layers.0"); the
+    plan uses the model's own names ("model.layers.0"), "(model)" for the root."""
+    return fqn.partition(".")[2] or "(model)"
