@@ -63,7 +63,23 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     devices = {t.device.type for t in tensors if t is not None}
     if devices == {"cuda"} or devices == {"meta"}:
         return True
-    return devices == {"cpu"} and interpreting()
+    return devices == {"cpu"} and (interpreting() or _AS_ON_GPU.get())
+
+
+# fastft.plan (fastft/planning/) runs a model on fake CPU tensors under FakeTensorMode to plan what
+# a GPU holds: inside `as_on_gpu()` CPU tensors take the custom ops (their fake implementations
+# there) as CUDA tensors would, not the torch references, whose temporaries a GPU never allocates.
+# Outside FakeTensorMode it would launch Triton on the CPU: for the planner only.
+_AS_ON_GPU = contextvars.ContextVar("fastft_kernels_as_on_gpu", default=False)
+
+
+@contextlib.contextmanager
+def as_on_gpu():
+    token = _AS_ON_GPU.set(True)
+    try:
+        yield
+    finally:
+        _AS_ON_GPU.reset(token)
 
 
 def kernel_op(name: str, *, fake: Callable, mutates_args: tuple[str, ...] = ()) -> Callable:
