@@ -333,7 +333,8 @@ def dequantize_cases() -> Iterator[Case]:
                 for dtype in ("bfloat16", "float32"):
                     yield Case("dequantize_4bit", (("model", model), ("quant", quant_type), ("double quant", nested),
                                                    ("dtype", dtype)),
-                               functools.partial(run, shapes, quant_type, nested, dtype), no_kernel=DEQUANTIZE_NO_KERNEL)
+                               functools.partial(run, shapes, quant_type, nested, dtype),
+                               no_kernel=DEQUANTIZE_NO_KERNEL)
 
 
 def _expert_lora(n_exp: int, out_f: int, in_f: int, rank: int, dtype: str):

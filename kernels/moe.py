@@ -158,13 +158,22 @@ def _mainloop(acc, X, src, row_mask, stride_xm, Wp, cols, col_mask, stride_wn, s
 
 @triton.jit
 def _low_rank(acc, LR, rows, row_mask, R, LBp, cols, col_mask, stride_lbn, stride_lbr, scale,
-              BLOCK_R: tl.constexpr, FP32_DOT: tl.constexpr):
-    """acc += scale·LR[rows, :R]·LBp[cols, :R]ᵀ (LR [S, R] contiguous, sorted rows), in steps of
-    BLOCK_R ranks: one step for tensor-core dots; 16 for fp32 dots on a GPU, which run on the FMA
-    units with their operand tiles in registers (a whole rank-64 tile spilled KBs: launch_blocks)."""
+              BLOCK_R: tl.constexpr, R_STEP: tl.constexpr, FP32_DOT: tl.constexpr):
+    """acc += scale·LR[rows, :R]·LBp[cols, :R]ᵀ (LR [S, R] contiguous, sorted rows): one [BM, BLOCK_R]
+    by [BLOCK_R, BN] product for tensor-core dots; a loop over R in R_STEP-rank steps for fp32 dots
+    on a GPU, which run on the FMA units with their operand tiles in registers (a whole rank-64
+    tile spilled KBs there, and so did the steps unrolled: launch_blocks)."""
     zero = tl.zeros(acc.shape, dtype=tl.float32)
-    return acc + _mainloop(zero, LR, rows, row_mask, R, LBp, cols, col_mask, stride_lbn, stride_lbr, R, BLOCK_R,
-                           FP32_DOT) * scale
+    if R_STEP < BLOCK_R:
+        low = _mainloop(zero, LR, rows, row_mask, R, LBp, cols, col_mask, stride_lbn, stride_lbr, R, R_STEP, FP32_DOT)
+    else:
+        ranks = tl.arange(0, BLOCK_R)
+        lr = tl.load(LR + rows[:, None] * R + ranks[None, :], mask=row_mask[:, None] & (ranks < R)[None, :],
+                     other=0.0)                                                      # [BM, BR]
+        lb = tl.load(LBp + ranks[:, None] * stride_lbr + cols[None, :] * stride_lbn,
+                     mask=(ranks < R)[:, None] & col_mask[None, :], other=0.0)      # [BR, BN]
+        low = _dot(zero, lr, lb, FP32_DOT)
+    return acc + low * scale
 
 
 # ------------------------------------------------------------------------------------------------
@@ -178,7 +187,8 @@ def _glu_fwd_kernel(
     GU, HO,                                            # GU [S, 2I] pre-activations, HO [S, I] = act(g)·u
     TILE_CUM, OFFSETS, E, I, K,
     ACT: tl.constexpr, HAS_LR: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, R_STEP: tl.constexpr,
+    FP32_DOT: tl.constexpr,
 ):
     if tl.program_id(0) >= tl.load(TILE_CUM + E - 1):
         return
@@ -194,9 +204,9 @@ def _glu_fwd_kernel(
     if HAS_LR:
         LBp = LB + e * stride_lbe
         g = _low_rank(g, LR, rows, row_mask, R, LBp, cols, col_mask, stride_lbn, stride_lbr, lr_scale, BLOCK_R,
-                      FP32_DOT)
+                      R_STEP, FP32_DOT)
         u = _low_rank(u, LR, rows, row_mask, R, LBp + lb_up, cols, col_mask, stride_lbn, stride_lbr, lr_scale,
-                      BLOCK_R, FP32_DOT)
+                      BLOCK_R, R_STEP, FP32_DOT)
     mask = row_mask[:, None] & col_mask[None, :]
     g = round_to(g, GU.dtype.element_ty)
     u = round_to(u, GU.dtype.element_ty)
@@ -218,7 +228,7 @@ def _grouped_mm_kernel(
     GATHER: tl.constexpr, SCATTER: tl.constexpr, ROW_SCALE: tl.constexpr, HAS_LR: tl.constexpr,
     SPLIT: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_R: tl.constexpr, R_STEP: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
     if tl.program_id(0) >= tl.load(TILE_CUM + E - 1):
         return
@@ -236,7 +246,7 @@ def _grouped_mm_kernel(
                         BLOCK_K, FP32_DOT)
     if HAS_LR:
         acc = _low_rank(acc, LR, rows, row_mask, R, LB + e * stride_lbe, cols, col_mask, stride_lbn, stride_lbr,
-                        lr_scale, BLOCK_R, FP32_DOT)
+                        lr_scale, BLOCK_R, R_STEP, FP32_DOT)
     dst = rows
     if SCATTER:
         dst = tl.load(SLOT + rows, mask=row_mask, other=0).to(tl.int64)
@@ -256,7 +266,7 @@ def _glu_bwd_kernel(
     TILE_CUM, OFFSETS, E, I, K,
     ACT: tl.constexpr, HAS_LR: tl.constexpr, STORE_H: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    FP32_DOT: tl.constexpr,
+    R_STEP: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
     if tl.program_id(0) >= tl.load(TILE_CUM + E - 1):
         return
@@ -269,7 +279,7 @@ def _glu_bwd_kernel(
                   cols, col_mask, stride_wn, stride_wk, K, BLOCK_K, FP32_DOT)
     if HAS_LR:
         a = _low_rank(a, LR, rows, row_mask, R, LB + e * stride_lbe, cols, col_mask, stride_lbn, stride_lbr,
-                      lr_scale, BLOCK_R, FP32_DOT)
+                      lr_scale, BLOCK_R, R_STEP, FP32_DOT)
     mask = row_mask[:, None] & col_mask[None, :]
     g = tl.load(GU + rows[:, None] * (2 * I) + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(GU + rows[:, None] * (2 * I) + I + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -386,23 +396,23 @@ def launch_blocks(capability: tuple[int, int] | None, kind: str, n_out: int, k_d
     interpreter), the kernel ("mm", "glu_fwd", "glu_bwd", "weight_grad"), its output columns n_out,
     reduction length k_dim, BLOCK_M and whether its dots take fp32, so that an ahead-of-time
     compile sees exactly what a GPU run launches. The GPU choices come from the compile report
-    (benchmarks/COMPILE.md, NOTES.md: registers and spills per kernel), 3 stages:
-    - tensor-core dots (bf16, fp16): a plain grouped GEMM takes 128x128 tiles on 8 warps with
+    (benchmarks/COMPILE.md, NOTES.md: registers and spills per kernel):
+    - tensor-core dots (bf16, fp16), 3 stages: a plain grouped GEMM takes 128x128 tiles on 8 warps with
       128-row blocks (64x64 on 4 warps otherwise); the gate/up forward, with two accumulators,
       keeps 64 columns; the fused down / activation backward, whose epilogue holds six [BM, BN]
       fp32 tiles, takes 8 warps and 32 columns at 128 rows (254 registers and spills at 64x64 on
       4 warps);
     - fp32 dots (an fp32 model: exact products on the FMA units, which hold their operand tiles
-      in registers): 64x64 tiles, 16-deep steps of K and of the LoRA rank, 8 warps (the bf16
-      tiles spilled 8-420 B at rank <= 16 and ~4-6 KB at rank 64); the weight gradient keeps its
-      tiles (no spills).
+      in registers): 64-row blocks, 64x64 tiles, 16-deep steps of K and of the LoRA rank, 8 warps,
+      2 stages (the bf16 tiles spilled 8-420 B at rank <= 16 and ~4-6 KB at rank 64; 3 stages still
+      4 B in the plain GEMM); the weight gradient keeps its tiles (no spills).
     Untuned until measured. The interpreter pays per program and per loop iteration, so it gets
     big tiles."""
     if capability is None:
         return Blocks(block_m, min(128, max(16, triton.next_power_of_2(n_out))),
                       min(128, max(16, triton.next_power_of_2(k_dim))), 1, 1)
     if fp32_dot and kind != "weight_grad":
-        return Blocks(block_m, min(64, max(16, triton.next_power_of_2(n_out))), 16, 8, 3, rank_step=16)
+        return Blocks(block_m, min(64, max(16, triton.next_power_of_2(n_out))), 16, 8, 2, rank_step=16)
     wide = block_m == 128
     block_n = {"mm": 128 if wide else 64, "glu_fwd": 64, "glu_bwd": 32 if wide else 64,
                "weight_grad": 128}[kind]
@@ -438,13 +448,14 @@ def _grid_ok(routing: Routing) -> bool:
 
 
 def _lr_args(lr, rank_step: int):
-    """(LR, LB view, strides, scale, R, BLOCK_R) for an optional low-rank term (rows [S, R], LB [E, n, R])."""
+    """(LR, LB view, strides, scale, R, BLOCK_R, R_STEP) for an optional low-rank term (rows [S, R],
+    LB [E, n, R]); R_STEP: the ranks per step, at most rank_step (launch_blocks)."""
     if lr is None:
-        return None, None, 0, 0, 0, 0.0, 0, 16
+        return None, None, 0, 0, 0, 0.0, 0, 16, 16
     rows, lb, scale = lr
     rank = rows.shape[1]
-    return (rows, lb, lb.stride(0), lb.stride(1), lb.stride(2), float(scale), rank,
-            min(rank_step, max(16, triton.next_power_of_2(rank))))
+    block_r = max(16, triton.next_power_of_2(rank))
+    return rows, lb, lb.stride(0), lb.stride(1), lb.stride(2), float(scale), rank, block_r, min(rank_step, block_r)
 
 
 def grouped_mm(x, w3, routing: Routing, *, gather: bool, lr=None, scatter: bool = False, row_w=None,
@@ -463,7 +474,7 @@ def grouped_mm(x, w3, routing: Routing, *, gather: bool, lr=None, scatter: bool 
     capability = capability_of(x.device)
     fp32 = _fp32_dot(capability, x, w3)
     bl = launch_blocks(capability, "mm", n_out, k_dim, routing.block_m, fp32)
-    lr_rows, lb, s_lbe, s_lbn, s_lbr, lr_scale, rank, block_r = _lr_args(lr, bl.rank_step)
+    lr_rows, lb, s_lbe, s_lbn, s_lbr, lr_scale, rank, block_r, r_step = _lr_args(lr, bl.rank_step)
     launch(_grouped_mm_kernel, (routing.programs, triton.cdiv(n_out, bl.block_n)),
         x, routing.token, x.stride(0), w3, w3.stride(0), w3.stride(1), w3.stride(2),
         lr_rows, lb, s_lbe, s_lbn, s_lbr, lr_scale, rank,
@@ -471,7 +482,8 @@ def grouped_mm(x, w3, routing: Routing, *, gather: bool, lr=None, scatter: bool 
         n_out, k_dim, GATHER=gather, SCATTER=scatter, ROW_SCALE=row_w is not None, HAS_LR=lr is not None,
         SPLIT=split is not None,
         BLOCK_E=triton.next_power_of_2(routing.num_experts), BLOCK_M=routing.block_m, BLOCK_N=bl.block_n,
-        BLOCK_K=bl.block_k, BLOCK_R=block_r, FP32_DOT=fp32, num_warps=bl.num_warps, num_stages=bl.num_stages)
+        BLOCK_K=bl.block_k, BLOCK_R=block_r, R_STEP=r_step, FP32_DOT=fp32, num_warps=bl.num_warps,
+        num_stages=bl.num_stages)
     return out
 
 
@@ -517,13 +529,13 @@ def _glu_forward(x, gate_up3, w_up, routing, lr, lb_up, activation):
     capability = capability_of(x.device)
     fp32 = _fp32_dot(capability, x, gate_up3)
     bl = launch_blocks(capability, "glu_fwd", inter, gate_up3.shape[2], routing.block_m, fp32)
-    lr_rows, lb, s_lbe, s_lbn, s_lbr, lr_scale, rank, block_r = _lr_args(lr, bl.rank_step)
+    lr_rows, lb, s_lbe, s_lbn, s_lbr, lr_scale, rank, block_r, r_step = _lr_args(lr, bl.rank_step)
     launch(_glu_fwd_kernel, (routing.programs, triton.cdiv(inter, bl.block_n)),
         x, routing.token, x.stride(0), gate_up3, gate_up3.stride(0), gate_up3.stride(1), gate_up3.stride(2), w_up,
         lr_rows, lb, s_lbe, s_lbn, s_lbr, lb_up, lr_scale, rank, gu, h,
         routing.tile_cum, routing.offsets, routing.num_experts, inter, gate_up3.shape[2],
         ACT=_ACT_ID[activation], HAS_LR=lr is not None, BLOCK_E=triton.next_power_of_2(routing.num_experts),
-        BLOCK_M=routing.block_m, BLOCK_N=bl.block_n, BLOCK_K=bl.block_k, BLOCK_R=block_r,
+        BLOCK_M=routing.block_m, BLOCK_N=bl.block_n, BLOCK_K=bl.block_k, BLOCK_R=block_r, R_STEP=r_step,
         FP32_DOT=fp32, num_warps=bl.num_warps, num_stages=bl.num_stages)
     return gu, h
 
@@ -540,14 +552,15 @@ def _glu_backward(dout, down_t, routing, gu, topk_w, lr, activation, store_h):
     dw_part = torch.zeros(slots, n_part, dtype=torch.float32, device=gu.device)
     if not _grid_ok(routing):
         return dgu, h, dw_part.sum(1)
-    lr_rows, lb, s_lbe, s_lbn, s_lbr, lr_scale, rank, block_r = _lr_args(lr, bl.rank_step)
+    lr_rows, lb, s_lbe, s_lbn, s_lbr, lr_scale, rank, block_r, r_step = _lr_args(lr, bl.rank_step)
     launch(_glu_bwd_kernel, (routing.programs, n_part),
         dout, routing.token, dout.stride(0), down_t, down_t.stride(0), down_t.stride(1), down_t.stride(2),
         lr_rows, lb, s_lbe, s_lbn, s_lbr, lr_scale, rank, gu, routing.slot, topk_w, dgu, h, dw_part, n_part,
         routing.tile_cum, routing.offsets, routing.num_experts, inter, down_t.shape[2],
         ACT=_ACT_ID[activation], HAS_LR=lr is not None, STORE_H=store_h,
         BLOCK_E=triton.next_power_of_2(routing.num_experts), BLOCK_M=routing.block_m, BLOCK_N=bl.block_n,
-        BLOCK_K=bl.block_k, BLOCK_R=block_r, FP32_DOT=fp32, num_warps=bl.num_warps, num_stages=bl.num_stages)
+        BLOCK_K=bl.block_k, BLOCK_R=block_r, R_STEP=r_step, FP32_DOT=fp32, num_warps=bl.num_warps,
+        num_stages=bl.num_stages)
     return dgu, h, dw_part.sum(1)
 
 

@@ -152,7 +152,7 @@ def test_moe_host_code_is_pure_in_capability_and_shapes():
             assert launch.grid[0] == triton.cdiv(slots, 128) + n_exp
             assert launch.meta["num_warps"] == 8 and launch.meta["num_stages"] == 3
     assert moe.row_block(None, slots, n_exp) == 64  # the interpreter's own choice
-    assert all(not (isinstance(a, torch.Tensor) and a.device.type != "meta") for launch in launches for a in launch.args)
+    assert all(a.device.type == "meta" for launch in launches for a in launch.args if isinstance(a, torch.Tensor))
 
 
 def test_cli_refuses_to_compile_under_the_interpreter(capsys):
