@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -269,8 +270,6 @@ def _run_lora_mlp(hidden, inter, rank, p, adapter, x_dtype="bfloat16", compute=N
 
 
 def lora_cases() -> Iterator[Case]:
-    import functools
-
     import torch
 
     for model, (hidden, inter, q_out, kv_out) in LORA_MODELS.items():
@@ -289,15 +288,15 @@ def lora_cases() -> Iterator[Case]:
     yield Case("lora_dropout", (("H", 4096), ("dtype", "bfloat16")), run_dropout)
 
 
-def qlora_cases() -> Iterator[Case]:
+def qlora_cases(quick: bool = False) -> Iterator[Case]:
     """The LoRA ops over 4-bit bases (NF4, double quantization: the quantization state only reaches
-    the dequantization, below) at the 8B shapes, every rank, dropout and adapter dtype."""
-    import functools
-
-    for model in QLORA_MODELS:
+    the dequantization, below) at the 8B shapes, every rank, dropout and adapter dtype. Their
+    kernels are the dense LoRA ones (only an fp32 model's x adds configurations); quick: Llama-3.1-8B,
+    compute in the model's dtype, ranks 16 and 128."""
+    for model in QLORA_MODELS[:1] if quick else QLORA_MODELS:
         hidden, inter, q_out, kv_out = LORA_MODELS[model]
-        for x_dtype, compute in QLORA_DTYPES:
-            for rank in LORA_RANKS:
+        for x_dtype, compute in [d for d in QLORA_DTYPES if d[0] == d[1]] if quick else QLORA_DTYPES:
+            for rank in (16, 128) if quick else LORA_RANKS:
                 for p in LORA_DROPOUT:
                     for adapter in LORA_ADAPTER_DTYPES:
                         label = (("model", model), ("r", rank), ("dropout", p), ("adapter", adapter),
@@ -318,7 +317,6 @@ DEQUANTIZE_NO_KERNEL = (
 
 def dequantize_cases() -> Iterator[Case]:
     """Every weight of an 8B layer dequantized (what the 4-bit LoRA ops do before each base GEMM)."""
-    import functools
 
     def run(shapes, quant_type, nested, dtype):
         dq = _kernel_module("dequantize_4bit")
@@ -367,20 +365,21 @@ def _run_moe(hidden, inter, n_exp, top_k, tokens, rank, dtype, routing_dtype=Non
     moe._moe_backward(out, x, topk_idx, topk_w, gate_up, down, a_gu, b_gu, a_d, b_d, gu, xa, hd, *options, needs)
 
 
-def moe_cases() -> Iterator[Case]:
-    import functools
-
-    for model, (hidden, inter, n_exp, top_k) in MOE_MODELS.items():
-        for tokens in MOE_TOKENS:
+def moe_cases(quick: bool = False) -> Iterator[Case]:
+    """The experts layer at the MoE models' shapes; quick: Qwen3-30B-A3B at 8192 tokens, bf16 and
+    fp32, without LoRA and at the benchmark's rank 16."""
+    ranks = MOE_RANKS[:2] if quick else MOE_RANKS
+    for model, (hidden, inter, n_exp, top_k) in list(MOE_MODELS.items())[:1] if quick else MOE_MODELS.items():
+        for tokens in MOE_TOKENS[:1] if quick else MOE_TOKENS:
             for dtype in MOE_DTYPES:
-                for rank in MOE_RANKS:
+                for rank in ranks:
                     label = (("model", model), ("tokens", tokens), ("dtype", dtype), ("expert LoRA r", rank or "none"))
                     yield Case("moe_experts", label, functools.partial(
                         _run_moe, hidden, inter, n_exp, top_k, tokens, rank, dtype), memory_bound=False)
     # expert parallelism (fastft/expert_parallel.py): each rank runs its E/ep local experts on the
     # slots it received, top-1 with fp32 unit weights (the routing weights are applied after the
     # combine); uniform routing brings each rank tokens·K rows
-    for model, ep in MOE_EXPERT_PARALLEL.items():
+    for model, ep in {} if quick else MOE_EXPERT_PARALLEL.items():
         hidden, inter, n_exp, top_k = MOE_MODELS[model]
         for rank in MOE_RANKS:
             label = (("model", f"{model} EP{ep}"), ("tokens", 8192), ("dtype", "bfloat16"),
@@ -391,10 +390,12 @@ def moe_cases() -> Iterator[Case]:
 
 
 def cases(quick: bool = False) -> list[Case]:
-    """Every case; quick: the norms in bf16 only (fp16 and fp32 norms are the same kernels with
-    other conversions), every other kernel in all its dtypes: the default test's set."""
-    return [*norm_cases(("bfloat16",) if quick else FLOAT_DTYPES), *flce_cases(), *lora_cases(), *qlora_cases(),
-            *dequantize_cases(), *moe_cases()]
+    """Every case; quick, the default test's set (every kernel family, within its time): the norms in
+    bf16 only (fp16 and fp32 norms are the same kernels with other conversions), the loss and the
+    dense LoRA ops in all their dtypes, one model each of the 4-bit LoRA ops and MoE (qlora_cases,
+    moe_cases). The test also checks that the committed COMPILE.md is the full sweep of this code."""
+    return [*norm_cases(("bfloat16",) if quick else FLOAT_DTYPES), *flce_cases(), *lora_cases(), *qlora_cases(quick),
+            *dequantize_cases(), *moe_cases(quick)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -408,15 +409,21 @@ def _jsonable(value):
     return str(value)
 
 
-def launch_spec(launch, capability: int) -> dict:
-    """The kernel, signature, constexprs, attributes and options triton's JIT would compile."""
+@functools.lru_cache(maxsize=None)
+def _binder(kernel, capability: int):
+    """(backend, triton's argument binder) of a kernel for a target: built once, used per launch."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    kernel = launch.kernel
     backend = make_backend(GPUTarget("cuda", capability, 32))
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    return backend, create_function_from_signature(kernel.signature, kernel.params, backend)
+
+
+def launch_spec(launch, capability: int) -> dict:
+    """The kernel, signature, constexprs, attributes and options triton's JIT would compile."""
+    kernel = launch.kernel
+    backend, binder = _binder(kernel, capability)
     kwargs = dict(launch.meta)
     kwargs.setdefault("debug", False)
     bound, specialization, options = binder(*launch.args, **kwargs)

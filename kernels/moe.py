@@ -371,7 +371,13 @@ class Blocks(NamedTuple):
     block_k: int
     num_warps: int
     num_stages: int
-    rank_step: int = 128  # BLOCK_R's cap: the ranks a low-rank term takes per step (_low_rank)
+    rank_step: int = 128  # the ranks a low-rank term takes per step (R_STEP, _low_rank)
+    maxnreg: int | None = None
+
+    def options(self) -> dict:
+        """The launch options (maxnreg only when set: the interpreter takes no such option)."""
+        return dict(num_warps=self.num_warps, num_stages=self.num_stages,
+                    **({"maxnreg": self.maxnreg} if self.maxnreg else {}))
 
 
 def row_block(capability: tuple[int, int] | None, slots: int, n_experts: int, fp32_dot: bool = False) -> int:
@@ -403,16 +409,17 @@ def launch_blocks(capability: tuple[int, int] | None, kind: str, n_out: int, k_d
       fp32 tiles, takes 8 warps and 32 columns at 128 rows (254 registers and spills at 64x64 on
       4 warps);
     - fp32 dots (an fp32 model: exact products on the FMA units, which hold their operand tiles
-      in registers): 64-row blocks, 64x64 tiles, 16-deep steps of K and of the LoRA rank, 8 warps,
-      2 stages (the bf16 tiles spilled 8-420 B at rank <= 16 and ~4-6 KB at rank 64; 3 stages still
-      4 B in the plain GEMM); the weight gradient keeps its tiles (no spills).
+      in registers): 64-row blocks, 64-column tiles, 16-deep steps of K (of the rows, for the
+      weight gradient) and of the LoRA rank, 8 warps, 2 stages, maxnreg=255 (the bf16 tiles
+      spilled 8-420 B at rank <= 16, ~4-6 KB at rank 64, and 5-17 KB in the weight gradient on
+      sm_80; left to itself ptxas held some 256-thread programs to 80 registers and spilled 4 B).
     Untuned until measured. The interpreter pays per program and per loop iteration, so it gets
     big tiles."""
     if capability is None:
         return Blocks(block_m, min(128, max(16, triton.next_power_of_2(n_out))),
                       min(128, max(16, triton.next_power_of_2(k_dim))), 1, 1)
-    if fp32_dot and kind != "weight_grad":
-        return Blocks(block_m, min(64, max(16, triton.next_power_of_2(n_out))), 16, 8, 2, rank_step=16)
+    if fp32_dot:
+        return Blocks(block_m, min(64, max(16, triton.next_power_of_2(n_out))), 16, 8, 2, rank_step=16, maxnreg=255)
     wide = block_m == 128
     block_n = {"mm": 128 if wide else 64, "glu_fwd": 64, "glu_bwd": 32 if wide else 64,
                "weight_grad": 128}[kind]
@@ -482,8 +489,7 @@ def grouped_mm(x, w3, routing: Routing, *, gather: bool, lr=None, scatter: bool 
         n_out, k_dim, GATHER=gather, SCATTER=scatter, ROW_SCALE=row_w is not None, HAS_LR=lr is not None,
         SPLIT=split is not None,
         BLOCK_E=triton.next_power_of_2(routing.num_experts), BLOCK_M=routing.block_m, BLOCK_N=bl.block_n,
-        BLOCK_K=bl.block_k, BLOCK_R=block_r, R_STEP=r_step, FP32_DOT=fp32, num_warps=bl.num_warps,
-        num_stages=bl.num_stages)
+        BLOCK_K=bl.block_k, BLOCK_R=block_r, R_STEP=r_step, FP32_DOT=fp32, **bl.options())
     return out
 
 
@@ -502,7 +508,7 @@ def weight_grad(a, b, routing: Routing, out: torch.Tensor, *, gather_a=False, ga
         a, routing.token, a.stride(0), b, routing.token, b.stride(0), routing.slot, row_w,
         out, out.stride(0), out.stride(1), out.stride(2), routing.offsets, p_dim, q_dim, float(scale),
         GATHER_A=gather_a, GATHER_B=gather_b, ROW_SCALE=row_w is not None, BLOCK_P=block_p, BLOCK_Q=bl.block_n,
-        BLOCK_M=bl.block_k, FP32_DOT=fp32, num_warps=bl.num_warps, num_stages=bl.num_stages)
+        BLOCK_M=bl.block_k, FP32_DOT=fp32, **bl.options())
     return out
 
 
@@ -536,7 +542,7 @@ def _glu_forward(x, gate_up3, w_up, routing, lr, lb_up, activation):
         routing.tile_cum, routing.offsets, routing.num_experts, inter, gate_up3.shape[2],
         ACT=_ACT_ID[activation], HAS_LR=lr is not None, BLOCK_E=triton.next_power_of_2(routing.num_experts),
         BLOCK_M=routing.block_m, BLOCK_N=bl.block_n, BLOCK_K=bl.block_k, BLOCK_R=block_r, R_STEP=r_step,
-        FP32_DOT=fp32, num_warps=bl.num_warps, num_stages=bl.num_stages)
+        FP32_DOT=fp32, **bl.options())
     return gu, h
 
 
@@ -559,8 +565,7 @@ def _glu_backward(dout, down_t, routing, gu, topk_w, lr, activation, store_h):
         routing.tile_cum, routing.offsets, routing.num_experts, inter, down_t.shape[2],
         ACT=_ACT_ID[activation], HAS_LR=lr is not None, STORE_H=store_h,
         BLOCK_E=triton.next_power_of_2(routing.num_experts), BLOCK_M=routing.block_m, BLOCK_N=bl.block_n,
-        BLOCK_K=bl.block_k, BLOCK_R=block_r, R_STEP=r_step, FP32_DOT=fp32, num_warps=bl.num_warps,
-        num_stages=bl.num_stages)
+        BLOCK_K=bl.block_k, BLOCK_R=block_r, R_STEP=r_step, FP32_DOT=fp32, **bl.options())
     return dgu, h, dw_part.sum(1)
 
 
