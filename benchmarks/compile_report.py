@@ -462,7 +462,9 @@ def describe(spec: dict) -> str:
                  if ty[0] in "iu" and n not in divisible and n not in unspecialised]
     warps = spec["options"].get("num_warps", 4)
     stages = spec["options"].get("num_stages")
-    parts = [consts, f"{warps} warps" + (f", {stages} stage{'s' if stages != 1 else ''}" if stages else ""),
+    maxnreg = spec["options"].get("maxnreg")
+    parts = [consts, f"{warps} warps" + (f", {stages} stage{'s' if stages != 1 else ''}" if stages else "")
+             + (f", maxnreg {maxnreg}" if maxnreg else ""),
              " ".join(f"{','.join(v)} {k}" for k, v in pointers.items())]
     if unaligned:
         parts.append(f"{', '.join(unaligned)} not /16")
