@@ -14,6 +14,17 @@ alignment of pointers, integers divisible by 16 or equal to 1), and `triton.comp
 target=GPUTarget("cuda", cc, 32))` builds TTGIR, PTX and a cubin with the wheel's ptxas. So the
 table is about the very kernels a GPU run launches, not hand-written signatures.
 
+The cases (one benchmark shape each; constants below): the norms at six hidden sizes, every dtype
+and casting mode; fused linear cross-entropy at four vocabularies and its options; LoRA linear
+and MLP at the 1B/8B shapes, four ranks, with and without dropout, bf16 and fp32 adapters; the
+same ops over 4-bit bases (QLoRA) at the 8B shapes, in a bf16 model (bf16 or fp32 compute) and
+an fp32 one; the MoE experts layer (forward and backward, with and without LoRA on both expert
+stacks) at the Qwen3-30B-A3B, OLMoE and Mixtral shapes, bf16 and fp32, at 8192 and 2048 tokens,
+and expert-parallel (8 ranks); and the 4-bit dequantization, which launches no fastft kernel
+(listed with the reason). The MoE routing needs no values: its host code sorts the expert ids with
+device ops and sizes every grid at its upper bound from the shapes whenever it chooses for a GPU
+(kernels/moe.py: route), so its meta tensors are enough, as everywhere else.
+
 What each cell reports, per target:
 - registers per thread and ptxas's spill stores / loads in bytes (`ptxas -v`: spills land in the
   stack frame, so LOCAL can read 0 while a kernel spills), the stack frame, shared memory per
