@@ -29,6 +29,16 @@ class SeededDropout(nn.Module):
         return lora_dropout(x, self.p, draw_seed())
 
 
+def use_kernel_dropout(*models, p: float) -> None:
+    """Give every PEFT LoRA layer of `models` SeededDropout(p): a reference that applies the
+    fused layers' masks (drawn in the same order under the same torch seed)."""
+    for model in models:
+        for m in model.modules():
+            if lora_patch.is_lora_layer(m) and p > 0:
+                for k in m.lora_dropout:
+                    m.lora_dropout[k] = SeededDropout(p)
+
+
 def peft_linear(in_f, out_f, r, bias, dropout, rslora, alpha=16):
     class Wrap(nn.Module):
         def __init__(self):

@@ -16,7 +16,7 @@ import fastft
 from fastft.architectures import NATIVE
 from fastft.patching import lora as lora_patch
 from numerics import ModelRun, assert_curves_within_eager, assert_runs_within_eager, float64_twin, run_model
-from test_lora_linear import SeededDropout
+from test_lora_linear import use_kernel_dropout
 
 ARCH = {a.name: a for a in NATIVE}
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -32,10 +32,7 @@ def _pair(arch="Llama", targets=ALL_LINEAR, dropout=0.0, seed_dropout=False, **l
                 p.normal_(0, 0.1)
     plain = copy.deepcopy(model)
     if seed_dropout:  # the reference applies the kernels' mask, drawn in the same order
-        for m in plain.modules():
-            if lora_patch.is_lora_layer(m):
-                for k in m.lora_dropout:
-                    m.lora_dropout[k] = SeededDropout(dropout)
+        use_kernel_dropout(plain, p=dropout)
     return model.train(), plain.train()
 
 
