@@ -61,6 +61,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, and_masks, eager_mask, sdpa_mask
 
+from fastft.kernels._common import autocast_dtype
+
 NAME = "fastft"
 HALF_DTYPES = frozenset((torch.float16, torch.bfloat16))
 
@@ -225,9 +227,7 @@ def _names(dtypes) -> str:
 
 def attention_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """The dtype attention computes in: the autocast dtype when autocast is on for the device."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return dtype
+    return autocast_dtype(device.type) or dtype
 
 
 DROPOUT_FIELDS = ("attention_dropout", "attn_pdrop", "attn_dropout", "attention_probs_dropout_prob")
@@ -463,7 +463,7 @@ def _varlen(backend: VarlenBackend, query, key, value, scaling, window, softcap,
     out = backend.fn(q, k, v, cu, cu, docs.max_length, docs.max_length, scaling, window or None, softcap or None,
                      dropout)
     out = out.reshape(batch, seq, heads, dim)[..., :v_dim]
-    return out if torch.is_autocast_enabled(query.device.type) else out.to(query.dtype)
+    return out if autocast_dtype(query.device.type) is not None else out.to(query.dtype)
 
 
 def _sdpa_or_eager(module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap, kwargs):

@@ -82,6 +82,14 @@ def as_on_gpu():
         _AS_ON_GPU.reset(token)
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype when autocast is on for this device type, else None (the meta device
+    has no autocast at all: asking torch.is_autocast_enabled("meta") raises)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def kernel_op(name: str, *, fake: Callable, mutates_args: tuple[str, ...] = ()) -> Callable:
     """Decorator: register fn as the custom op torch.ops.fastft.<name> (see the module docstring),
     for the cpu (interpreter) and cuda devices, with `fake` as its fake / meta implementation."""
