@@ -182,6 +182,13 @@ def quantization_settings(config: FinetuneConfig, precision: Precision):
                                  torch.bfloat16 if bf16 else precision.weights)
 
 
+def eager_experts(model) -> None:
+    """transformers' per-expert loop in place of its grouped_mm experts, which have no float64
+    kernel: for float64 reference runs (and tests/numerics.py's float64 twins)."""
+    if getattr(model, "get_experts_implementation", lambda: None)() not in (None, "eager"):
+        model.set_experts_implementation("eager")
+
+
 def build_model(config: FinetuneConfig, tokenizer, dtype: torch.dtype, *, meta: bool = False, patch: bool = True,
                 quant=None):
     """The transformers model (pretrained or random), quantized (QLoRA: `quant`, from
@@ -231,6 +238,8 @@ def build_model(config: FinetuneConfig, tokenizer, dtype: torch.dtype, *, meta: 
     if reference:
         quantization.dequantize_model(model, torch.float64)
         model.to(torch.float64)
+    if dtype == torch.float64:
+        eager_experts(model)
     if config.lora.enabled:
         from peft import LoraConfig, get_peft_model
 
