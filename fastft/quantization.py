@@ -296,15 +296,101 @@ def prepare(model: nn.Module, quant: Settings | None = None) -> list[str]:
 
 # -- sizes -------------------------------------------------------------------------------------------
 
+def _state_layout(numel: int, blocksize: int = 64, double_quant: bool = True) -> dict[str, tuple[tuple, torch.dtype]]:
+    """bitsandbytes' quantization state of a 4-bit weight of `numel` values, {field: (shape, dtype)}:
+    the per-block absmax (fp32; double quantization: uint8 indices, with fp32 scales per 256
+    blocks, a 256-entry table and the fp32 mean they were taken around) and the 16-entry code.
+    bitsandbytes keeps one copy of each per layer (functional.quantize_4bit / quantize_blockwise)."""
+    blocks = math.ceil(numel / blocksize)
+    if not double_quant:
+        return {"absmax": ((blocks,), torch.float32), "code": ((16,), torch.float32)}
+    return {"absmax": ((blocks,), torch.uint8), "code": ((16,), torch.float32),
+            "nested_absmax": ((math.ceil(blocks / 256),), torch.float32), "nested_code": ((256,), torch.float32),
+            "offset": ((), torch.float32)}
+
+
 def bytes_4bit(numel: int, blocksize: int = 64, double_quant: bool = True, storage: torch.dtype = torch.uint8) -> int:
     """Bytes of a 4-bit weight of `numel` values with its quantization state (bitsandbytes' layout):
-    packed values, per-block absmax (fp32, or uint8 plus fp32 per 256 blocks and a 256-entry
-    table), and the 16-entry code."""
+    the packed values (two a byte, in whole storage elements) and _state_layout's tensors."""
     item = torch.empty(0, dtype=storage).element_size()
     packed = math.ceil(math.ceil(numel / 2) / item) * item
-    blocks = math.ceil(numel / blocksize)
-    scales = blocks + 4 * math.ceil(blocks / 256) + 4 * 256 + 4 if double_quant else 4 * blocks
-    return packed + scales + 4 * 16
+    return packed + sum(math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+                        for shape, dtype in _state_layout(numel, blocksize, double_quant).values())
+
+
+def planned_states(model: nn.Module, quant: Settings, dtype: torch.dtype) -> int:
+    """Give every 4-bit layer without a quantization state (built on the meta device, then
+    materialised by the memory planner as fake tensors: fastft/planning/) a state of bitsandbytes'
+    layout at its real size and without values, on its weight's device, so that the layer is
+    counted at its real size and runs (fused or through bitsandbytes) as a loaded one does. `dtype`
+    is the dtype the weights were quantized from (the model's). Returns the number of layers."""
+    from bitsandbytes.functional import QuantState
+
+    n = 0
+    for module in model.modules():
+        if not is_4bit(module) or quant_state(module) is not None:
+            continue
+        t = {k: torch.empty(shape, dtype=dt, device=module.weight.device)
+             for k, (shape, dt) in _state_layout(module.out_features * module.in_features, quant.blocksize,
+                                                 quant.double_quant).items()}
+        nested = (QuantState(absmax=t["nested_absmax"], code=t["nested_code"], blocksize=256, dtype=torch.float32)
+                  if quant.double_quant else None)
+        module.quant_state = QuantState(absmax=t["absmax"], shape=torch.Size([module.out_features, module.in_features]),
+                                        code=t["code"], blocksize=quant.blocksize, quant_type=quant.quant_type,
+                                        dtype=dtype, offset=t.get("offset"), state2=nested)
+        if _is_dtensor(module.weight):  # FSDP2: the module keeps the state, given to each unsharded weight
+            module.register_forward_pre_hook(_state_to_weight)
+        else:
+            module.weight.quant_state = module.quant_state
+        n += 1
+    return n
+
+
+def _state_to_weight(module: nn.Module, args) -> None:
+    """What bitsandbytes' Linear4bit.forward does first when FSDP2 has swapped in an unsharded weight
+    (fix_4bit_weight_quant_state_from_module), without re-wrapping the weight as a Params4bit:
+    the memory planner's fake tensors cannot be (FakeTensorMode) and the bytes are the same."""
+    if getattr(module.weight, "quant_state", None) is None:
+        module.weight.quant_state = module.quant_state
+
+
+# bitsandbytes 0.50's CUDA gemm_4bit (backends/cuda/ops.py): up to this many rows a fused kernel
+# reads the 4-bit weight; past it (every training micro-batch) it dequantizes W into A's dtype,
+# with fp32 block scales (twice, nested), runs F.linear and frees them.
+_GEMM_4BIT_FUSED_ROWS = 1536
+
+
+def gemm_4bit_workspace(op, args: tuple, kwargs: dict) -> int:
+    """What one call of bitsandbytes' gemm_4bit op holds inside beyond its output, on the GPU (0
+    for another op): the memory planner's count for Linear4bit's forward (fastft/planning/)."""
+    if getattr(getattr(op, "_schema", None), "name", None) != "bitsandbytes::gemm_4bit":
+        return 0
+    names = ("A", "B", "shapeB", "absmax", "blocksize", "quant_type", "bias", "absmax_8bit")
+    bound = {**dict(zip(names, args)), **kwargs}
+    a, shape = bound["A"], bound["shapeB"]
+    if a.numel() // a.shape[-1] <= _GEMM_4BIT_FUSED_ROWS:
+        return 0
+    numel = math.prod(shape)
+    scales = 8 * math.ceil(numel / bound["blocksize"]) if bound.get("absmax_8bit") is not None else 0
+    return numel * a.element_size() + scales
+
+
+def state_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The quantization states' tensors of every 4-bit layer (not parameters, but held with them)."""
+    return [t for module in model.modules() if is_4bit(module) for t in _tensors_of(quant_state(module))]
+
+
+def _tensors_of(state) -> list[torch.Tensor]:
+    if state is None:
+        return []
+    out = [state.absmax, state.code] + ([state.state2.absmax, state.state2.code, state.offset] if state.nested else [])
+    return [t for t in out if isinstance(t, torch.Tensor)]
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 def parameter_bytes(param: torch.Tensor, module: nn.Module | None = None) -> int:
@@ -317,8 +403,7 @@ def parameter_bytes(param: torch.Tensor, module: nn.Module | None = None) -> int
             return bytes_4bit(module.in_features * module.out_features, getattr(param, "blocksize", 64),
                               bool(getattr(param, "compress_statistics", True)), param.dtype)
         return own
-    extra = [state.absmax, state.code] + ([state.state2.absmax, state.state2.code, state.offset] if state.nested else [])
-    return own + sum(t.numel() * t.element_size() for t in extra if isinstance(t, torch.Tensor))
+    return own + sum(t.numel() * t.element_size() for t in _tensors_of(state))
 
 
 # -- FSDP2 rank-0 load --------------------------------------------------------------------------------

@@ -82,17 +82,34 @@ def as_on_gpu():
         _AS_ON_GPU.reset(token)
 
 
-def kernel_op(name: str, *, fake: Callable, mutates_args: tuple[str, ...] = ()) -> Callable:
+def kernel_op(name: str, *, fake: Callable, mutates_args: tuple[str, ...] = (),
+              workspace: Callable[..., int] | None = None) -> Callable:
     """Decorator: register fn as the custom op torch.ops.fastft.<name> (see the module docstring),
-    for the cpu (interpreter) and cuda devices, with `fake` as its fake / meta implementation."""
+    for the cpu (interpreter) and cuda devices, with `fake` as its fake / meta implementation.
+    workspace(*args, **kwargs), given the op's arguments as `fake` is: the bytes the op holds
+    inside beyond its outputs at its peak (WORKSPACES)."""
 
     def register(fn: Callable):
         op = torch.library.custom_op(f"{NAMESPACE}::{name}", fn, mutates_args=mutates_args,
                                      device_types=("cpu", "cuda"))
         op.register_fake(fake)
+        if workspace is not None:
+            WORKSPACES[f"{NAMESPACE}::{name}"] = workspace
         return op
 
     return register
+
+
+# A memory tracker sees an op's outputs, not what it allocates and frees inside; for the ops
+# whose inside is large (the 4-bit ops' dequantized weights) the planner (fastft/planning/)
+# adds this at each call. Op name ("fastft::lora_linear_4bit") -> workspace(*args, **kwargs).
+WORKSPACES: dict[str, Callable[..., int]] = {}
+
+
+def workspace_bytes(op, args: tuple, kwargs: dict) -> int:
+    """The workspace of one call of `op` (an OpOverload), 0 for an op without one."""
+    fn = WORKSPACES.get(getattr(getattr(op, "_schema", None), "name", None))
+    return fn(*args, **kwargs) if fn is not None else 0
 
 
 def register_autograd(op, *, backward: Callable, save: Callable) -> None:
