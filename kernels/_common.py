@@ -82,34 +82,24 @@ def as_on_gpu():
         _AS_ON_GPU.reset(token)
 
 
-def kernel_op(name: str, *, fake: Callable, mutates_args: tuple[str, ...] = (),
-              workspace: Callable[..., int] | None = None) -> Callable:
+def kernel_op(name: str, *, fake: Callable, mutates_args: tuple[str, ...] = ()) -> Callable:
     """Decorator: register fn as the custom op torch.ops.fastft.<name> (see the module docstring),
-    for the cpu (interpreter) and cuda devices, with `fake` as its fake / meta implementation.
-    workspace(*args, **kwargs), given the op's arguments as `fake` is: the bytes the op holds
-    inside beyond its outputs at its peak (WORKSPACES)."""
+    for the cpu (interpreter) and cuda devices, with `fake` as its fake / meta implementation."""
 
     def register(fn: Callable):
         op = torch.library.custom_op(f"{NAMESPACE}::{name}", fn, mutates_args=mutates_args,
                                      device_types=("cpu", "cuda"))
         op.register_fake(fake)
-        if workspace is not None:
-            WORKSPACES[f"{NAMESPACE}::{name}"] = workspace
+        HOST_CODE[f"{NAMESPACE}::{name}"] = fn
         return op
 
     return register
 
 
-# A memory tracker sees an op's outputs, not what it allocates and frees inside; for the ops
-# whose inside is large (the 4-bit ops' dequantized weights) the planner (fastft/planning/)
-# adds this at each call. Op name ("fastft::lora_linear_4bit") -> workspace(*args, **kwargs).
-WORKSPACES: dict[str, Callable[..., int]] = {}
-
-
-def workspace_bytes(op, args: tuple, kwargs: dict) -> int:
-    """The workspace of one call of `op` (an OpOverload), 0 for an op without one."""
-    fn = WORKSPACES.get(getattr(getattr(op, "_schema", None), "name", None))
-    return fn(*args, **kwargs) if fn is not None else 0
+# Each op's implementation (its host code: torch ops and launches) by name ("fastft::lora_mlp"). A
+# memory tracker sees an op's outputs only; fastft.plan runs this on meta tensors, its launches
+# recorded (recording_launches, keep=False), to see what the op allocates and frees inside.
+HOST_CODE: dict[str, Callable] = {}
 
 
 def register_autograd(op, *, backward: Callable, save: Callable) -> None:
@@ -178,11 +168,17 @@ class _Target(NamedTuple):
 _RECORDING: contextvars.ContextVar[_Target | None] = contextvars.ContextVar("fastft_recording", default=None)
 
 
+class _Dropped(list):
+    def append(self, item) -> None:  # nothing kept: tensors die where the host code drops them
+        pass
+
+
 @contextlib.contextmanager
-def recording_launches(capability: tuple[int, int], sm_count: int):
+def recording_launches(capability: tuple[int, int], sm_count: int, keep: bool = True):
     """Within this block the host code chooses for `capability` (and `sm_count` SMs) and records
-    its launches in the yielded list instead of running them: call the launchers on meta tensors."""
-    token = _RECORDING.set(_Target(tuple(capability), sm_count, []))
+    its launches in the yielded list instead of running them: call the launchers on meta tensors.
+    keep=False: skip the launches without keeping them (nor their tensors: memory planning)."""
+    token = _RECORDING.set(_Target(tuple(capability), sm_count, [] if keep else _Dropped()))
     try:
         yield _RECORDING.get().launches
     finally:

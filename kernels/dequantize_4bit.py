@@ -183,20 +183,6 @@ def flatten_weight(w) -> tuple[list[Tensor], list[int]]:
     return [w.data, w.absmax, w.code, *extra], meta
 
 
-def dequantized_bytes(weight_meta: list[int], first: int = 0) -> int:
-    """The most one dequantization of an op's 4-bit weights holds (its workspace: the ops dequantize
-    one weight at a time): W [O, K] in the compute dtype and, nested, the fp32 block scales it is
-    dequantized with (dequantize_4bit). weight_meta: META_FIELDS ints a weight, from weight `first` on."""
-    most = 0
-    for j in range(first * META_FIELDS, len(weight_meta), META_FIELDS):
-        kind, out, inp, blocksize, _, nested_blocksize, dtype = weight_meta[j: j + META_FIELDS]
-        if kind:
-            n = out * inp
-            scales = 4 * -(-n // blocksize) if nested_blocksize else 0
-            most = max(most, n * COMPUTE_DTYPES[dtype].itemsize + scales)
-    return most
-
-
 def unflatten_weight(tensors: list[Tensor], start: int, meta: list[int]):
     """(the weight whose tensors begin at tensors[start], how many tensors it took)."""
     kind, out, inp, blocksize, quant_type, nested_blocksize, dtype = meta

@@ -62,8 +62,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import absent, as_rows, capability_of, kernel_op, launch, register_autograd, round_to, use_triton
-from .dequantize_4bit import (META_FIELDS, base_grad_into, base_product_into, dequantized_bytes, is_quantized,
-                              linear_reference, unflatten_weight, flatten_weight)
+from .dequantize_4bit import (META_FIELDS, base_grad_into, base_product_into, is_quantized, linear_reference,
+                              unflatten_weight, flatten_weight)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -606,14 +606,8 @@ def _lora_4bit_backward_fake(dys, x, params, has_bias, weight_meta, us, scales, 
     return torch.empty_like(x, memory_format=torch.contiguous_format) if needs[0] else absent(x), grads
 
 
-def _lora_4bit_backward_workspace(dys, x, params, has_bias, weight_meta, us, scales, dropouts, seeds, needs):
-    return dequantized_bytes(weight_meta) if needs[0] else 0  # W is dequantized for dX only
-
-
-lora_linear_4bit_fwd = kernel_op("lora_linear_4bit", fake=_lora_4bit_forward_fake, workspace=lambda x, params, has_bias,
-                                 weight_meta, *_: dequantized_bytes(weight_meta))(_lora_4bit_forward)
-lora_linear_4bit_bwd = kernel_op("lora_linear_4bit_bwd", fake=_lora_4bit_backward_fake,
-                                 workspace=_lora_4bit_backward_workspace)(_lora_4bit_backward)
+lora_linear_4bit_fwd = kernel_op("lora_linear_4bit", fake=_lora_4bit_forward_fake)(_lora_4bit_forward)
+lora_linear_4bit_bwd = kernel_op("lora_linear_4bit_bwd", fake=_lora_4bit_backward_fake)(_lora_4bit_backward)
 
 
 def _save_4bit(ctx, inputs, output):

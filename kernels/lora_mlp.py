@@ -53,8 +53,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import absent, as_rows, capability_of, kernel_op, launch, register_autograd, round_to, use_triton
-from .dequantize_4bit import (base_grad, base_grad_into, base_product, base_product_into, dequantized_bytes,
-                              is_quantized)
+from .dequantize_4bit import base_grad, base_grad_into, base_product, base_product_into, is_quantized
 from .lora import (_check, _fp32_dot, _projections, _seed_tensor, draw_seed, flatten_projections, lora_down,
                    lora_grad_a, lora_linear, lora_linear_reference, lora_up_into, quant_projections, slot_grads,
                    slot_needs)
@@ -474,16 +473,8 @@ def _mlp_4bit_backward_fake(dy, x, g, u, xa_g, xa_u, hd, params, has_bias, weigh
     return torch.empty_like(x, memory_format=torch.contiguous_format) if needs[0] else absent(x), grads
 
 
-def _mlp_4bit_backward_workspace(dy, x, g, u, xa_g, xa_u, hd, params, has_bias, weight_meta, activation, dropouts,
-                                 seeds, scales, needs):
-    # down's W for dh always; gate's and up's for dX only
-    return dequantized_bytes(weight_meta, first=0 if needs[0] else 2)
-
-
-lora_mlp_4bit_fwd = kernel_op("lora_mlp_4bit", fake=_mlp_4bit_forward_fake, workspace=lambda x, params, has_bias,
-                              weight_meta, *_: dequantized_bytes(weight_meta))(_mlp_4bit_forward)
-lora_mlp_4bit_bwd = kernel_op("lora_mlp_4bit_bwd", fake=_mlp_4bit_backward_fake,
-                              workspace=_mlp_4bit_backward_workspace)(_mlp_4bit_backward)
+lora_mlp_4bit_fwd = kernel_op("lora_mlp_4bit", fake=_mlp_4bit_forward_fake)(_mlp_4bit_forward)
+lora_mlp_4bit_bwd = kernel_op("lora_mlp_4bit_bwd", fake=_mlp_4bit_backward_fake)(_mlp_4bit_backward)
 
 
 def _save_4bit(ctx, inputs, output):

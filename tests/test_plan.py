@@ -9,6 +9,7 @@ the loop hold).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -26,10 +27,11 @@ _SHAPE = {k: v for k, v in TINY.items() if k in ("hidden_size", "intermediate_si
 
 
 def _config(model_type="llama", *, lora=False, ac="none", rows=2, tokens=48, precision="bf16", patch_options=None,
-            **extra):
+            quantization="none", double_quant=True, optim="adamw", r=4, **extra):
     model = {"model_type": model_type, **_SHAPE, **extra}
-    return load_config({"model": {"config": model, "patch_options": patch_options or {}},
-                        "lora": {"enabled": lora, "r": 4},
+    return load_config({"model": {"config": model, "patch_options": patch_options or {}, "quantization": quantization,
+                                  "double_quant": double_quant},
+                        "lora": {"enabled": lora, "r": r}, "optim": {"name": optim},
                         "data": {"batch_size": rows, "max_seq_len": tokens, "batching": "packed"},
                         "train": {"precision": precision},
                         "distributed": {"activation_checkpointing": ac}})
@@ -86,22 +88,46 @@ def test_fastft_provider_activations_match_saved_tensors(model_type, kw):
     assert abs(planned.activations - exact) <= 0.05 * exact, (planned.activations, exact)
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_planned_state_bytes_are_exact(lora):
-    """Parameters, gradients and AdamW states after a real CPU step, byte for byte."""
-    config = _config(lora=lora, ac="full")
+needs_bitsandbytes = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+                                        reason='QLoRA and 8-bit optimizers need bitsandbytes (pip install "fastft[qlora]")')
+
+STATE_CASES = [
+    pytest.param(dict(), id="full"),
+    pytest.param(dict(lora=True), id="lora"),
+    pytest.param(dict(lora=True, quantization="nf4"), id="qlora-nf4", marks=needs_bitsandbytes),
+    # r=64: A [64, 64] and B [128, 64] take bitsandbytes' 8-bit states, B [32, 64] (k, v) its fp32 ones (< 4096)
+    pytest.param(dict(lora=True, quantization="fp4", double_quant=False, r=64, optim="paged_adamw_8bit"),
+                 id="qlora-fp4-paged_adamw_8bit", marks=needs_bitsandbytes),
+]
+
+
+@pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU")
+@pytest.mark.parametrize("kw", STATE_CASES)
+def test_planned_state_bytes_are_exact(kw):
+    """Parameters (4-bit weights packed), buffers (with the 4-bit layers' quantization states),
+    gradients and optimizer states (torch's fused AdamW, bitsandbytes' 8-bit AdamW) after a real
+    CPU step of the same (quantized) model through the trainer's own optimizer, byte for byte."""
+    from fastft import quantization
+    from fastft.train import build_optimizer
+
+    config = _config(ac="full", **kw)
     planned = planner.plan(config, provider="hf")
     model, batch, autocast, setup = _real_model(config)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    planned_config, _ = core._planned_config(config, "hf", None, None)
+    params, optimizer, *_ = build_optimizer(model, planned_config, setup["_precision"], torch.device("cpu"))
     with autocast:
         out = model(**model_inputs(batch), num_items_in_batch=batch["num_target_tokens"])
     out.loss.backward()
     optimizer.step()
-    nbytes = lambda ts: sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts}.values())  # noqa: E731
+    nbytes = lambda ts: sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()  # noqa: E731
+                             for t in ts if torch.is_tensor(t)}.values())
     assert planned.state["parameters"] == nbytes(model.parameters())
+    assert planned.state["buffers"] == nbytes([*model.buffers(), *quantization.state_tensors(model)])
     assert planned.state["gradients"] == nbytes(p.grad for p in params)
     assert planned.state["optimizer states"] == nbytes(v for s in optimizer.state.values() for v in s.values())
+    if kw.get("quantization"):  # the base at its packed size: 4 bits a weight of the decoder layers' projections
+        four_bit = [m for m in model.modules() if quantization.is_4bit(m)]
+        assert sum(m.weight.numel() for m in four_bit) * 2 == sum(m.in_features * m.out_features for m in four_bit)
 
 
 def test_fsdp_shards_over_a_fake_process_group():
@@ -194,7 +220,7 @@ def test_trainer_stops_before_loading_when_the_plan_cannot_fit(monkeypatch, tmp_
     message = str(info.value)
     assert not loaded
     assert "per GPU planned" in message and "--distributed.activation_checkpointing=full" in message
-    assert "issue 16" in message and "GiB" in message
+    assert "QLoRA" in message and "--model.quantization=nf4" in message and "GiB" in message
 
 
 def _examples():

@@ -7,6 +7,8 @@ from copy import deepcopy
 
 import torch
 
+from fastft.planning.workspace import op_workspace
+
 
 # -- torch's trackers, with the peak located ----------------------------------------------------
 
@@ -42,15 +44,15 @@ def _trackers():
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = super().__torch_dispatch__(func, types, args, kwargs)
             if out is not NotImplemented and active_fake_mode() is self._fake_mode_on_entry:
-                nbytes = _workspace(func, args, kwargs or {})
+                nbytes = op_workspace(func, args, kwargs or {})
                 if nbytes:
                     self._count_workspace(nbytes, next(t.device for t in pytree.tree_leaves((args, kwargs))
                                                        if isinstance(t, torch.Tensor)))
             return out
 
         def _count_workspace(self, nbytes: int, device) -> None:
-            """An op's workspace (kernels/_common.py, WORKSPACES): alive with its outputs, before it
-            returns; a peak candidate of its own, gone after."""
+            """An op's workspace (workspace.py): alive with its outputs before it returns, a peak
+            candidate of its own, gone after."""
             snap = self._curr_mem_snap.setdefault(device, dict.fromkeys(self._ref_class, 0))
             snap[WORKSPACE] = nbytes
             snap[_TOTAL_KEY] = snap.get(_TOTAL_KEY, 0) + nbytes
@@ -118,15 +120,6 @@ def _trackers():
 
 
 WORKSPACE = "Workspace"  # a snapshot's key for an op's workspace while it is counted
-
-
-def _workspace(func, args: tuple, kwargs: dict) -> int:
-    """Bytes `func` holds inside beyond its outputs: fastft's kernels declare theirs (WORKSPACES);
-    bitsandbytes' 4-bit GEMM (Linear4bit's forward, unpatched) dequantizes W around its GEMM."""
-    from fastft import quantization
-    from fastft.kernels import _common
-
-    return _common.workspace_bytes(func, args, kwargs) or quantization.gemm_4bit_workspace(func, args, kwargs)
 
 
 def _kwargs_mod_tracker():
