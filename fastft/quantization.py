@@ -236,20 +236,27 @@ def quantize_model(model: nn.Module, quant: Settings) -> int:
 
 
 def requantize_random(model: nn.Module, generator: torch.Generator) -> int:
-    """Give every 4-bit layer of a CPU model random weights, quantized with its own settings (what a
-    probe of a meta-built block runs on: fastft/patching/lora.py)."""
+    """Give every 4-bit layer of a CPU model random 4-bit weights with its own settings: random
+    packed values and block scales about those of a N(0, 1/in) weight, with bitsandbytes' code
+    tables (what a probe of a meta-built block runs on: fastft/patching/lora.py). Drawn, not
+    quantized: bitsandbytes' CPU quantization of an 8B model's MLP takes seconds a weight."""
     n = 0
     for module in model.modules():
         if not is_4bit(module):
             continue
         bnb = require_bitsandbytes("a 4-bit layer")
         old = module.weight
-        dense = torch.randn(module.out_features, module.in_features, generator=generator) / module.in_features ** 0.5
-        module.weight = bnb.nn.Params4bit(dense.to(module.compute_dtype or torch.float32), requires_grad=False,
-                                          blocksize=getattr(old, "blocksize", 64),
-                                          compress_statistics=getattr(old, "compress_statistics", True),
-                                          quant_type=getattr(old, "quant_type", "nf4"),
-                                          quant_storage=getattr(old, "quant_storage", torch.uint8), module=module).to("cpu")
+        blocksize, double_quant = getattr(old, "blocksize", 64), getattr(old, "compress_statistics", True)
+        quant_type, storage = getattr(old, "quant_type", "nf4"), getattr(old, "quant_storage", torch.uint8)
+        numel = module.out_features * module.in_features
+        packed = bytes_4bit(numel, blocksize, double_quant, storage) - _state_bytes(numel, blocksize, double_quant)
+        data = torch.randint(0, 256, (packed,), dtype=torch.uint8, generator=generator).view(storage).reshape(-1, 1)
+        state = _new_state(module, blocksize, quant_type, double_quant, module.compute_dtype or torch.float32,
+                           torch.device("cpu"), generator)
+        module.weight = bnb.nn.Params4bit(data, requires_grad=False, quant_state=state, blocksize=blocksize,
+                                          compress_statistics=double_quant, quant_type=quant_type,
+                                          quant_storage=storage, module=module, bnb_quantized=True)
+        module.quant_state = state
         module.support_avx512bf16_for_cpu = False
         n += 1
     return n
@@ -309,13 +316,45 @@ def _state_layout(numel: int, blocksize: int = 64, double_quant: bool = True) ->
             "offset": ((), torch.float32)}
 
 
+def _state_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> int:
+    return sum(math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+               for shape, dtype in _state_layout(numel, blocksize, double_quant).values())
+
+
 def bytes_4bit(numel: int, blocksize: int = 64, double_quant: bool = True, storage: torch.dtype = torch.uint8) -> int:
     """Bytes of a 4-bit weight of `numel` values with its quantization state (bitsandbytes' layout):
     the packed values (two a byte, in whole storage elements) and _state_layout's tensors."""
     item = torch.empty(0, dtype=storage).element_size()
-    packed = math.ceil(math.ceil(numel / 2) / item) * item
-    return packed + sum(math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-                        for shape, dtype in _state_layout(numel, blocksize, double_quant).values())
+    return math.ceil(math.ceil(numel / 2) / item) * item + _state_bytes(numel, blocksize, double_quant)
+
+
+def _new_state(module: nn.Module, blocksize: int, quant_type: str, double_quant: bool, dtype: torch.dtype,
+               device: torch.device, generator: torch.Generator | None = None):
+    """bitsandbytes' QuantState of a 4-bit layer's [out, in] weight quantized from `dtype`, of
+    _state_layout's tensors on `device`: without values (generator None: the memory planner's fake
+    tensors) or random ones (a probe's: block scales in [0.5, 1.5] x 2.5/sqrt(in), about a block of
+    64 N(0, 1/in) values' absolute maximum; bitsandbytes' own code tables)."""
+    from bitsandbytes import functional as F
+    from bitsandbytes.functional import QuantState
+
+    numel = module.out_features * module.in_features
+    t = {k: torch.empty(shape, dtype=dt, device=device)
+         for k, (shape, dt) in _state_layout(numel, blocksize, double_quant).items()}
+    if generator is not None:
+        scale = 2.5 / module.in_features ** 0.5
+        t["code"] = F.get_4bit_type(quant_type, device=device)
+        blocks = t["absmax"].shape
+        if double_quant:  # absmax = nested_code[index] * nested_absmax + offset
+            t["absmax"] = torch.randint(0, 256, blocks, dtype=torch.uint8, generator=generator).to(device)
+            t["nested_code"] = F.create_dynamic_map().to(device)
+            t["nested_absmax"].fill_(scale / 2)
+            t["offset"].fill_(scale)
+        else:
+            t["absmax"] = (scale * (0.5 + torch.rand(blocks, generator=generator))).to(device)
+    nested = (QuantState(absmax=t["nested_absmax"], code=t["nested_code"], blocksize=256, dtype=torch.float32)
+              if double_quant else None)
+    return QuantState(absmax=t["absmax"], shape=torch.Size([module.out_features, module.in_features]), code=t["code"],
+                      blocksize=blocksize, quant_type=quant_type, dtype=dtype, offset=t.get("offset"), state2=nested)
 
 
 def planned_states(model: nn.Module, quant: Settings, dtype: torch.dtype) -> int:
@@ -324,20 +363,12 @@ def planned_states(model: nn.Module, quant: Settings, dtype: torch.dtype) -> int
     layout at its real size and without values, on its weight's device, so that the layer is
     counted at its real size and runs (fused or through bitsandbytes) as a loaded one does. `dtype`
     is the dtype the weights were quantized from (the model's). Returns the number of layers."""
-    from bitsandbytes.functional import QuantState
-
     n = 0
     for module in model.modules():
         if not is_4bit(module) or quant_state(module) is not None:
             continue
-        t = {k: torch.empty(shape, dtype=dt, device=module.weight.device)
-             for k, (shape, dt) in _state_layout(module.out_features * module.in_features, quant.blocksize,
-                                                 quant.double_quant).items()}
-        nested = (QuantState(absmax=t["nested_absmax"], code=t["nested_code"], blocksize=256, dtype=torch.float32)
-                  if quant.double_quant else None)
-        module.quant_state = QuantState(absmax=t["absmax"], shape=torch.Size([module.out_features, module.in_features]),
-                                        code=t["code"], blocksize=quant.blocksize, quant_type=quant.quant_type,
-                                        dtype=dtype, offset=t.get("offset"), state2=nested)
+        module.quant_state = _new_state(module, quant.blocksize, quant.quant_type, quant.double_quant, dtype,
+                                        module.weight.device)
         if _is_dtensor(module.weight):  # FSDP2: the module keeps the state, given to each unsharded weight
             module.register_forward_pre_hook(_state_to_weight)
         else:

@@ -92,7 +92,8 @@ def measure_activations(config, provider: str = "fastft") -> int:
     every storage saved for backward (through torch.autograd.graph.saved_tensors_hooks), the
     tensors custom autograd nodes keep on their ctx (the fused loss keeps its gradients there),
     the checkpointed blocks' keyword inputs (checkpoint holds them for the recomputation) and the
-    outputs the loop holds; each storage once; parameters, buffers and the batch excluded."""
+    outputs the loop holds; each storage once; parameters, buffers (4-bit layers' quantization
+    states with them) and the batch excluded."""
     from fastft import distributed
     from fastft.data import model_inputs
     from fastft.planning.core import _as_config, _micro_batch, _planned_config, _setup, _tokenizer
@@ -106,7 +107,10 @@ def measure_activations(config, provider: str = "fastft") -> int:
     model.train()
     batch, _ = _micro_batch(planned, provider, model.config.vocab_size)
     storage = lambda t: t.untyped_storage()  # noqa: E731
-    excluded = {storage(t).data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    from fastft import quantization
+
+    held = [*model.parameters(), *model.buffers(), *quantization.state_tensors(model)]  # the model's, not activations
+    excluded = {storage(t).data_ptr() for t in held}
     excluded |= {storage(v).data_ptr() for v in batch.values() if torch.is_tensor(v)}
     kept: dict[int, int] = {}
 
