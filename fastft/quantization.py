@@ -406,6 +406,25 @@ def gemm_4bit_workspace(op, args: tuple, kwargs: dict) -> int:
     return numel * a.element_size() + scales
 
 
+def four_bit_bytes(model: nn.Module) -> dict[str, int]:
+    """The 4-bit layers of a model, and what they hold on this rank: packed weights, quantization states."""
+    layers = [m for m in model.modules() if is_4bit(m)]
+    local = lambda t: t.to_local() if _is_dtensor(t) else t  # noqa: E731
+    return {"layers": len(layers), "packed": sum(local(m.weight).numel() * m.weight.element_size() for m in layers),
+            "states": sum(t.numel() * t.element_size() for t in state_tensors(model))}
+
+
+# bitsandbytes 0.50's Optimizer8bit.get_state_buffer pages (cudaMallocManaged) the moments of
+# parameters with at least this many elements; the blockwise scales and smaller moments are not.
+_PAGED_FROM = 100_000
+
+
+def paged_state_bytes(optimizer) -> int:
+    """Bytes of a bitsandbytes paged optimizer's states that live in CUDA unified memory on a GPU."""
+    return sum(s[k].numel() * s[k].element_size() for p, s in optimizer.state.items() if p.numel() >= _PAGED_FROM
+               for k in ("state1", "state2") if torch.is_tensor(s.get(k)))
+
+
 def state_tensors(model: nn.Module) -> list[torch.Tensor]:
     """The quantization states' tensors of every 4-bit layer (not parameters, but held with them)."""
     return [t for module in model.modules() if is_4bit(module) for t in _tensors_of(quant_state(module))]

@@ -14,9 +14,10 @@ from unittest import mock
 import torch
 
 from fastft.config import ConfigError, FinetuneConfig, load_config, validate
+from fastft.planning import workspace
 from fastft.planning.tracking import _categories, _module_activations, _module_name, _ref, _trackers
 
-PLAN_VERSION = 1  # bump when what a plan counts changes; recorded with every table
+PLAN_VERSION = 2  # bump when what a plan counts changes; recorded with every table (2: op workspaces, 4-bit)
 
 GiB = 2**30
 # Device memory (bytes torch.cuda reports as total_memory) of the GPUs the goals name, and what a
@@ -159,6 +160,20 @@ class Plan:
                                                  sorted(self.at_peak.items(), key=lambda kv: -kv[1]) if v))
         out.append(f"  kept for the backward: {size(self.activations)}; phase peaks: "
                    + ", ".join(f"{k} {size(v)}" for k, v in self.phase_peaks.items()))
+        if "four_bit" in setup:
+            q = setup["four_bit"]
+            out.append(f"  4-bit base: {q['layers']} layers, {size(q['packed'])} packed (in parameters) and "
+                       f"{size(q['states'])} of quantization states (in buffers); each GEMM's dequantized weight, "
+                       "freed after it, is in the op workspace")
+        if setup.get("optimizer", "adamw") != "adamw":
+            paged = setup.get("paged_optimizer_states")
+            out.append(f"  optimizer {setup['optimizer']}: bitsandbytes' 8-bit moments with fp32 scales per 256 (fp32 "
+                       "moments below 4096 elements)" + ("" if paged is None else
+                       f"; {size(paged)} of them paged (CUDA unified memory, evicted to the host under pressure; "
+                       "counted here as on the device, outside torch.cuda.max_memory_allocated)"))
+        if setup.get("workspace_unmeasured"):
+            out.append("  op workspaces not measured (counted as none): "
+                       + "; ".join(f"{k} ({v})" for k, v in setup["workspace_unmeasured"].items()))
         if self.roofline:
             r = self.roofline
             out.append(f"  roofline model on {r['gpu']} (a model, not a measurement): step {r['step_ms']:.1f} ms, "
@@ -369,6 +384,7 @@ def _one_step(config, provider, world_size, sizes, setup, observe: Callable):
             from fastft import quantization
 
             quantization.planned_states(model, setup["_quant"], setup["weights"])
+            setup["four_bit"] = quantization.four_bit_bytes(model)
         hf = model.get_base_model() if hasattr(model, "get_base_model") else model
         if not setup["fsdp"] and hasattr(hf, "tie_weights"):
             hf.tie_weights()  # to_empty makes new tensors per module: tied embeddings would come apart
@@ -412,6 +428,10 @@ def _one_step(config, provider, world_size, sizes, setup, observe: Callable):
             mark("optimizer")
             # What the tracker holds after the step, before zero_grad: the exact state totals.
             state = _categories(observer.get_tracker_snapshot()) if hasattr(observer, "get_tracker_snapshot") else {}
+            if getattr(optimizer, "is_paged", False):
+                from fastft import quantization
+
+                setup["paged_optimizer_states"] = quantization.paged_state_bytes(optimizer)
             optimizer.zero_grad(set_to_none=True)
             del out
     return observer, state, model
@@ -436,6 +456,8 @@ def _run(config, provider, world_size, sizes, setup, gpu) -> Plan:
         return tracker
 
     tracker, state, _ = _one_step(config, provider, world_size, sizes, setup, observe)
+    if workspace.UNMEASURED:
+        setup["workspace_unmeasured"] = dict(workspace.UNMEASURED)
     at_peak = _categories(tracker.get_tracker_snapshot("peak"))
     states = state.get("optimizer states", 0) if not d.cpu_offload else 0
     fwd_bwd = max(tracker.phase_peaks.get("forward", 0), tracker.phase_peaks.get("backward", 0))
