@@ -77,13 +77,17 @@ def preflight(config: FinetuneConfig, env, log) -> dict | None:
 
 def report_measured(planned: dict | None, device: torch.device, log, step: int, *, first_step: bool) -> None:
     """After a step: torch.cuda.max_memory_allocated against the plan (the first step's peak for
-    the run's step 1, which has no optimizer states before its optimizer step; else the steady one)."""
+    the run's step 1, which has no optimizer states before its optimizer step; else the steady one,
+    less the optimizer states a paged optimizer keeps outside the allocator)."""
     if planned is None or device.type != "cuda":
         return
     measured = torch.cuda.max_memory_allocated(device)
-    want = planned["first_step_peak"] if first_step else planned["peak"]
+    # bitsandbytes' paged optimizer states live in CUDA unified memory, which the allocator does not count
+    paged = 0 if first_step else planned.get("setup", {}).get("paged_optimizer_states", 0)
+    want = (planned["first_step_peak"] if first_step else planned["peak"]) - paged
     log(f"memory after step {step}: {measured / GiB:.2f} GiB measured (max_memory_allocated) against "
-        f"{want / GiB:.2f} GiB planned ({100 * (measured - want) / want:+.1f}%)")
+        f"{want / GiB:.2f} GiB planned ({100 * (measured - want) / want:+.1f}%)"
+        + (f", leaving out {paged / GiB:.2f} GiB of paged optimizer states (unified memory)" if paged else ""))
 
 
 def measure_activations(config, provider: str = "fastft") -> int:
