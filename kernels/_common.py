@@ -68,9 +68,14 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 
 # fastft.plan (fastft/planning/) runs a model on fake CPU tensors under FakeTensorMode to plan what
 # a GPU holds: inside `as_on_gpu()` CPU tensors take the custom ops (their fake implementations
-# there) as CUDA tensors would, not the torch references, whose temporaries a GPU never allocates.
-# Outside FakeTensorMode it would launch Triton on the CPU: for the planner only.
-_AS_ON_GPU = contextvars.ContextVar("fastft_kernels_as_on_gpu", default=False)
+# there) as CUDA tensors would, not the torch references, whose temporaries a GPU never allocates
+# (and fastft/attention.py dispatches as on CUDA). Outside FakeTensorMode it would launch Triton
+# on the CPU: for the planner only.
+_AS_ON_GPU = contextvars.ContextVar("fastft_as_on_gpu", default=False)
+
+
+def planning_as_on_gpu() -> bool:
+    return _AS_ON_GPU.get()
 
 
 @contextlib.contextmanager
@@ -80,6 +85,14 @@ def as_on_gpu():
         yield
     finally:
         _AS_ON_GPU.reset(token)
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype when autocast is on for this device type, else None (the meta device
+    has no autocast at all: asking torch.is_autocast_enabled("meta") raises)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
 
 
 def kernel_op(name: str, *, fake: Callable, mutates_args: tuple[str, ...] = ()) -> Callable:

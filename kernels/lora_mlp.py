@@ -295,9 +295,9 @@ def _mlp_forward_projections(rows, projections, activation, dropouts, seeds, sca
     inter = wg.shape[0]
     if pg == 0 and pu == 0 and ag.dtype == au.dtype:  # one read of x for both rank-r inputs
         xa = torch.mm(rows.to(ag.dtype), torch.cat([ag * sg, au * su]).t())
-        # clone, not contiguous(): a one-row slice is contiguous already, and outputs must not alias
-        xa_g, xa_u = (t.clone(memory_format=torch.contiguous_format)
-                      for t in xa.split([ag.shape[0], au.shape[0]], 1))
+        # clone, not contiguous(): with one row both halves are already contiguous views of xa,
+        # and a custom op's outputs may not alias each other
+        xa_g, xa_u = xa[:, : ag.shape[0]].clone(), xa[:, ag.shape[0]:].clone()
     else:
         xa_g = lora_down(rows, ag, sg, pg, seeds[0])
         xa_u = lora_down(rows, au, su, pu, seeds[1])
