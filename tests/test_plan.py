@@ -61,7 +61,7 @@ CASES = [
     ("qwen3", dict(lora=True, rows=1, tokens=96, head_dim=16), "slow"),
     ("gemma3_text", dict(lora=True, head_dim=16, sliding_window=8)),
     ("mistral", dict(ac="selective", precision="fp32")),
-    ("llama", dict(lora=True, quantization="nf4"), needs_bitsandbytes),  # HF + PEFT + bitsandbytes (QLoRA)
+    ("llama", dict(lora=True, quantization="nf4", num_hidden_layers=1), needs_bitsandbytes),  # HF+PEFT+bitsandbytes
 ]
 
 
@@ -98,10 +98,10 @@ def test_fastft_provider_activations_match_saved_tensors(model_type, kw):
 STATE_CASES = [
     pytest.param(dict(), id="full"),
     pytest.param(dict(lora=True), id="lora"),
-    pytest.param(dict(lora=True, quantization="nf4"), id="qlora-nf4", marks=needs_bitsandbytes),
+    pytest.param(dict(lora=True, quantization="nf4", num_hidden_layers=1), id="qlora-nf4", marks=needs_bitsandbytes),
     # r=64: A [64, 64] and B [128, 64] take bitsandbytes' 8-bit states, B [32, 64] (k, v) its fp32 ones (< 4096)
-    pytest.param(dict(lora=True, quantization="fp4", double_quant=False, r=64, optim="paged_adamw_8bit"),
-                 id="qlora-fp4-paged_adamw_8bit", marks=needs_bitsandbytes),
+    pytest.param(dict(lora=True, quantization="fp4", double_quant=False, r=64, optim="paged_adamw_8bit",
+                      num_hidden_layers=1), id="qlora-fp4-paged_adamw_8bit", marks=needs_bitsandbytes),
 ]
 
 
