@@ -52,7 +52,7 @@ def _real_model(config, provider="hf"):
 
 
 needs_bitsandbytes = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
-                                        reason='QLoRA and 8-bit optimizers need bitsandbytes (pip install "fastft[qlora]")')
+                                        reason='QLoRA and 8-bit optimizers need bitsandbytes: "fastft[qlora]"')
 
 CASES = [
     ("llama", dict()),
@@ -190,6 +190,19 @@ def test_workspace_is_what_the_op_holds_inside():
     w_down = weights[2]
     dequantized = w_down.shape[0] * w_down.shape[1] * 2 + 4 * w_down.absmax.numel()
     assert measured["lora_mlp_4bit"] - measured["lora_mlp"] == dequantized
+
+
+def test_an_op_whose_host_code_cannot_run_on_meta_is_named(monkeypatch):
+    """Host code that reads values (the MoE op's routing counts) cannot run on meta tensors: that
+    op's workspace counts as none, and the plan says so (Plan.setup["workspace_unmeasured"])."""
+    from fastft.kernels import _common
+    from fastft.planning import workspace
+
+    monkeypatch.setitem(_common.HOST_CODE, "fastft::lora_dropout", lambda x, p, seed: x.sum().item())
+    monkeypatch.setattr(workspace, "_MEASURED", {})
+    args = (torch.zeros(4, 8), 0.1, torch.zeros(1, dtype=torch.int64))
+    assert workspace.op_workspace(torch.ops.fastft.lora_dropout.default, args, {}) == 0
+    assert "meta" in workspace.UNMEASURED.pop("fastft::lora_dropout")
 
 
 @needs_bitsandbytes

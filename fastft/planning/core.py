@@ -456,8 +456,8 @@ def _run(config, provider, world_size, sizes, setup, gpu) -> Plan:
         return tracker
 
     tracker, state, _ = _one_step(config, provider, world_size, sizes, setup, observe)
-    if workspace.UNMEASURED:
-        setup["workspace_unmeasured"] = dict(workspace.UNMEASURED)
+    if tracker.unmeasured:
+        setup["workspace_unmeasured"] = {name: workspace.UNMEASURED[name] for name in sorted(tracker.unmeasured)}
     at_peak = _categories(tracker.get_tracker_snapshot("peak"))
     states = state.get("optimizer states", 0) if not d.cpu_offload else 0
     fwd_bwd = max(tracker.phase_peaks.get("forward", 0), tracker.phase_peaks.get("backward", 0))
@@ -469,7 +469,8 @@ def _run(config, provider, world_size, sizes, setup, gpu) -> Plan:
         state=state, module_activations=_module_activations(tracker),
         activations=(_categories(tracker.marks["forward"]).get("activations", 0)
                      - _categories(tracker.marks["start"]).get("activations", 0)),
-        setup={k: v for k, v in setup.items() if k != "weights" and not k.startswith("_")} | {"weights": str(setup["weights"])})
+        setup={k: v for k, v in setup.items() if k != "weights" and not k.startswith("_")}
+        | {"weights": str(setup["weights"])})
     if gpu is not None:
         from fastft.planning.roofline import estimate_time
 

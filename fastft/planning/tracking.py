@@ -7,7 +7,7 @@ from copy import deepcopy
 
 import torch
 
-from fastft.planning.workspace import op_workspace
+from fastft.planning.workspace import UNMEASURED, op_workspace
 
 
 # -- torch's trackers, with the peak located ----------------------------------------------------
@@ -34,6 +34,7 @@ def _trackers():
             self.where, self.phase_peaks, self.device_peak = ("", ""), {}, 0
             self._by_fqn, self._indexed = {}, -1
             self.marks: dict[str, dict] = {}
+            self.unmeasured: set[str] = set()  # ops run whose workspace could not be measured
 
         def track_buffers(self, tensors) -> None:
             """Tensors held with the model that are neither parameters nor buffers (the 4-bit layers'
@@ -48,6 +49,8 @@ def _trackers():
                 if nbytes:
                     self._count_workspace(nbytes, next(t.device for t in pytree.tree_leaves((args, kwargs))
                                                        if isinstance(t, torch.Tensor)))
+                elif UNMEASURED and getattr(getattr(func, "_schema", None), "name", None) in UNMEASURED:
+                    self.unmeasured.add(func._schema.name)
             return out
 
         def _count_workspace(self, nbytes: int, device) -> None:
