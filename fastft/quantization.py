@@ -249,8 +249,8 @@ def requantize_random(model: nn.Module, generator: torch.Generator) -> int:
         blocksize, double_quant = getattr(old, "blocksize", 64), getattr(old, "compress_statistics", True)
         quant_type, storage = getattr(old, "quant_type", "nf4"), getattr(old, "quant_storage", torch.uint8)
         numel = module.out_features * module.in_features
-        packed = bytes_4bit(numel, blocksize, double_quant, storage) - _state_bytes(numel, blocksize, double_quant)
-        data = torch.randint(0, 256, (packed,), dtype=torch.uint8, generator=generator).view(storage).reshape(-1, 1)
+        data = torch.randint(0, 256, (_packed_bytes(numel, storage),), dtype=torch.uint8, generator=generator)
+        data = data.view(storage).reshape(-1, 1)
         state = _new_state(module, blocksize, quant_type, double_quant, module.compute_dtype or torch.float32,
                            torch.device("cpu"), generator)
         module.weight = bnb.nn.Params4bit(data, requires_grad=False, quant_state=state, blocksize=blocksize,
@@ -321,11 +321,16 @@ def _state_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> 
                for shape, dtype in _state_layout(numel, blocksize, double_quant).values())
 
 
+def _packed_bytes(numel: int, storage: torch.dtype = torch.uint8) -> int:
+    """Bytes of `numel` 4-bit values packed two a byte, in whole elements of the storage dtype."""
+    item = torch.empty(0, dtype=storage).element_size()
+    return math.ceil(math.ceil(numel / 2) / item) * item
+
+
 def bytes_4bit(numel: int, blocksize: int = 64, double_quant: bool = True, storage: torch.dtype = torch.uint8) -> int:
     """Bytes of a 4-bit weight of `numel` values with its quantization state (bitsandbytes' layout):
-    the packed values (two a byte, in whole storage elements) and _state_layout's tensors."""
-    item = torch.empty(0, dtype=storage).element_size()
-    return math.ceil(math.ceil(numel / 2) / item) * item + _state_bytes(numel, blocksize, double_quant)
+    the packed values and _state_layout's tensors."""
+    return _packed_bytes(numel, storage) + _state_bytes(numel, blocksize, double_quant)
 
 
 def _new_state(module: nn.Module, blocksize: int, quant_type: str, double_quant: bool, dtype: torch.dtype,
