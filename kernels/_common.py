@@ -103,9 +103,16 @@ def kernel_op(name: str, *, fake: Callable, mutates_args: tuple[str, ...] = ()) 
         op = torch.library.custom_op(f"{NAMESPACE}::{name}", fn, mutates_args=mutates_args,
                                      device_types=("cpu", "cuda"))
         op.register_fake(fake)
+        HOST_CODE[f"{NAMESPACE}::{name}"] = fn
         return op
 
     return register
+
+
+# Each op's implementation (its host code: torch ops and launches) by name ("fastft::lora_mlp"). A
+# memory tracker sees an op's outputs only; fastft.plan runs this on meta tensors, its launches
+# recorded (recording_launches, keep=False), to see what the op allocates and frees inside.
+HOST_CODE: dict[str, Callable] = {}
 
 
 def register_autograd(op, *, backward: Callable, save: Callable) -> None:
@@ -174,11 +181,17 @@ class _Target(NamedTuple):
 _RECORDING: contextvars.ContextVar[_Target | None] = contextvars.ContextVar("fastft_recording", default=None)
 
 
+class _Dropped(list):
+    def append(self, item) -> None:  # nothing kept: tensors die where the host code drops them
+        pass
+
+
 @contextlib.contextmanager
-def recording_launches(capability: tuple[int, int], sm_count: int):
+def recording_launches(capability: tuple[int, int], sm_count: int, keep: bool = True):
     """Within this block the host code chooses for `capability` (and `sm_count` SMs) and records
-    its launches in the yielded list instead of running them: call the launchers on meta tensors."""
-    token = _RECORDING.set(_Target(tuple(capability), sm_count, []))
+    its launches in the yielded list instead of running them: call the launchers on meta tensors.
+    keep=False: skip the launches without keeping them (nor their tensors: memory planning)."""
+    token = _RECORDING.set(_Target(tuple(capability), sm_count, [] if keep else _Dropped()))
     try:
         yield _RECORDING.get().launches
     finally:

@@ -105,10 +105,13 @@ def test_lora_linear_functional_leading_dims_and_seed(device):
     assert abs(keep - 0.7) < 0.02
 
 
+@pytest.mark.parametrize("lead", [(2, 3), (1, 1)], ids=["rows", "one-row"])
 @pytest.mark.parametrize("op", ["lora_linear", "lora_linear_many", "lora_mlp"])
-def test_outputs_can_be_modified_in_place(op, device):
+def test_outputs_can_be_modified_in_place(op, lead, device):
     """Falcon writes into its fused QKV projection's output in place; a view returned from inside
-    an autograd Function would make autograd refuse that (kernels/_common.py, as_rows)."""
+    an autograd Function would make autograd refuse that (kernels/_common.py, as_rows). One row
+    (a tiled MLP's last chunk, generation): a slice of it is contiguous already, and the ops'
+    outputs must still not alias one another (torch's custom-op rule)."""
     from fastft.kernels import lora_mlp, lora_mlp_reference
 
     g = torch.Generator().manual_seed(0)
@@ -117,7 +120,7 @@ def test_outputs_can_be_modified_in_place(op, device):
         return [torch.randn(o, i, generator=g).to(device) / i**0.5, None,
                 torch.randn(r, i, generator=g).to(device) / i**0.5, torch.randn(o, r, generator=g).to(device), 0.5]
 
-    x0 = torch.randn(2, 3, 32, generator=g).to(device)
+    x0 = torch.randn(*lead, 32, generator=g).to(device)
     layers0 = {"lora_linear": [layer(16, 32)], "lora_linear_many": [layer(16, 32), layer(8, 32)],
                "lora_mlp": [layer(24, 32), layer(24, 32), layer(32, 24)]}[op]
 
