@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -87,6 +88,7 @@ class Case:
     label: tuple             # (("H", 4096), ("dtype", "bf16"), ...): the benchmark shape it stands for
     run: Callable[[], None]  # the host calls, on meta tensors
     memory_bound: bool = True
+    no_kernel: str = ""      # why an op whose cases launch no Triton kernel has nothing to compile
 
 
 NORM_HIDDEN = (2048, 3072, 4096, 5120, 8192, 16384)
@@ -101,6 +103,20 @@ LORA_RANKS = (8, 16, 64, 128)
 LORA_DROPOUT = (0.0, 0.05)
 LORA_ADAPTER_DTYPES = ("bfloat16", "float32")  # in the model's dtype, or PEFT's default fp32 adapters
 ROWS = 8192  # tokens per call: only the grid depends on it
+# 4-bit bases (QLoRA) at the 8B shapes: (x dtype, compute dtype) pairs: the model's dtype for both
+# (bitsandbytes' compute dtype "auto"), fp32 compute under a bf16 model, an fp32 model
+QLORA_MODELS = ("Llama-3.1-8B", "Qwen3-8B")
+QLORA_DTYPES = (("bfloat16", "bfloat16"), ("bfloat16", "float32"), ("float32", "float32"))
+QUANT_TYPES = ("nf4", "fp4")
+# (hidden, expert intermediate, experts, top-k) of the MoE benchmark and e2e models
+MOE_MODELS = {"Qwen3-30B-A3B": (2048, 768, 128, 8), "OLMoE-1B-7B": (2048, 1024, 64, 8),
+              "Mixtral-8x7B": (4096, 14336, 8, 2)}
+# the benchmark's 8192 tokens, and one packed 2048-token row (Qwen3-30B-A3B's experts then average
+# 128 rows: 64-row blocks)
+MOE_TOKENS = (8192, 2048)
+MOE_RANKS = (0, 16, 64)  # 0: no expert LoRA, experts trained; r: LoRA on both stacks, experts frozen
+MOE_DTYPES = ("bfloat16", "float32")
+MOE_EXPERT_PARALLEL = {"Qwen3-30B-A3B": 8}  # examples/squad_qwen3_30b_a3b_lora.yaml's 8-way split
 
 
 def _meta(*shape, dtype="bfloat16"):
@@ -173,53 +189,87 @@ def flce_cases() -> Iterator[Case]:
                 yield Case("fused_linear_cross_entropy", (("V", vocab), ("dtype", dtype), ("options", name)), run)
 
 
-def _lora_params(shapes, rank: int, adapter: str) -> list:
-    """W, A, B (no bias) on meta for each (out, in) projection."""
-    params = []
-    for out_f, in_f in shapes:
-        params += [_meta(out_f, in_f), _meta(rank, in_f, dtype=adapter), _meta(out_f, rank, dtype=adapter)]
-    return params
+def _quant4bit(out_f: int, in_f: int, quant_type: str = "nf4", nested: bool = True, dtype: str = "bfloat16"):
+    """A frozen 4-bit weight on meta in bitsandbytes' layout (kernels/dequantize_4bit.py: Quant4bit):
+    packed indices, blocks of 64, absmax fp32 or (nested) uint8 with blocks of 256 fp32 scales."""
+    import torch
+
+    dq = _kernel_module("dequantize_4bit")
+    blocks = out_f * in_f // 64
+    nested_state = (_meta(-(-blocks // 256), dtype="float32"), _meta(256, dtype="float32"),
+                    torch.empty((), dtype=torch.float32, device="meta")) if nested else ()
+    return dq.Quant4bit(torch.empty(out_f * in_f // 2, 1, dtype=torch.uint8, device="meta"),
+                        torch.empty(blocks, dtype=torch.uint8 if nested else torch.float32, device="meta"),
+                        _meta(16, dtype="float32"), (out_f, in_f), 64, quant_type, getattr(torch, dtype),
+                        *nested_state)
 
 
-def _run_lora_projections(shapes, rank, p, adapter):
-    """One lora_linear op over projections of one input (shapes: (out, in) each), forward and backward."""
+def _lora_layers(shapes, rank: int, adapter: str, x_dtype: str, compute: str | None) -> list:
+    """(W, b, A, B) on meta for each (out, in) projection, no bias; W dense in x's dtype, or 4-bit
+    (NF4, double quantization) dequantizing into `compute`."""
+    return [(_meta(out_f, in_f, dtype=x_dtype) if compute is None else _quant4bit(out_f, in_f, dtype=compute),
+             None, _meta(rank, in_f, dtype=adapter), _meta(out_f, rank, dtype=adapter)) for out_f, in_f in shapes]
+
+
+def _frozen_base_needs(lora, layers) -> list[bool]:
+    """What a LoRA backward computes with the base frozen: dX, then per tensor of params (the 4-bit
+    ops) the adapters' only, or per projection [W, b, A, B] (the dense ops)."""
+    params, has_bias, weight_meta = lora.flatten_projections(layers)
+    if not any(lora.is_quantized(layer[0]) for layer in layers):
+        return [True] + [False, False, True, True] * len(layers)
+    _, widths = lora.quant_projections(params, has_bias, weight_meta)
+    return [True] + [need for n in widths for need in [False] * n + [True, True]]
+
+
+def _run_lora_projections(shapes, rank, p, adapter, x_dtype="bfloat16", compute=None):
+    """One lora_linear op (lora_linear_4bit with a compute dtype for 4-bit bases) over projections
+    of one input (shapes: (out, in) each), forward and backward."""
     import torch
 
     lora = _kernel_module("lora")
-    x = _meta(ROWS, shapes[0][1])
-    params = _lora_params(shapes, rank, adapter)
+    x = _meta(ROWS, shapes[0][1], dtype=x_dtype)
+    layers = _lora_layers(shapes, rank, adapter, x_dtype, compute)
+    params, has_bias, weight_meta = lora.flatten_projections(layers)
     n = len(shapes)
-    seeds = torch.arange(n)
-    ys, us = lora._lora_forward(x, params, [False] * n, [2.0] * n, [p] * n, seeds)
-    lora._lora_backward(ys, x, params, [False] * n, us, [2.0] * n, [p] * n, seeds,
-                        [True] + [False, False, True, True] * n)
+    adapters = ([2.0] * n, [p] * n, torch.arange(n))
+    needs = _frozen_base_needs(lora, layers)
+    if compute is None:
+        ys, us = lora._lora_forward(x, params, has_bias, *adapters)
+        lora._lora_backward(ys, x, params, has_bias, us, *adapters, needs)
+    else:
+        ys, us = lora._lora_4bit_forward(x, params, has_bias, weight_meta, *adapters)
+        lora._lora_4bit_backward(ys, x, params, has_bias, weight_meta, us, *adapters, needs)
 
 
-def _run_lora_linear(hidden, inter, q_out, kv_out, rank, p, adapter):
+def _run_lora_linear(hidden, inter, q_out, kv_out, rank, p, adapter, x_dtype="bfloat16", compute=None):
     # q/k/v of one input as one op; o_proj and down_proj as single projections
     for shapes in ([(q_out, hidden), (kv_out, hidden), (kv_out, hidden)], [(hidden, q_out)], [(hidden, inter)]):
-        _run_lora_projections(shapes, rank, p, adapter)
+        _run_lora_projections(shapes, rank, p, adapter, x_dtype, compute)
 
 
-def _run_lora_mlp(hidden, inter, rank, p, adapter):
+def _run_lora_mlp(hidden, inter, rank, p, adapter, x_dtype="bfloat16", compute=None):
     import torch
 
-    lora_mlp = _kernel_module("lora_mlp")
-    x = _meta(ROWS, hidden)
+    lora, lora_mlp = _kernel_module("lora"), _kernel_module("lora_mlp")
+    x = _meta(ROWS, hidden, dtype=x_dtype)
     shapes = [(inter, hidden), (inter, hidden), (hidden, inter)]
-    params = _lora_params(shapes, rank, adapter)
-    if not lora_mlp._fused_fits(x, *params[1::3]):  # what lora_mlp does then: three lora_linear ops
+    layers = _lora_layers(shapes, rank, adapter, x_dtype, compute)
+    if not lora_mlp._fused_fits(x, *(layer[2] for layer in layers)):  # what lora_mlp does then: 3 lora_linear ops
         for shape in shapes:
-            _run_lora_projections([shape], rank, p, adapter)
+            _run_lora_projections([shape], rank, p, adapter, x_dtype, compute)
         return
-    args = ([False] * 3, "silu", [p] * 3, torch.arange(3), [2.0] * 3)
-    y, g, u, xa_g, xa_u, hd = lora_mlp._mlp_forward(x, params, *args)
-    lora_mlp._mlp_backward(y, x, g, u, xa_g, xa_u, hd, params, *args, [True] + [False, False, True, True] * 3)
+    params, has_bias, weight_meta = lora.flatten_projections(layers)
+    adapters = ("silu", [p] * 3, torch.arange(3), [2.0] * 3)
+    needs = _frozen_base_needs(lora, layers)
+    if compute is None:
+        y, *saved = lora_mlp._mlp_forward(x, params, has_bias, *adapters)
+        lora_mlp._mlp_backward(y, x, *saved, params, has_bias, *adapters, needs)
+    else:
+        y, *saved = lora_mlp._mlp_4bit_forward(x, params, has_bias, weight_meta, *adapters)
+        lora_mlp._mlp_4bit_backward(y, x, *saved, params, has_bias, weight_meta, *adapters, needs)
 
 
 def lora_cases() -> Iterator[Case]:
-    import functools
-
     import torch
 
     for model, (hidden, inter, q_out, kv_out) in LORA_MODELS.items():
@@ -238,10 +288,114 @@ def lora_cases() -> Iterator[Case]:
     yield Case("lora_dropout", (("H", 4096), ("dtype", "bfloat16")), run_dropout)
 
 
+def qlora_cases(quick: bool = False) -> Iterator[Case]:
+    """The LoRA ops over 4-bit bases (NF4, double quantization: the quantization state only reaches
+    the dequantization, below) at the 8B shapes, every rank, dropout and adapter dtype. Their
+    kernels are the dense LoRA ones (only an fp32 model's x adds configurations); quick: Llama-3.1-8B,
+    compute in the model's dtype, ranks 16 and 128."""
+    for model in QLORA_MODELS[:1] if quick else QLORA_MODELS:
+        hidden, inter, q_out, kv_out = LORA_MODELS[model]
+        for x_dtype, compute in [d for d in QLORA_DTYPES if d[0] == d[1]] if quick else QLORA_DTYPES:
+            for rank in (16, 128) if quick else LORA_RANKS:
+                for p in LORA_DROPOUT:
+                    for adapter in LORA_ADAPTER_DTYPES:
+                        label = (("model", model), ("r", rank), ("dropout", p), ("adapter", adapter),
+                                 ("x", x_dtype), ("compute", compute))
+                        yield Case("lora_linear_4bit", label, functools.partial(
+                            _run_lora_linear, hidden, inter, q_out, kv_out, rank, p, adapter, x_dtype, compute),
+                            memory_bound=False)
+                        yield Case("lora_mlp_4bit", label, functools.partial(
+                            _run_lora_mlp, hidden, inter, rank, p, adapter, x_dtype, compute), memory_bound=False)
+
+
+DEQUANTIZE_NO_KERNEL = (
+    "bitsandbytes' own op (`torch.ops.bitsandbytes.dequantize_4bit`, its CUDA kernel on a GPU) or the torch "
+    "reference: fastft has no Triton dequantization kernel (kernels/dequantize_4bit.py and benchmarks/NOTES.md "
+    "say why), so there is nothing of fastft's to compile. The cases still run the host code on meta tensors, "
+    "so that a Triton kernel added there is compiled and checked here at once.")
+
+
+def dequantize_cases() -> Iterator[Case]:
+    """Every weight of an 8B layer dequantized (what the 4-bit LoRA ops do before each base GEMM)."""
+
+    def run(shapes, quant_type, nested, dtype):
+        dq = _kernel_module("dequantize_4bit")
+        for out_f, in_f in shapes:
+            dq.dequantize_4bit(_quant4bit(out_f, in_f, quant_type, nested, dtype))
+
+    for model in QLORA_MODELS:
+        hidden, inter, q_out, kv_out = LORA_MODELS[model]
+        shapes = [(q_out, hidden), (kv_out, hidden), (hidden, q_out), (inter, hidden), (hidden, inter)]
+        for quant_type in QUANT_TYPES:
+            for nested in (False, True):
+                for dtype in ("bfloat16", "float32"):
+                    yield Case("dequantize_4bit", (("model", model), ("quant", quant_type), ("double quant", nested),
+                                                   ("dtype", dtype)),
+                               functools.partial(run, shapes, quant_type, nested, dtype),
+                               no_kernel=DEQUANTIZE_NO_KERNEL)
+
+
+def _expert_lora(n_exp: int, out_f: int, in_f: int, rank: int, dtype: str):
+    """ExpertLoRA views of PEFT's target_parameters factors as fastft/patching/moe.py's lora_factors
+    takes them, never copied: A [r·E, in] as [E, r, in], B [out, r·E] (column j·E + e) as [E, out, r]."""
+    a = _meta(n_exp * rank, in_f, dtype=dtype).view(n_exp, rank, in_f)
+    b = _meta(out_f, rank * n_exp, dtype=dtype).view(out_f, rank, n_exp).permute(2, 0, 1)
+    return a, b
+
+
+def _run_moe(hidden, inter, n_exp, top_k, tokens, rank, dtype, routing_dtype=None):
+    """One MoE experts layer, forward and backward, as the moe_experts op runs it (transformers 5's
+    [E, 2I, H] / [E, H, I] stacks, gate rows first, SiLU). The routing (topk ids) is on meta too: the
+    host code sorts it with device ops and sizes every grid at its upper bound from the shapes alone
+    (kernels/moe.py: route), as on a GPU, so no routing values are needed here."""
+    import torch
+
+    moe = _kernel_module("moe")
+    x = _meta(tokens, hidden, dtype=dtype)
+    topk_idx = torch.empty(tokens, top_k, dtype=torch.int64, device="meta")
+    topk_w = _meta(tokens, top_k, dtype=routing_dtype or dtype)
+    gate_up, down = _meta(n_exp, 2 * inter, hidden, dtype=dtype), _meta(n_exp, hidden, inter, dtype=dtype)
+    a_gu, b_gu = _expert_lora(n_exp, 2 * inter, hidden, rank, dtype) if rank else (None, None)
+    a_d, b_d = _expert_lora(n_exp, hidden, inter, rank, dtype) if rank else (None, None)
+    block_m = moe.op_row_block(x, topk_idx, gate_up)
+    options = ("silu", "concatenated", 2.0, 2.0, 1.0, block_m)
+    out, gu, xa, hd = moe._moe_forward(x, topk_idx, topk_w, gate_up, down, a_gu, b_gu, a_d, b_d, *options)
+    # the gradients of x, topk_w, gate_up, down, a_gu, b_gu, a_d, b_d: stacks trained, or only the adapters
+    needs = [True, True, not rank, not rank] + [bool(rank)] * 4
+    moe._moe_backward(out, x, topk_idx, topk_w, gate_up, down, a_gu, b_gu, a_d, b_d, gu, xa, hd, *options, needs)
+
+
+def moe_cases(quick: bool = False) -> Iterator[Case]:
+    """The experts layer at the MoE models' shapes; quick: Qwen3-30B-A3B at 8192 tokens, bf16 and
+    fp32, without LoRA and at the benchmark's rank 16."""
+    ranks = MOE_RANKS[:2] if quick else MOE_RANKS
+    for model, (hidden, inter, n_exp, top_k) in list(MOE_MODELS.items())[:1] if quick else MOE_MODELS.items():
+        for tokens in MOE_TOKENS[:1] if quick else MOE_TOKENS:
+            for dtype in MOE_DTYPES:
+                for rank in ranks:
+                    label = (("model", model), ("tokens", tokens), ("dtype", dtype), ("expert LoRA r", rank or "none"))
+                    yield Case("moe_experts", label, functools.partial(
+                        _run_moe, hidden, inter, n_exp, top_k, tokens, rank, dtype), memory_bound=False)
+    # expert parallelism (fastft/expert_parallel.py): each rank runs its E/ep local experts on the
+    # slots it received, top-1 with fp32 unit weights (the routing weights are applied after the
+    # combine); uniform routing brings each rank tokens·K rows
+    for model, ep in {} if quick else MOE_EXPERT_PARALLEL.items():
+        hidden, inter, n_exp, top_k = MOE_MODELS[model]
+        for rank in MOE_RANKS:
+            label = (("model", f"{model} EP{ep}"), ("tokens", 8192), ("dtype", "bfloat16"),
+                     ("expert LoRA r", rank or "none"))
+            yield Case("moe_experts", label, functools.partial(
+                _run_moe, hidden, inter, n_exp // ep, 1, 8192 * top_k, rank, "bfloat16", "float32"),
+                memory_bound=False)
+
+
 def cases(quick: bool = False) -> list[Case]:
-    """Every case; quick: the norms in bf16 only (fp16 and fp32 norms are the same kernels with
-    other conversions), every other kernel in all its dtypes: the default test's set."""
-    return [*norm_cases(("bfloat16",) if quick else FLOAT_DTYPES), *flce_cases(), *lora_cases()]
+    """Every case; quick, the default test's set (every kernel family, within its time): the norms in
+    bf16 only (fp16 and fp32 norms are the same kernels with other conversions), the loss and the
+    dense LoRA ops in all their dtypes, one model each of the 4-bit LoRA ops and MoE (qlora_cases,
+    moe_cases). The test also checks that the committed COMPILE.md is the full sweep of this code."""
+    return [*norm_cases(("bfloat16",) if quick else FLOAT_DTYPES), *flce_cases(), *lora_cases(), *qlora_cases(quick),
+            *dequantize_cases(), *moe_cases(quick)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -255,15 +409,21 @@ def _jsonable(value):
     return str(value)
 
 
-def launch_spec(launch, capability: int) -> dict:
-    """The kernel, signature, constexprs, attributes and options triton's JIT would compile."""
+@functools.lru_cache(maxsize=None)
+def _binder(kernel, capability: int):
+    """(backend, triton's argument binder) of a kernel for a target: built once, used per launch."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    kernel = launch.kernel
     backend = make_backend(GPUTarget("cuda", capability, 32))
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    return backend, create_function_from_signature(kernel.signature, kernel.params, backend)
+
+
+def launch_spec(launch, capability: int) -> dict:
+    """The kernel, signature, constexprs, attributes and options triton's JIT would compile."""
+    kernel = launch.kernel
+    backend, binder = _binder(kernel, capability)
     kwargs = dict(launch.meta)
     kwargs.setdefault("debug", False)
     bound, specialization, options = binder(*launch.args, **kwargs)
@@ -302,7 +462,9 @@ def describe(spec: dict) -> str:
                  if ty[0] in "iu" and n not in divisible and n not in unspecialised]
     warps = spec["options"].get("num_warps", 4)
     stages = spec["options"].get("num_stages")
-    parts = [consts, f"{warps} warps" + (f", {stages} stage{'s' if stages != 1 else ''}" if stages else ""),
+    maxnreg = spec["options"].get("maxnreg")
+    parts = [consts, f"{warps} warps" + (f", {stages} stage{'s' if stages != 1 else ''}" if stages else "")
+             + (f", maxnreg {maxnreg}" if maxnreg else ""),
              " ".join(f"{','.join(v)} {k}" for k, v in pointers.items())]
     if unaligned:
         parts.append(f"{', '.join(unaligned)} not /16")
@@ -465,19 +627,30 @@ def nvidia_backend_missing() -> str | None:
     return None
 
 
-def collect(targets: list[int], quick: bool = False) -> tuple[list[dict], dict[str, dict]]:
-    """Run every case's host code for every target: (rows, specs by cache key). A row is one
-    (config, target) with the labels of the cases that launch it."""
+def collect(targets: list[int], quick: bool = False) -> tuple[list[dict], dict[str, dict], list[dict]]:
+    """Run every case's host code for every target: (rows, specs by cache key, ops without a
+    kernel). A row is one (op, config, target) with the labels of the op's cases that launch it
+    (a kernel that several ops launch, such as the LoRA kernels under the dense and the 4-bit ops,
+    is listed under each, compiled once). An op whose cases launch no kernel at all is listed
+    apart ({"op", "no_kernel": why, "labels"}), and fails unless its cases say why."""
     import triton.runtime.jit
 
     from fastft.kernels._common import recording_launches
 
-    rows: dict[tuple[str, str, int], dict] = {}
+    rows: dict[tuple[str, str, str, int], dict] = {}
     specs = {}
+    silent: dict[str, dict] = {}
+    launched_ops = set()
     for case in cases(quick):
         for cap in targets:
             with recording_launches((cap // 10, cap % 10), ARCHES[cap].sm_count) as launches:
                 case.run()
+            if launches:
+                launched_ops.add(case.op)
+            else:
+                entry = silent.setdefault(case.op, {"op": case.op, "no_kernel": case.no_kernel, "labels": []})
+                if case.label not in entry["labels"]:
+                    entry["labels"].append(case.label)
             for launch in launches:
                 if not isinstance(launch.kernel, triton.runtime.jit.JITFunction):
                     raise RuntimeError("the kernels were built for Triton's interpreter: run the compile report "
@@ -485,17 +658,24 @@ def collect(targets: list[int], quick: bool = False) -> tuple[list[dict], dict[s
                 spec = launch_spec(launch, cap)
                 key = _cache_key(spec)
                 specs[key] = spec
-                row = rows.setdefault((spec["name"], config_id(spec), cap), {
+                row = rows.setdefault((case.op, spec["name"], config_id(spec), cap), {
                     "op": case.op, "kernel": spec["name"], "module": spec["module"], "config": config_id(spec),
                     "target": cap,
                     "launch": describe(spec), "key": key, "labels": [], "memory_bound": case.memory_bound})
                 if case.label not in row["labels"]:
                     row["labels"].append(case.label)
-    return list(rows.values()), specs
+    no_kernel = [entry for op, entry in silent.items() if op not in launched_ops]
+    unexplained = [entry["op"] for entry in no_kernel if not entry["no_kernel"]]
+    if unexplained:
+        raise RuntimeError(f"the cases of {unexplained} launched no kernel: a broken case, or give the reason "
+                           "(Case.no_kernel)")
+    return list(rows.values()), specs, no_kernel
 
 
-def run(targets: list[int], jobs: int, cache: pathlib.Path, quick: bool = False, on_device: bool = False) -> list[dict]:
-    rows, specs = collect(targets, quick)
+def run(targets: list[int], jobs: int, cache: pathlib.Path, quick: bool = False,
+        on_device: bool = False) -> tuple[list[dict], list[dict]]:
+    """(compiled rows, ops without a kernel): collect, then compile every spec (cached)."""
+    rows, specs, no_kernel = collect(targets, quick)
     keys = sorted(specs)
     todo = [(specs[k], str(cache), on_device) for k in keys]
     if jobs > 1 and len(todo) > 1:
@@ -516,7 +696,7 @@ def run(targets: list[int], jobs: int, cache: pathlib.Path, quick: bool = False,
             row["occupancy"] = occupancy(result, arch)
             row["vector_share"] = vector_share(result["loads"])
             row["low_occupancy"] = row["memory_bound"] and row["occupancy"] < STREAMING_OCCUPANCY
-    return rows
+    return rows, no_kernel
 
 
 def _labels_text(labels: list[tuple]) -> str:
@@ -546,7 +726,7 @@ def _cell(row: dict | None) -> str:
             f"{wide}/{sum(r['loads'].values())}")
 
 
-def markdown(rows: list[dict], targets: list[int]) -> str:
+def markdown(rows: list[dict], targets: list[int], no_kernel: list[dict] = ()) -> str:
     import triton
 
     try:
@@ -554,9 +734,9 @@ def markdown(rows: list[dict], targets: list[int]) -> str:
         ptxas = ptxas.splitlines()[-1]
     except Exception:
         ptxas = "unknown"
-    by_config: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
+    by_config: dict[tuple[str, str, str], dict[int, dict]] = defaultdict(dict)
     for row in rows:
-        by_config[(row["kernel"], row["config"])][row["target"]] = row
+        by_config[(row["op"], row["kernel"], row["config"])][row["target"]] = row
     failures = [(r, p) for r in rows for p in r["problems"]]
     low = [r for r in rows if r.get("low_occupancy")]
     out = [
@@ -574,12 +754,13 @@ def markdown(rows: list[dict], targets: list[int]) -> str:
         f"Bold: a spill, or a memory-bound kernel below {STREAMING_OCCUPANCY:.0%} occupancy. "
         "`not /16`: integer arguments the JIT cannot assume divisible by 16 at that shape.",
         "",
-        f"{len(by_config)} configurations x {len(targets)} targets; "
+        f"{len({key[1:] for key in by_config})} configurations x {len(targets)} targets "
+        f"({len(by_config)} rows: a kernel configuration launched by several ops is listed under each); "
         f"{len(failures)} problems (compile errors, spills, shared memory over the limit); "
         f"{len(low)} memory-bound cells below {STREAMING_OCCUPANCY:.0%} occupancy.",
     ]
     for problem_row, problem in failures:
-        out.append(f"- **{problem_row['kernel']}** ({problem_row['launch']}) on "
+        out.append(f"- **{problem_row['kernel']}** ({problem_row['op']}: {problem_row['launch']}) on "
                    f"{ARCHES[problem_row['target']].name}: {problem}")
     ops = []
     for row in rows:
@@ -590,11 +771,14 @@ def markdown(rows: list[dict], targets: list[int]) -> str:
                 "| kernel | launch | used at | " + " | ".join(f"{ARCHES[t].name} ({ARCHES[t].gpu})" for t in targets)
                 + " | id |",
                 "|---|---|---|" + "---|" * len(targets) + "---|"]
-        configs = [(k, v) for k, v in by_config.items() if next(iter(v.values()))["op"] == op]
-        for (kernel, cid), per_target in sorted(configs, key=lambda kv: (kv[0][0], next(iter(kv[1].values()))["launch"])):
+        configs = [(k, v) for k, v in by_config.items() if k[0] == op]
+        for (_, kernel, cid), per_target in sorted(configs,
+                                                   key=lambda kv: (kv[0][1], next(iter(kv[1].values()))["launch"])):
             first = next(iter(per_target.values()))
             out.append(f"| `{kernel}` | {first['launch']} | {_labels_text(first['labels'])} | "
                        + " | ".join(_cell(per_target.get(t)) for t in targets) + f" | {cid} |")
+    for entry in no_kernel:
+        out += ["", f"## {entry['op']}", "", f"No Triton kernel at {_labels_text(entry['labels'])}: {entry['no_kernel']}"]
     return "\n".join(out) + "\n"
 
 
@@ -626,12 +810,15 @@ def committed_problems(path: pathlib.Path) -> list[str]:
     if not path.is_file():
         return ["missing"]
     text = path.read_text()
-    rows, _ = collect([90])
+    rows, _, no_kernel = collect([90])
     ours, theirs = {r["config"] for r in rows}, committed_ids(path)
     out = []
     if ours != theirs:
         out.append(f"{len(ours - theirs)} configurations launched by the code are missing from it and "
                    f"{len(theirs - ours)} in it are no longer launched")
+    missing_ops = [op for op in {r["op"] for r in rows} | {e["op"] for e in no_kernel} if f"\n## {op}\n" not in text]
+    if missing_ops:
+        out.append(f"it has no section for {sorted(missing_ops)}")
     if f"Kernel sources: {sources_hash(rows)}." not in text:
         out.append("the kernel sources changed since it was generated")
     if not re.search(r"; 0 problems", text):
@@ -683,19 +870,20 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     start = time.perf_counter()
-    rows = run(args.targets, args.jobs, pathlib.Path(args.cache), args.quick, args.on_device)
-    text = markdown(rows, args.targets)
+    rows, no_kernel = run(args.targets, args.jobs, pathlib.Path(args.cache), args.quick, args.on_device)
+    text = markdown(rows, args.targets, no_kernel)
     if args.out:
         pathlib.Path(args.out).write_text(text)
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
+    if args.json:  # the compiled rows, then one row (kernel None) per op that launches no kernel
+        extra = [{**entry, "kernel": None, "problems": []} for entry in no_kernel]
+        pathlib.Path(args.json).write_text(json.dumps(rows + extra, indent=1, default=str))
     failures = [(r, p) for r in rows for p in r["problems"]]
     n_configs = len({(r["kernel"], r["config"]) for r in rows})
     print(f"compile_report: {n_configs} configurations x {len(args.targets)} targets in "
           f"{time.perf_counter() - start:.0f} s; {len(failures)} problems"
           + (f"; wrote {args.out}" if args.out else ""))
     for row, problem in failures:
-        print(f"  {row['kernel']} [{row['launch']}] on {ARCHES[row['target']].name}: {problem}")
+        print(f"  {row['kernel']} ({row['op']}) [{row['launch']}] on {ARCHES[row['target']].name}: {problem}")
     status = 0
     if args.committed:
         stale = committed_problems(pathlib.Path(args.committed))

@@ -176,6 +176,7 @@ class _Target(NamedTuple):
     capability: tuple[int, int]
     sm_count: int
     launches: list
+    run: bool = False
 
 
 _RECORDING: contextvars.ContextVar[_Target | None] = contextvars.ContextVar("fastft_recording", default=None)
@@ -187,11 +188,12 @@ class _Dropped(list):
 
 
 @contextlib.contextmanager
-def recording_launches(capability: tuple[int, int], sm_count: int, keep: bool = True):
+def recording_launches(capability: tuple[int, int], sm_count: int, keep: bool = True, run: bool = False):
     """Within this block the host code chooses for `capability` (and `sm_count` SMs) and records
     its launches in the yielded list instead of running them: call the launchers on meta tensors.
-    keep=False: skip the launches without keeping them (nor their tensors: memory planning)."""
-    token = _RECORDING.set(_Target(tuple(capability), sm_count, [] if keep else _Dropped()))
+    keep=False: skip the launches without keeping them (nor their tensors: memory planning).
+    run=True also launches them: under the interpreter, how a test runs a GPU's launch choices."""
+    token = _RECORDING.set(_Target(tuple(capability), sm_count, [] if keep else _Dropped(), run))
     try:
         yield _RECORDING.get().launches
     finally:
@@ -202,8 +204,9 @@ def launch(kernel, grid: tuple, *args, **meta) -> None:
     recording = _RECORDING.get()
     if recording is not None:
         recording.launches.append(Launch(kernel, tuple(grid), args, meta))
-    else:
-        kernel[grid](*args, **meta)
+        if not recording.run:
+            return
+    kernel[grid](*args, **meta)
 
 
 @functools.lru_cache(maxsize=None)

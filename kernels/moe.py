@@ -71,7 +71,7 @@ import triton.language as tl
 
 from torch import Tensor
 
-from ._common import absent, as_rows, autocast_dtype, capability_of, interpreting, kernel_op, register_autograd, round_to, use_triton
+from ._common import absent, as_rows, autocast_dtype, capability_of, kernel_op, launch, register_autograd, round_to, use_triton
 from .lora import _fp32_dot
 from .lora_mlp import ACTIVATIONS, _act_and_grad, activation_reference
 
@@ -158,15 +158,22 @@ def _mainloop(acc, X, src, row_mask, stride_xm, Wp, cols, col_mask, stride_wn, s
 
 @triton.jit
 def _low_rank(acc, LR, rows, row_mask, R, LBp, cols, col_mask, stride_lbn, stride_lbr, scale,
-              BLOCK_R: tl.constexpr, FP32_DOT: tl.constexpr):
-    """acc += scale·LR[rows, :R]·LBp[cols, :R]ᵀ (LR [S, R] contiguous, sorted rows)."""
-    ranks = tl.arange(0, BLOCK_R)
-    lr = tl.load(LR + rows[:, None] * R + ranks[None, :], mask=row_mask[:, None] & (ranks < R)[None, :],
-                 other=0.0)                                                          # [BM, BR]
-    lb = tl.load(LBp + ranks[:, None] * stride_lbr + cols[None, :] * stride_lbn,
-                 mask=(ranks < R)[:, None] & col_mask[None, :], other=0.0)          # [BR, BN]
+              BLOCK_R: tl.constexpr, R_STEP: tl.constexpr, FP32_DOT: tl.constexpr):
+    """acc += scale·LR[rows, :R]·LBp[cols, :R]ᵀ (LR [S, R] contiguous, sorted rows): one [BM, BLOCK_R]
+    by [BLOCK_R, BN] product for tensor-core dots; a loop over R in R_STEP-rank steps for fp32 dots
+    on a GPU, which run on the FMA units with their operand tiles in registers (a whole rank-64
+    tile spilled KBs there, and so did the steps unrolled: launch_blocks)."""
     zero = tl.zeros(acc.shape, dtype=tl.float32)
-    return acc + _dot(zero, lr, lb, FP32_DOT) * scale
+    if R_STEP < BLOCK_R:
+        low = _mainloop(zero, LR, rows, row_mask, R, LBp, cols, col_mask, stride_lbn, stride_lbr, R, R_STEP, FP32_DOT)
+    else:
+        ranks = tl.arange(0, BLOCK_R)
+        lr = tl.load(LR + rows[:, None] * R + ranks[None, :], mask=row_mask[:, None] & (ranks < R)[None, :],
+                     other=0.0)                                                      # [BM, BR]
+        lb = tl.load(LBp + ranks[:, None] * stride_lbr + cols[None, :] * stride_lbn,
+                     mask=(ranks < R)[:, None] & col_mask[None, :], other=0.0)      # [BR, BN]
+        low = _dot(zero, lr, lb, FP32_DOT)
+    return acc + low * scale
 
 
 # ------------------------------------------------------------------------------------------------
@@ -180,7 +187,8 @@ def _glu_fwd_kernel(
     GU, HO,                                            # GU [S, 2I] pre-activations, HO [S, I] = act(g)·u
     TILE_CUM, OFFSETS, E, I, K,
     ACT: tl.constexpr, HAS_LR: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, R_STEP: tl.constexpr,
+    FP32_DOT: tl.constexpr,
 ):
     if tl.program_id(0) >= tl.load(TILE_CUM + E - 1):
         return
@@ -196,9 +204,9 @@ def _glu_fwd_kernel(
     if HAS_LR:
         LBp = LB + e * stride_lbe
         g = _low_rank(g, LR, rows, row_mask, R, LBp, cols, col_mask, stride_lbn, stride_lbr, lr_scale, BLOCK_R,
-                      FP32_DOT)
+                      R_STEP, FP32_DOT)
         u = _low_rank(u, LR, rows, row_mask, R, LBp + lb_up, cols, col_mask, stride_lbn, stride_lbr, lr_scale,
-                      BLOCK_R, FP32_DOT)
+                      BLOCK_R, R_STEP, FP32_DOT)
     mask = row_mask[:, None] & col_mask[None, :]
     g = round_to(g, GU.dtype.element_ty)
     u = round_to(u, GU.dtype.element_ty)
@@ -220,7 +228,7 @@ def _grouped_mm_kernel(
     GATHER: tl.constexpr, SCATTER: tl.constexpr, ROW_SCALE: tl.constexpr, HAS_LR: tl.constexpr,
     SPLIT: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_R: tl.constexpr, R_STEP: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
     if tl.program_id(0) >= tl.load(TILE_CUM + E - 1):
         return
@@ -238,7 +246,7 @@ def _grouped_mm_kernel(
                         BLOCK_K, FP32_DOT)
     if HAS_LR:
         acc = _low_rank(acc, LR, rows, row_mask, R, LB + e * stride_lbe, cols, col_mask, stride_lbn, stride_lbr,
-                        lr_scale, BLOCK_R, FP32_DOT)
+                        lr_scale, BLOCK_R, R_STEP, FP32_DOT)
     dst = rows
     if SCATTER:
         dst = tl.load(SLOT + rows, mask=row_mask, other=0).to(tl.int64)
@@ -258,7 +266,7 @@ def _glu_bwd_kernel(
     TILE_CUM, OFFSETS, E, I, K,
     ACT: tl.constexpr, HAS_LR: tl.constexpr, STORE_H: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    FP32_DOT: tl.constexpr,
+    R_STEP: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
     if tl.program_id(0) >= tl.load(TILE_CUM + E - 1):
         return
@@ -271,7 +279,7 @@ def _glu_bwd_kernel(
                   cols, col_mask, stride_wn, stride_wk, K, BLOCK_K, FP32_DOT)
     if HAS_LR:
         a = _low_rank(a, LR, rows, row_mask, R, LB + e * stride_lbe, cols, col_mask, stride_lbn, stride_lbr,
-                      lr_scale, BLOCK_R, FP32_DOT)
+                      lr_scale, BLOCK_R, R_STEP, FP32_DOT)
     mask = row_mask[:, None] & col_mask[None, :]
     g = tl.load(GU + rows[:, None] * (2 * I) + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(GU + rows[:, None] * (2 * I) + I + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -363,29 +371,55 @@ class Blocks(NamedTuple):
     block_k: int
     num_warps: int
     num_stages: int
+    rank_step: int = 128  # the ranks a low-rank term takes per step (R_STEP, _low_rank)
+    maxnreg: int | None = None
+
+    def options(self) -> dict:
+        """The launch options (maxnreg only when set: the interpreter takes no such option)."""
+        return dict(num_warps=self.num_warps, num_stages=self.num_stages,
+                    **({"maxnreg": self.maxnreg} if self.maxnreg else {}))
 
 
-def row_block(device_type: str, slots: int, n_experts: int) -> int:
+def row_block(capability: tuple[int, int] | None, slots: int, n_experts: int, fp32_dot: bool = False) -> int:
     """BLOCK_M, the sorted rows per program (one choice per call: the routing's tiles use it): 128
-    when the experts average 256 rows or more (Qwen3-30B-A3B and Mixtral at 8192 tokens), else 64."""
-    if device_type != "cuda" and interpreting():
+    when the experts average 256 rows or more (Qwen3-30B-A3B and Mixtral at 8192 tokens), else 64;
+    64 for fp32 dots (launch_blocks). capability: the GPU's (kernels/_common.py: capability_of),
+    None under the interpreter."""
+    if capability is None or fp32_dot:
         return 64
     return 128 if slots >= 256 * max(1, n_experts) else 64
 
 
-def launch_blocks(device_type: str, kind: str, n_out: int, k_dim: int, block_m: int) -> Blocks:
-    """Tiles of one grouped GEMM: a pure function of the device kind, the kernel ("mm", "glu_fwd",
-    "glu_bwd", "weight_grad"), its output columns n_out, reduction length k_dim and BLOCK_M, so that
-    an ahead-of-time compile sees exactly what a GPU run launches. The GPU choices come from
-    compiling for sm_90 (benchmarks/NOTES.md: registers and spills per kernel): 3 stages; a
-    plain grouped GEMM takes 128x128 tiles on 8 warps with 128-row blocks (64x64 on 4 warps
-    otherwise); the gate/up forward, with two accumulators, keeps 64 columns; the fused down /
-    activation backward, whose epilogue holds six [BM, BN] fp32 tiles, takes 8 warps and 32
-    columns at 128 rows (254 registers and spills at 64x64 on 4 warps). Untuned until measured.
-    The interpreter pays per program and per loop iteration, so it gets big tiles."""
-    if device_type != "cuda" and interpreting():
+def op_row_block(x: torch.Tensor, topk_idx: torch.Tensor, gate_up: torch.Tensor) -> int:
+    """The moe_experts op's BLOCK_M for these operands (x [N, H], topk_idx [N, K], gate_up [E, 2I, H])."""
+    capability = capability_of(x.device)
+    return row_block(capability, topk_idx.numel(), gate_up.shape[0], _fp32_dot(capability, x, gate_up))
+
+
+def launch_blocks(capability: tuple[int, int] | None, kind: str, n_out: int, k_dim: int, block_m: int,
+                  fp32_dot: bool = False) -> Blocks:
+    """Tiles of one grouped GEMM: a pure function of the compute capability (None: the
+    interpreter), the kernel ("mm", "glu_fwd", "glu_bwd", "weight_grad"), its output columns n_out,
+    reduction length k_dim, BLOCK_M and whether its dots take fp32, so that an ahead-of-time
+    compile sees exactly what a GPU run launches. The GPU choices come from the compile report
+    (benchmarks/COMPILE.md, NOTES.md: registers and spills per kernel):
+    - tensor-core dots (bf16, fp16), 3 stages: a plain grouped GEMM takes 128x128 tiles on 8 warps with
+      128-row blocks (64x64 on 4 warps otherwise); the gate/up forward, with two accumulators,
+      keeps 64 columns; the fused down / activation backward, whose epilogue holds six [BM, BN]
+      fp32 tiles, takes 8 warps and 32 columns at 128 rows (254 registers and spills at 64x64 on
+      4 warps);
+    - fp32 dots (an fp32 model: exact products on the FMA units, which hold their operand tiles
+      in registers): 64-row blocks, 64-column tiles, 16-deep steps of K (of the rows, for the
+      weight gradient) and of the LoRA rank, 8 warps, 2 stages, maxnreg=255 (the bf16 tiles
+      spilled 8-420 B at rank <= 16, ~4-6 KB at rank 64, and 5-17 KB in the weight gradient on
+      sm_80; left to itself ptxas held some 256-thread programs to 80 registers and spilled 4 B).
+    Untuned until measured. The interpreter pays per program and per loop iteration, so it gets
+    big tiles."""
+    if capability is None:
         return Blocks(block_m, min(128, max(16, triton.next_power_of_2(n_out))),
                       min(128, max(16, triton.next_power_of_2(k_dim))), 1, 1)
+    if fp32_dot:
+        return Blocks(block_m, min(64, max(16, triton.next_power_of_2(n_out))), 16, 8, 2, rank_step=16, maxnreg=255)
     wide = block_m == 128
     block_n = {"mm": 128 if wide else 64, "glu_fwd": 64, "glu_bwd": 32 if wide else 64,
                "weight_grad": 128}[kind]
@@ -408,7 +442,7 @@ def route(topk_idx: torch.Tensor, num_experts: int, block_m: int) -> Routing:
     offsets[1:] = counts.cumsum(0)
     tile_cum = ((counts + block_m - 1) // block_m).cumsum(0).to(torch.int32)
     slots = flat.numel()
-    if device.type == "cuda":
+    if capability_of(device) is not None:  # a GPU, or a compile-ahead recording on meta tensors
         programs = triton.cdiv(slots, block_m) + num_experts
     else:  # the interpreter runs on the CPU: an exact grid costs no device sync there
         programs = int(tile_cum[-1]) if num_experts else 0
@@ -420,13 +454,15 @@ def _grid_ok(routing: Routing) -> bool:
     return routing.programs > 0 and routing.num_experts > 0
 
 
-def _lr_args(lr):
-    """(LR, LB view, strides, scale, R, BLOCK_R) for an optional low-rank term (rows [S, R], LB [E, n, R])."""
+def _lr_args(lr, rank_step: int):
+    """(LR, LB view, strides, scale, R, BLOCK_R, R_STEP) for an optional low-rank term (rows [S, R],
+    LB [E, n, R]); R_STEP: the ranks per step, at most rank_step (launch_blocks)."""
     if lr is None:
-        return None, None, 0, 0, 0, 0.0, 0, 16
+        return None, None, 0, 0, 0, 0.0, 0, 16, 16
     rows, lb, scale = lr
     rank = rows.shape[1]
-    return rows, lb, lb.stride(0), lb.stride(1), lb.stride(2), float(scale), rank, max(16, triton.next_power_of_2(rank))
+    block_r = max(16, triton.next_power_of_2(rank))
+    return rows, lb, lb.stride(0), lb.stride(1), lb.stride(2), float(scale), rank, block_r, min(rank_step, block_r)
 
 
 def grouped_mm(x, w3, routing: Routing, *, gather: bool, lr=None, scatter: bool = False, row_w=None,
@@ -442,17 +478,18 @@ def grouped_mm(x, w3, routing: Routing, *, gather: bool, lr=None, scatter: bool 
         out = torch.empty(slots, n_out, dtype=x.dtype, device=x.device)
     if not _grid_ok(routing) or n_out == 0:
         return out
-    bl = launch_blocks(x.device.type, "mm", n_out, k_dim, routing.block_m)
-    lr_rows, lb, s_lbe, s_lbn, s_lbr, lr_scale, rank, block_r = _lr_args(lr)
-    _grouped_mm_kernel[(routing.programs, triton.cdiv(n_out, bl.block_n))](
+    capability = capability_of(x.device)
+    fp32 = _fp32_dot(capability, x, w3)
+    bl = launch_blocks(capability, "mm", n_out, k_dim, routing.block_m, fp32)
+    lr_rows, lb, s_lbe, s_lbn, s_lbr, lr_scale, rank, block_r, r_step = _lr_args(lr, bl.rank_step)
+    launch(_grouped_mm_kernel, (routing.programs, triton.cdiv(n_out, bl.block_n)),
         x, routing.token, x.stride(0), w3, w3.stride(0), w3.stride(1), w3.stride(2),
         lr_rows, lb, s_lbe, s_lbn, s_lbr, lr_scale, rank,
         out, out.stride(0), routing.slot, row_w, split or 0, routing.tile_cum, routing.offsets, routing.num_experts,
         n_out, k_dim, GATHER=gather, SCATTER=scatter, ROW_SCALE=row_w is not None, HAS_LR=lr is not None,
         SPLIT=split is not None,
         BLOCK_E=triton.next_power_of_2(routing.num_experts), BLOCK_M=routing.block_m, BLOCK_N=bl.block_n,
-        BLOCK_K=bl.block_k, BLOCK_R=block_r, FP32_DOT=_fp32_dot(capability_of(x.device), x, w3), num_warps=bl.num_warps,
-        num_stages=bl.num_stages)
+        BLOCK_K=bl.block_k, BLOCK_R=block_r, R_STEP=r_step, FP32_DOT=fp32, **bl.options())
     return out
 
 
@@ -463,13 +500,15 @@ def weight_grad(a, b, routing: Routing, out: torch.Tensor, *, gather_a=False, ga
     n_experts, p_dim, q_dim = out.shape
     if n_experts == 0 or p_dim == 0 or q_dim == 0:
         return out
-    bl = launch_blocks(a.device.type, "weight_grad", q_dim, p_dim, routing.block_m)
+    capability = capability_of(a.device)
+    fp32 = _fp32_dot(capability, a, b)
+    bl = launch_blocks(capability, "weight_grad", q_dim, p_dim, routing.block_m, fp32)
     block_p = min(128, max(16, triton.next_power_of_2(p_dim)))  # P plays the M role of this GEMM
-    _weight_grad_kernel[(n_experts, triton.cdiv(p_dim, block_p), triton.cdiv(q_dim, bl.block_n))](
+    launch(_weight_grad_kernel, (n_experts, triton.cdiv(p_dim, block_p), triton.cdiv(q_dim, bl.block_n)),
         a, routing.token, a.stride(0), b, routing.token, b.stride(0), routing.slot, row_w,
         out, out.stride(0), out.stride(1), out.stride(2), routing.offsets, p_dim, q_dim, float(scale),
         GATHER_A=gather_a, GATHER_B=gather_b, ROW_SCALE=row_w is not None, BLOCK_P=block_p, BLOCK_Q=bl.block_n,
-        BLOCK_M=bl.block_k, FP32_DOT=_fp32_dot(capability_of(a.device), a, b), num_warps=bl.num_warps, num_stages=bl.num_stages)
+        BLOCK_M=bl.block_k, FP32_DOT=fp32, **bl.options())
     return out
 
 
@@ -479,8 +518,8 @@ def combine(y: torch.Tensor, routing: Routing, n_tokens: int) -> torch.Tensor:
     out = torch.empty(n_tokens, hidden, dtype=y.dtype, device=y.device)
     if n_tokens == 0 or hidden == 0:
         return out
-    block_t, block_h = (64, 128) if y.device.type != "cuda" and interpreting() else (16, 256)
-    _combine_kernel[(triton.cdiv(n_tokens, block_t), triton.cdiv(hidden, block_h))](
+    block_t, block_h = (64, 128) if capability_of(y.device) is None else (16, 256)
+    launch(_combine_kernel, (triton.cdiv(n_tokens, block_t), triton.cdiv(hidden, block_h)),
         y, routing.idx, out, n_tokens, hidden, routing.num_experts, TOP_K=routing.top_k, BLOCK_T=block_t,
         BLOCK_H=block_h, num_warps=4)
     return out
@@ -493,15 +532,17 @@ def _glu_forward(x, gate_up3, w_up, routing, lr, lb_up, activation):
     h = torch.empty(slots, inter, dtype=x.dtype, device=x.device)
     if not _grid_ok(routing):
         return gu, h
-    bl = launch_blocks(x.device.type, "glu_fwd", inter, gate_up3.shape[2], routing.block_m)
-    lr_rows, lb, s_lbe, s_lbn, s_lbr, lr_scale, rank, block_r = _lr_args(lr)
-    _glu_fwd_kernel[(routing.programs, triton.cdiv(inter, bl.block_n))](
+    capability = capability_of(x.device)
+    fp32 = _fp32_dot(capability, x, gate_up3)
+    bl = launch_blocks(capability, "glu_fwd", inter, gate_up3.shape[2], routing.block_m, fp32)
+    lr_rows, lb, s_lbe, s_lbn, s_lbr, lr_scale, rank, block_r, r_step = _lr_args(lr, bl.rank_step)
+    launch(_glu_fwd_kernel, (routing.programs, triton.cdiv(inter, bl.block_n)),
         x, routing.token, x.stride(0), gate_up3, gate_up3.stride(0), gate_up3.stride(1), gate_up3.stride(2), w_up,
         lr_rows, lb, s_lbe, s_lbn, s_lbr, lb_up, lr_scale, rank, gu, h,
         routing.tile_cum, routing.offsets, routing.num_experts, inter, gate_up3.shape[2],
         ACT=_ACT_ID[activation], HAS_LR=lr is not None, BLOCK_E=triton.next_power_of_2(routing.num_experts),
-        BLOCK_M=routing.block_m, BLOCK_N=bl.block_n, BLOCK_K=bl.block_k, BLOCK_R=block_r,
-        FP32_DOT=_fp32_dot(capability_of(x.device), x, gate_up3), num_warps=bl.num_warps, num_stages=bl.num_stages)
+        BLOCK_M=routing.block_m, BLOCK_N=bl.block_n, BLOCK_K=bl.block_k, BLOCK_R=block_r, R_STEP=r_step,
+        FP32_DOT=fp32, **bl.options())
     return gu, h
 
 
@@ -510,20 +551,21 @@ def _glu_backward(dout, down_t, routing, gu, topk_w, lr, activation, store_h):
     slots, inter = gu.shape[0], gu.shape[1] // 2
     dgu = torch.empty_like(gu)
     h = torch.empty(slots, inter, dtype=gu.dtype, device=gu.device) if store_h else None
-    bl = launch_blocks(dout.device.type, "glu_bwd", inter, down_t.shape[2], routing.block_m)
+    capability = capability_of(dout.device)
+    fp32 = _fp32_dot(capability, dout, down_t)
+    bl = launch_blocks(capability, "glu_bwd", inter, down_t.shape[2], routing.block_m, fp32)
     n_part = triton.cdiv(inter, bl.block_n)
     dw_part = torch.zeros(slots, n_part, dtype=torch.float32, device=gu.device)
     if not _grid_ok(routing):
         return dgu, h, dw_part.sum(1)
-    lr_rows, lb, s_lbe, s_lbn, s_lbr, lr_scale, rank, block_r = _lr_args(lr)
-    _glu_bwd_kernel[(routing.programs, n_part)](
+    lr_rows, lb, s_lbe, s_lbn, s_lbr, lr_scale, rank, block_r, r_step = _lr_args(lr, bl.rank_step)
+    launch(_glu_bwd_kernel, (routing.programs, n_part),
         dout, routing.token, dout.stride(0), down_t, down_t.stride(0), down_t.stride(1), down_t.stride(2),
         lr_rows, lb, s_lbe, s_lbn, s_lbr, lr_scale, rank, gu, routing.slot, topk_w, dgu, h, dw_part, n_part,
         routing.tile_cum, routing.offsets, routing.num_experts, inter, down_t.shape[2],
         ACT=_ACT_ID[activation], HAS_LR=lr is not None, STORE_H=store_h,
         BLOCK_E=triton.next_power_of_2(routing.num_experts), BLOCK_M=routing.block_m, BLOCK_N=bl.block_n,
-        BLOCK_K=bl.block_k, BLOCK_R=block_r, FP32_DOT=_fp32_dot(capability_of(dout.device), dout, down_t), num_warps=bl.num_warps,
-        num_stages=bl.num_stages)
+        BLOCK_K=bl.block_k, BLOCK_R=block_r, R_STEP=r_step, FP32_DOT=fp32, **bl.options())
     return dgu, h, dw_part.sum(1)
 
 
@@ -740,7 +782,7 @@ def moe_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor, g
                                                for lo in loras)
         out, *_ = moe_experts_fwd(x, topk_idx, topk_w, gate_up, down, a_gu, b_gu, a_d, b_d, activation, layout,
                                   float(s_gu), float(s_d), float(weight_grad_scale),
-                                  row_block(device_type, topk_idx.numel(), gate_up.shape[0]))
+                                  op_row_block(x, topk_idx, gate_up))
         return out
 
 

@@ -81,6 +81,24 @@ def test_grouped_experts_match_per_expert_loop_large(case, dtype, device):
     _check_case(case, dtype, device)
 
 
+def test_gpu_launch_choices_compute_the_same(device):
+    """The tiles a GPU launches (what benchmarks/COMPILE.md compiles) run here under the interpreter:
+    sm_90's choices for fp32 dots, 64-row blocks over a grid at its upper bound (programs past the
+    last tile return at once), K (32) in 16-deep steps, the LoRA rank (24) in two 16-rank steps, 64-column
+    tiles over I = 80 (a masked second tile). bf16 cannot run so: the interpreter's bf16 dot is wrong."""
+    from fastft.kernels._common import recording_launches
+
+    if device != "cpu":
+        pytest.skip("the GPU runs its own choices in the other tests")
+    with recording_launches((9, 0), 132, run=True) as launches:
+        _check_case((24, 32, 80, 3, 2, 24, "concatenated", (2,)), torch.float32, device)
+    kernels = {launch.kernel.fn.__name__ for launch in launches}
+    assert {"_glu_fwd_kernel", "_glu_bwd_kernel", "_grouped_mm_kernel", "_weight_grad_kernel"} <= kernels
+    glu = next(launch.meta for launch in launches if launch.kernel.fn.__name__ == "_glu_fwd_kernel")
+    assert (glu["BLOCK_M"], glu["BLOCK_N"], glu["BLOCK_K"], glu["BLOCK_R"], glu["R_STEP"], glu["FP32_DOT"]) == \
+        (64, 64, 16, 32, 16, True)
+
+
 @pytest.mark.slow
 def test_128_experts_top8_fp32(device):
     """The 128-expert, top-8 routing of Qwen3-30B-A3B at a tiny width (the default suite stops at
