@@ -3,7 +3,7 @@ against HF eager, made on a CPU. Every figure is a plan, a prediction until a GP
 (benchmarks/gpu.sh records planned against torch.cuda.max_memory_allocated for the e2e rows:
 benchmarks/plan_check.py).
 
-    python -m benchmarks.plan_tables [--part goals,e2e,harness,checks] [--out benchmarks/PLAN.md]
+    python -m benchmarks.plan_tables [--part goals,qlora,e2e,harness,checks,scaling] [--out benchmarks/PLAN.md]
 
 Plans are cached in benchmarks/results/plans/cache.jsonl (one JSON line per plan, keyed by recipe,
 provider, GPUs and row length, and the planner's PLAN_VERSION), so that a rerun plans only what
@@ -27,6 +27,7 @@ from fastft.config import load_config
 HERE = pathlib.Path(__file__).resolve().parent
 CACHE = HERE / "results" / "plans" / "cache.jsonl"  # not results/*.jsonl: those are benchmark rows
 H100 = planning.GPU_MEMORY["H100"]
+GB24 = 24 * 10**9  # a 24 GB card (RTX 4090, L4, A10: 22.0-23.6 GiB as torch reports them): its nominal size
 GiB = 2**30
 
 # (provider, recipe overrides): how each column trains.
@@ -44,17 +45,19 @@ LENGTHS = [4096, 32768, 131072]
 
 def recipe(model: str, mode: str, setting: str, *, rows: int = 1, tokens: int = 4096, harness: bool = False,
            layers: bool = False) -> tuple[dict, str]:
-    """(the recipe tree, provider). harness: the e2e benchmark's own setup (bf16 weights and AdamW
-    states, no checkpointing, its reduced depths); else the trainer's (fp32 master weights for
-    full fine-tuning, bf16 autocast)."""
+    """(the recipe tree, provider). mode: "full", "lora" or "qlora" (LoRA over an NF4 base with
+    double quantization). harness: the e2e benchmark's own setup (bf16 weights and AdamW states, no
+    checkpointing, its reduced depths); else the trainer's (fp32 master weights for full
+    fine-tuning, bf16 autocast)."""
     spec = BY_NAME[model]
     provider, extra = SETTINGS[setting]
     shape = {"model_type": spec.model_type, **spec.shape}
     depth = (spec.full_layers if mode == "full" else spec.lora_layers) if layers else None
     if depth:  # the harness's reduced depth for rows that would not fit one GPU whole
         shape["num_hidden_layers"] = depth
-    tree = {"model": {"config": shape, **({"dtype": "bfloat16"} if harness else {})},
-            "lora": {"enabled": mode == "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+    tree = {"model": {"config": shape, **({"dtype": "bfloat16"} if harness else {}),
+                      **({"quantization": "nf4"} if mode == "qlora" else {})},
+            "lora": {"enabled": mode != "full", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
             "data": {"batching": "packed", "batch_size": rows, "max_seq_len": tokens},
             "train": {"precision": "bf16"}}
     for section, values in extra.items():
@@ -95,22 +98,23 @@ def _plan(cache: Cache, tree: dict, provider: str, world_size: int = 1) -> dict:
     return cache.get(key, make)
 
 
-def _longest(cache: Cache, model: str, mode: str, setting: str, known: dict[int, dict], world_size: int = 1) -> int:
+def _longest(cache: Cache, model: str, mode: str, setting: str, known: dict[int, dict], world_size: int = 1,
+             capacity: int = H100) -> int:
     tree, provider = recipe(model, mode, setting)
-    key = {"what": "max_context", "tree": tree, "provider": provider, "world_size": world_size, "capacity": H100}
+    key = {"what": "max_context", "tree": tree, "provider": provider, "world_size": world_size, "capacity": capacity}
 
     def make():
         plans = {t: planning.Plan.from_record(r) for t, r in known.items() if "error" not in r}
-        return planning.max_context(load_config(tree), capacity=H100, world_size=world_size, provider=provider,
+        return planning.max_context(load_config(tree), capacity=capacity, world_size=world_size, provider=provider,
                                     known=plans).longest
 
     return cache.get(key, make)
 
 
-def _gib(record: dict) -> str:
+def _gib(record: dict, capacity: int = H100) -> str:
     if "error" in record:
         return "n/a"
-    fits = record["peak"] + planning.RESERVE <= H100
+    fits = record["peak"] + planning.RESERVE <= capacity
     return f"{record['peak'] / GiB:.1f}" + ("" if fits else "*")
 
 
@@ -125,8 +129,7 @@ def goals(cache: Cache) -> list[str]:
         longest = _longest(cache, "Llama-3.1-8B", "lora", setting, known)
         goal = "" if setting.startswith("HF") else ("met (>= 128k)" if longest >= 131072 else "missed (< 128k)")
         out.append(f"| {setting} | " + " | ".join(_gib(known[t]) for t in LENGTHS) + f" | {longest:,} | {goal} |")
-    out += ["", "QLoRA (4-bit base): not planned; 4-bit training arrives with issue 16 (the goal there: >= 342k).", "",
-            "### Llama-3.2-1B full fine-tuning at 4096-token rows: planned peak, fastft against HF eager", "",
+    out += ["", "### Llama-3.2-1B full fine-tuning at 4096-token rows: planned peak, fastft against HF eager", "",
             "fastft: as patched (fused norms, loss, varlen attention), no checkpointing, like HF eager; "
             "+ tiled MLP: the MLP recomputed per 1024-token chunk (model.tiled_mlp=1024: one more MLP forward "
             "per step); + AC: activation checkpointing on every block.", "",
@@ -147,6 +150,27 @@ def goals(cache: Cache) -> list[str]:
                     met.append(setting)
             out.append(f"| {label} | {rows} x 4096 | {_gib(hf)} | " + " | ".join(cells) + " | "
                        + (f"met by {', '.join(met)}" if met else "missed") + " |")
+    return out
+
+
+def qlora(cache: Cache) -> list[str]:
+    """Issue 15's QLoRA goal (>= 342k tokens on one 80 GB GPU) and issue 16's rows: the longest
+    Llama-3.1-8B QLoRA row on 80 GB and on 24 GB, fastft against HF + PEFT + bitsandbytes."""
+    out = ["## QLoRA goals (planned)", "",
+           "Llama-3.1-8B, QLoRA r=16 on all linear layers (NF4 base with double quantization, bf16 compute, the "
+           "adapters and their AdamW states in fp32), one packed row per step. HF eager + AC: HF + PEFT + "
+           "bitsandbytes (SDPA, materialised logits, bitsandbytes' 4-bit GEMM), checkpointing every block; "
+           "fastft long: offloaded checkpointing and the tiled MLP. Peaks per GPU in GiB on the 80 GB GPU "
+           f"(* = does not fit); longest rows in tokens, on one H100 80 GB ({H100 / GiB:.2f} GiB) and on a "
+           f"24 GB card ({GB24 / GiB:.2f} GiB), each less {planning.RESERVE / GiB:.0f} GiB.", "",
+           "| setup | peak at 4k | 32k | 128k | longest on 80 GB | longest on 24 GB | goal (>= 342k on 80 GB) |",
+           "|---|---:|---:|---:|---:|---:|---|"]
+    for setting in ("HF eager + AC", "fastft + AC", "fastft long"):
+        known = {t: _plan(cache, *recipe("Llama-3.1-8B", "qlora", setting, tokens=t)) for t in LENGTHS}
+        longest = {c: _longest(cache, "Llama-3.1-8B", "qlora", setting, known, capacity=c) for c in (H100, GB24)}
+        goal = "" if setting.startswith("HF") else ("met" if longest[H100] >= 342_000 else "missed")
+        out.append(f"| {setting} | " + " | ".join(_gib(known[t]) for t in LENGTHS)
+                   + f" | {longest[H100]:,} | {longest[GB24]:,} | {goal} |")
     return out
 
 
@@ -262,7 +286,7 @@ def readme_section() -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", default="goals,e2e,harness,checks,scaling")
+    parser.add_argument("--part", default="goals,qlora,e2e,harness,checks,scaling")
     parser.add_argument("--out", default=str(HERE / "PLAN.md"))
     parser.add_argument("--fresh", action="store_true")
     args = parser.parse_args(argv)
@@ -273,7 +297,7 @@ def main(argv=None) -> None:
     import transformers
 
     lines = ["# Planned memory (predictions, not measurements)", "",
-             f"Generated by `python -m benchmarks.plan_tables` with fastft.planning (PLAN_VERSION "
+             f"Generated by `python -m benchmarks.plan_tables --part {args.part}` with fastft.planning (PLAN_VERSION "
              f"{planning.PLAN_VERSION}) at commit {commit or 'unknown'}, torch {torch.__version__}, transformers "
              f"{transformers.__version__}, on a CPU ({platform.machine()}): one optimizer step per plan on fake "
              "tensors, tracked by torch's MemTracker (fastft/planning/__init__.py says what is and is not counted). "
@@ -282,6 +306,8 @@ def main(argv=None) -> None:
              "torch.cuda.max_memory_allocated per e2e row).", ""]
     if "goals" in parts:
         lines += goals(cache) + [""]
+    if "qlora" in parts:
+        lines += qlora(cache) + [""]
     if "e2e" in parts:
         lines += e2e(cache) + [""]
     if "scaling" in parts:

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import contextvars
 import dataclasses
 import inspect
 import sys
@@ -60,6 +59,9 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, and_masks, eager_mask, sdpa_mask
+
+from fastft.kernels import _common as _kernels_common
+from fastft.kernels._common import autocast_dtype
 
 NAME = "fastft"
 HALF_DTYPES = frozenset((torch.float16, torch.bfloat16))
@@ -142,24 +144,16 @@ def _builtin_backends() -> tuple[VarlenBackend, ...]:
 
 def varlen_backends() -> tuple[VarlenBackend, ...]:
     """The varlen backends of this process, in the order they are tried."""
-    if _AS_ON_GPU.get():
+    if _kernels_common.planning_as_on_gpu():
         return tuple(dataclasses.replace(b, devices=b.devices | {"cpu"}) for b in _builtin_backends() if b.name == "torch")
     return (*_REGISTERED, *_builtin_backends())
 
 
 # fastft.plan (fastft/planning/) runs a model on fake CPU tensors to plan what a GPU holds: inside
-# `as_on_gpu()` the one backend is torch's varlen op (its fake implementation exists; flash-attn's
-# need not), taking CPU tensors as it would CUDA ones, so that the plan decides as a GPU run does.
-_AS_ON_GPU = contextvars.ContextVar("fastft_attention_as_on_gpu", default=False)
-
-
-@contextlib.contextmanager
-def as_on_gpu():
-    token = _AS_ON_GPU.set(True)
-    try:
-        yield
-    finally:
-        _AS_ON_GPU.reset(token)
+# `as_on_gpu()` (the kernels' switch, kernels/_common.py) the one backend is torch's varlen op (its
+# fake implementation exists; flash-attn's need not), taking CPU tensors as it would CUDA ones, so
+# that the plan decides as a GPU run does.
+as_on_gpu = _kernels_common.as_on_gpu
 
 
 def register_varlen_backend(backend: VarlenBackend) -> None:
@@ -225,9 +219,7 @@ def _names(dtypes) -> str:
 
 def attention_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """The dtype attention computes in: the autocast dtype when autocast is on for the device."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return dtype
+    return autocast_dtype(device.type) or dtype
 
 
 DROPOUT_FIELDS = ("attention_dropout", "attn_pdrop", "attn_dropout", "attention_probs_dropout_prob")
@@ -463,7 +455,7 @@ def _varlen(backend: VarlenBackend, query, key, value, scaling, window, softcap,
     out = backend.fn(q, k, v, cu, cu, docs.max_length, docs.max_length, scaling, window or None, softcap or None,
                      dropout)
     out = out.reshape(batch, seq, heads, dim)[..., :v_dim]
-    return out if torch.is_autocast_enabled(query.device.type) else out.to(query.dtype)
+    return out if autocast_dtype(query.device.type) is not None else out.to(query.dtype)
 
 
 def _sdpa_or_eager(module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap, kwargs):

@@ -236,20 +236,27 @@ def quantize_model(model: nn.Module, quant: Settings) -> int:
 
 
 def requantize_random(model: nn.Module, generator: torch.Generator) -> int:
-    """Give every 4-bit layer of a CPU model random weights, quantized with its own settings (what a
-    probe of a meta-built block runs on: fastft/patching/lora.py)."""
+    """Give every 4-bit layer of a CPU model random 4-bit weights with its own settings: random
+    packed values and block scales about those of a N(0, 1/in) weight, with bitsandbytes' code
+    tables (what a probe of a meta-built block runs on: fastft/patching/lora.py). Drawn, not
+    quantized: bitsandbytes' CPU quantization of an 8B model's MLP takes seconds a weight."""
     n = 0
     for module in model.modules():
         if not is_4bit(module):
             continue
         bnb = require_bitsandbytes("a 4-bit layer")
         old = module.weight
-        dense = torch.randn(module.out_features, module.in_features, generator=generator) / module.in_features ** 0.5
-        module.weight = bnb.nn.Params4bit(dense.to(module.compute_dtype or torch.float32), requires_grad=False,
-                                          blocksize=getattr(old, "blocksize", 64),
-                                          compress_statistics=getattr(old, "compress_statistics", True),
-                                          quant_type=getattr(old, "quant_type", "nf4"),
-                                          quant_storage=getattr(old, "quant_storage", torch.uint8), module=module).to("cpu")
+        blocksize, double_quant = getattr(old, "blocksize", 64), getattr(old, "compress_statistics", True)
+        quant_type, storage = getattr(old, "quant_type", "nf4"), getattr(old, "quant_storage", torch.uint8)
+        numel = module.out_features * module.in_features
+        data = torch.randint(0, 256, (_packed_bytes(numel, storage),), dtype=torch.uint8, generator=generator)
+        data = data.view(storage).reshape(-1, 1)
+        state = _new_state(module, blocksize, quant_type, double_quant, module.compute_dtype or torch.float32,
+                           torch.device("cpu"), generator)
+        module.weight = bnb.nn.Params4bit(data, requires_grad=False, quant_state=state, blocksize=blocksize,
+                                          compress_statistics=double_quant, quant_type=quant_type,
+                                          quant_storage=storage, module=module, bnb_quantized=True)
+        module.quant_state = state
         module.support_avx512bf16_for_cpu = False
         n += 1
     return n
@@ -296,15 +303,149 @@ def prepare(model: nn.Module, quant: Settings | None = None) -> list[str]:
 
 # -- sizes -------------------------------------------------------------------------------------------
 
+def _state_layout(numel: int, blocksize: int = 64, double_quant: bool = True) -> dict[str, tuple[tuple, torch.dtype]]:
+    """bitsandbytes' quantization state of a 4-bit weight of `numel` values, {field: (shape, dtype)}:
+    the per-block absmax (fp32; double quantization: uint8 indices, with fp32 scales per 256
+    blocks, a 256-entry table and the fp32 mean they were taken around) and the 16-entry code.
+    bitsandbytes keeps one copy of each per layer (functional.quantize_4bit / quantize_blockwise)."""
+    blocks = math.ceil(numel / blocksize)
+    if not double_quant:
+        return {"absmax": ((blocks,), torch.float32), "code": ((16,), torch.float32)}
+    return {"absmax": ((blocks,), torch.uint8), "code": ((16,), torch.float32),
+            "nested_absmax": ((math.ceil(blocks / 256),), torch.float32), "nested_code": ((256,), torch.float32),
+            "offset": ((), torch.float32)}
+
+
+def _state_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> int:
+    return sum(math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+               for shape, dtype in _state_layout(numel, blocksize, double_quant).values())
+
+
+def _packed_bytes(numel: int, storage: torch.dtype = torch.uint8) -> int:
+    """Bytes of `numel` 4-bit values packed two a byte, in whole elements of the storage dtype."""
+    item = torch.empty(0, dtype=storage).element_size()
+    return math.ceil(math.ceil(numel / 2) / item) * item
+
+
 def bytes_4bit(numel: int, blocksize: int = 64, double_quant: bool = True, storage: torch.dtype = torch.uint8) -> int:
     """Bytes of a 4-bit weight of `numel` values with its quantization state (bitsandbytes' layout):
-    packed values, per-block absmax (fp32, or uint8 plus fp32 per 256 blocks and a 256-entry
-    table), and the 16-entry code."""
-    item = torch.empty(0, dtype=storage).element_size()
-    packed = math.ceil(math.ceil(numel / 2) / item) * item
-    blocks = math.ceil(numel / blocksize)
-    scales = blocks + 4 * math.ceil(blocks / 256) + 4 * 256 + 4 if double_quant else 4 * blocks
-    return packed + scales + 4 * 16
+    the packed values and _state_layout's tensors."""
+    return _packed_bytes(numel, storage) + _state_bytes(numel, blocksize, double_quant)
+
+
+def _new_state(module: nn.Module, blocksize: int, quant_type: str, double_quant: bool, dtype: torch.dtype,
+               device: torch.device, generator: torch.Generator | None = None):
+    """bitsandbytes' QuantState of a 4-bit layer's [out, in] weight quantized from `dtype`, of
+    _state_layout's tensors on `device`: without values (generator None: the memory planner's fake
+    tensors) or random ones (a probe's: block scales in [0.5, 1.5] x 2.5/sqrt(in), about a block of
+    64 N(0, 1/in) values' absolute maximum; bitsandbytes' own code tables)."""
+    from bitsandbytes import functional as F
+    from bitsandbytes.functional import QuantState
+
+    numel = module.out_features * module.in_features
+    t = {k: torch.empty(shape, dtype=dt, device=device)
+         for k, (shape, dt) in _state_layout(numel, blocksize, double_quant).items()}
+    if generator is not None:
+        scale = 2.5 / module.in_features ** 0.5
+        t["code"] = F.get_4bit_type(quant_type, device=device)
+        blocks = t["absmax"].shape
+        if double_quant:  # absmax = nested_code[index] * nested_absmax + offset
+            t["absmax"] = torch.randint(0, 256, blocks, dtype=torch.uint8, generator=generator).to(device)
+            t["nested_code"] = F.create_dynamic_map().to(device)
+            t["nested_absmax"].fill_(scale / 2)
+            t["offset"].fill_(scale)
+        else:
+            t["absmax"] = (scale * (0.5 + torch.rand(blocks, generator=generator))).to(device)
+    nested = (QuantState(absmax=t["nested_absmax"], code=t["nested_code"], blocksize=256, dtype=torch.float32)
+              if double_quant else None)
+    return QuantState(absmax=t["absmax"], shape=torch.Size([module.out_features, module.in_features]), code=t["code"],
+                      blocksize=blocksize, quant_type=quant_type, dtype=dtype, offset=t.get("offset"), state2=nested)
+
+
+def planned_states(model: nn.Module, quant: Settings, dtype: torch.dtype) -> int:
+    """Give every 4-bit layer without a quantization state (built on the meta device, then
+    materialised by the memory planner as fake tensors: fastft/planning/) a state of bitsandbytes'
+    layout at its real size and without values, on its weight's device, so that the layer is
+    counted at its real size and runs (fused or through bitsandbytes) as a loaded one does. `dtype`
+    is the dtype the weights were quantized from (the model's). Returns the number of layers."""
+    n = 0
+    for module in model.modules():
+        if not is_4bit(module) or quant_state(module) is not None:
+            continue
+        module.quant_state = _new_state(module, quant.blocksize, quant.quant_type, quant.double_quant, dtype,
+                                        module.weight.device)
+        if _is_dtensor(module.weight):  # FSDP2: the module keeps the state, given to each unsharded weight
+            module.register_forward_pre_hook(_state_to_weight)
+        else:
+            module.weight.quant_state = module.quant_state
+        n += 1
+    return n
+
+
+def _state_to_weight(module: nn.Module, args) -> None:
+    """What bitsandbytes' Linear4bit.forward does first when FSDP2 has swapped in an unsharded weight
+    (fix_4bit_weight_quant_state_from_module), without re-wrapping the weight as a Params4bit:
+    the memory planner's fake tensors cannot be (FakeTensorMode) and the bytes are the same."""
+    if getattr(module.weight, "quant_state", None) is None:
+        module.weight.quant_state = module.quant_state
+
+
+# bitsandbytes 0.50's CUDA gemm_4bit (backends/cuda/ops.py): up to this many rows a fused kernel
+# reads the 4-bit weight; past it (every training micro-batch) it dequantizes W into A's dtype,
+# with fp32 block scales (twice, nested), runs F.linear and frees them.
+_GEMM_4BIT_FUSED_ROWS = 1536
+
+
+def gemm_4bit_workspace(op, args: tuple, kwargs: dict) -> int:
+    """What one call of bitsandbytes' gemm_4bit op holds inside beyond its output, on the GPU (0
+    for another op): the memory planner's count for Linear4bit's forward (fastft/planning/)."""
+    if getattr(getattr(op, "_schema", None), "name", None) != "bitsandbytes::gemm_4bit":
+        return 0
+    names = ("A", "B", "shapeB", "absmax", "blocksize", "quant_type", "bias", "absmax_8bit")
+    bound = {**dict(zip(names, args)), **kwargs}
+    a, shape = bound["A"], bound["shapeB"]
+    if a.numel() // a.shape[-1] <= _GEMM_4BIT_FUSED_ROWS:
+        return 0
+    numel = math.prod(shape)
+    scales = 8 * math.ceil(numel / bound["blocksize"]) if bound.get("absmax_8bit") is not None else 0
+    return numel * a.element_size() + scales
+
+
+def four_bit_bytes(model: nn.Module) -> dict[str, int]:
+    """The 4-bit layers of a model, and what they hold on this rank: packed weights, quantization states."""
+    layers = [m for m in model.modules() if is_4bit(m)]
+    local = lambda t: t.to_local() if _is_dtensor(t) else t  # noqa: E731
+    return {"layers": len(layers), "packed": sum(local(m.weight).numel() * m.weight.element_size() for m in layers),
+            "states": sum(t.numel() * t.element_size() for t in state_tensors(model))}
+
+
+# bitsandbytes 0.50's Optimizer8bit.get_state_buffer pages (cudaMallocManaged) the moments of
+# parameters with at least this many elements; the blockwise scales and smaller moments are not.
+_PAGED_FROM = 100_000
+
+
+def paged_state_bytes(optimizer) -> int:
+    """Bytes of a bitsandbytes paged optimizer's states that live in CUDA unified memory on a GPU."""
+    return sum(s[k].numel() * s[k].element_size() for p, s in optimizer.state.items() if p.numel() >= _PAGED_FROM
+               for k in ("state1", "state2") if torch.is_tensor(s.get(k)))
+
+
+def state_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The quantization states' tensors of every 4-bit layer (not parameters, but held with them)."""
+    return [t for module in model.modules() if is_4bit(module) for t in _tensors_of(quant_state(module))]
+
+
+def _tensors_of(state) -> list[torch.Tensor]:
+    if state is None:
+        return []
+    out = [state.absmax, state.code] + ([state.state2.absmax, state.state2.code, state.offset] if state.nested else [])
+    return [t for t in out if isinstance(t, torch.Tensor)]
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 def parameter_bytes(param: torch.Tensor, module: nn.Module | None = None) -> int:
@@ -317,8 +458,7 @@ def parameter_bytes(param: torch.Tensor, module: nn.Module | None = None) -> int
             return bytes_4bit(module.in_features * module.out_features, getattr(param, "blocksize", 64),
                               bool(getattr(param, "compress_statistics", True)), param.dtype)
         return own
-    extra = [state.absmax, state.code] + ([state.state2.absmax, state.state2.code, state.offset] if state.nested else [])
-    return own + sum(t.numel() * t.element_size() for t in extra if isinstance(t, torch.Tensor))
+    return own + sum(t.numel() * t.element_size() for t in _tensors_of(state))
 
 
 # -- FSDP2 rank-0 load --------------------------------------------------------------------------------

@@ -8,6 +8,10 @@ run never destroys an earlier one.
   metrics.jsonl, checkpoints/, export/, curves.png) stops the new run before any work, unless the
   run resumes it (`checkpoint.resume` / `checkpoint.resume_from`) or `logging.overwrite=true`
   says to delete those results first. Files of other programs in the folder are never touched.
+- A run that stops before its first result (a model that fails to load, a dataset missing its
+  columns) leaves nothing behind: `discard_unused` removes the config file it wrote, and the
+  folder itself when this run made it and it is empty, so the same command can simply be run
+  again (runs/latest goes back to the newest remaining run).
 Under torchrun, rank 0 decides and every rank receives its decision.
 """
 
@@ -73,8 +77,32 @@ def _decide(run_dir: str | None, *, resume: bool, resume_from: str | None, overw
         for name in found:
             path = folder / name
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-    folder.mkdir(parents=True, exist_ok=True)
+    if not folder.is_dir():
+        folder.mkdir(parents=True)
+        _MADE.add(str(folder))
     return str(folder)
+
+
+_MADE: set[str] = set()  # run folders this process created
+
+
+def discard_unused(run_dir: str, config_file: str) -> None:
+    """After a failure: remove `config_file` (written by this run into `run_dir`) when nothing else
+    of this run is there yet, then the folder when this process made it and it is now empty."""
+    folder = pathlib.Path(run_dir)
+    others = set(results_in(folder)) - {config_file}
+    if others or not (folder / config_file).is_file():
+        return
+    (folder / config_file).unlink()
+    if str(folder) in _MADE and not any(folder.iterdir()):
+        folder.rmdir()
+        _MADE.discard(str(folder))
+        latest = RUNS / LATEST
+        if latest.is_symlink() and not latest.exists():  # it pointed at the folder just removed
+            remaining = sorted(p for p in RUNS.iterdir() if p.is_dir() and not p.is_symlink() and results_in(p))
+            latest.unlink()
+            if remaining:
+                _point_latest_at(remaining[-1])
 
 
 def _new_timestamped_folder() -> pathlib.Path:
@@ -84,6 +112,7 @@ def _new_timestamped_folder() -> pathlib.Path:
         folder = RUNS / (stamp if n == 1 else f"{stamp}-{n}")
         try:
             folder.mkdir()  # fails if another run took this name in the same second
+            _MADE.add(str(folder))
             return folder
         except FileExistsError:
             continue

@@ -132,15 +132,20 @@ def decide_precision(config: FinetuneConfig, env: distributed.DistEnv) -> Precis
     return Precision(fsdp, weights, param_dtype, autocast_on=bf16 and not fsdp)
 
 
-def prepare_run_dir(config: FinetuneConfig, env: distributed.DistEnv) -> str:
+class RunDir(NamedTuple):
+    path: str
+    config_file: str  # what this run wrote there: config.yaml, or config.resume.yaml when resuming
+
+
+def prepare_run_dir(config: FinetuneConfig, env: distributed.DistEnv) -> RunDir:
     """The run folder (never another run's, unless resuming or told to overwrite), with the config."""
     run_dir = rundir.prepare(config, env)
+    resumed = bool(config.checkpoint.resume or config.checkpoint.resume_from)
+    name = "config.resume.yaml" if resumed and os.path.exists(os.path.join(run_dir, "config.yaml")) else "config.yaml"
     if env.is_main:
-        resumed = bool(config.checkpoint.resume or config.checkpoint.resume_from)
-        name = "config.resume.yaml" if resumed and os.path.exists(os.path.join(run_dir, "config.yaml")) else "config.yaml"
         with open(os.path.join(run_dir, name), "w", encoding="utf-8") as f:
             f.write(to_yaml(config))
-    return run_dir
+    return RunDir(run_dir, name)
 
 
 # -- 2. tokenizer and model --------------------------------------------------------------------------
@@ -175,6 +180,13 @@ def quantization_settings(config: FinetuneConfig, precision: Precision):
     bf16 = precision.autocast_on or (precision.fsdp and precision.param_dtype == "bfloat16")
     return quantization.settings(m.quantization, m.double_quant, m.compute_dtype,
                                  torch.bfloat16 if bf16 else precision.weights)
+
+
+def eager_experts(model) -> None:
+    """transformers' per-expert loop in place of its grouped_mm experts, which have no float64
+    kernel: for float64 reference runs (and tests/numerics.py's float64 twins)."""
+    if getattr(model, "get_experts_implementation", lambda: None)() not in (None, "eager"):
+        model.set_experts_implementation("eager")
 
 
 def build_model(config: FinetuneConfig, tokenizer, dtype: torch.dtype, *, meta: bool = False, patch: bool = True,
@@ -226,6 +238,8 @@ def build_model(config: FinetuneConfig, tokenizer, dtype: torch.dtype, *, meta: 
     if reference:
         quantization.dequantize_model(model, torch.float64)
         model.to(torch.float64)
+    if dtype == torch.float64:
+        eager_experts(model)
     if config.lora.enabled:
         from peft import LoraConfig, get_peft_model
 
@@ -702,13 +716,18 @@ def finetune(config: FinetuneConfig | dict | str | None = None) -> RunResult:
     config = validate(config) if isinstance(config, FinetuneConfig) else load_config(config)
     env = distributed.init(config.distributed.backend, force=bool(config.distributed.fsdp),
                            timeout_minutes=config.distributed.timeout_minutes)
+    made: list[RunDir] = []
     try:
-        return _run(config, env)
+        return _run(config, env, made)
+    except BaseException:
+        if made and env.is_main:  # stopped before its first result: leave no empty run behind
+            rundir.discard_unused(*made[0])
+        raise
     finally:
         distributed.shutdown(env)
 
 
-def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
+def _run(config: FinetuneConfig, env: distributed.DistEnv, made: list) -> RunResult:
     import datasets
 
     from fastft.data import build_train_batches
@@ -720,7 +739,8 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv) -> RunResult:
     device = env.device
     plan = batch_plan(config, env.world_size)  # raises before any work on a bad global batch
     precision = decide_precision(config, env)
-    run_dir = prepare_run_dir(config, env)
+    made.append(prepare_run_dir(config, env))
+    run_dir = made[-1].path
 
     # 2. tokenizer and model --------------------------------------------------------------------
     memory_plan = planning.preflight(config, env, log)  # on CUDA: the planned peak; stops here if it cannot fit

@@ -68,9 +68,14 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 
 # fastft.plan (fastft/planning/) runs a model on fake CPU tensors under FakeTensorMode to plan what
 # a GPU holds: inside `as_on_gpu()` CPU tensors take the custom ops (their fake implementations
-# there) as CUDA tensors would, not the torch references, whose temporaries a GPU never allocates.
-# Outside FakeTensorMode it would launch Triton on the CPU: for the planner only.
-_AS_ON_GPU = contextvars.ContextVar("fastft_kernels_as_on_gpu", default=False)
+# there) as CUDA tensors would, not the torch references, whose temporaries a GPU never allocates
+# (and fastft/attention.py dispatches as on CUDA). Outside FakeTensorMode it would launch Triton
+# on the CPU: for the planner only.
+_AS_ON_GPU = contextvars.ContextVar("fastft_as_on_gpu", default=False)
+
+
+def planning_as_on_gpu() -> bool:
+    return _AS_ON_GPU.get()
 
 
 @contextlib.contextmanager
@@ -82,6 +87,14 @@ def as_on_gpu():
         _AS_ON_GPU.reset(token)
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype when autocast is on for this device type, else None (the meta device
+    has no autocast at all: asking torch.is_autocast_enabled("meta") raises)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def kernel_op(name: str, *, fake: Callable, mutates_args: tuple[str, ...] = ()) -> Callable:
     """Decorator: register fn as the custom op torch.ops.fastft.<name> (see the module docstring),
     for the cpu (interpreter) and cuda devices, with `fake` as its fake / meta implementation."""
@@ -90,9 +103,16 @@ def kernel_op(name: str, *, fake: Callable, mutates_args: tuple[str, ...] = ()) 
         op = torch.library.custom_op(f"{NAMESPACE}::{name}", fn, mutates_args=mutates_args,
                                      device_types=("cpu", "cuda"))
         op.register_fake(fake)
+        HOST_CODE[f"{NAMESPACE}::{name}"] = fn
         return op
 
     return register
+
+
+# Each op's implementation (its host code: torch ops and launches) by name ("fastft::lora_mlp"). A
+# memory tracker sees an op's outputs only; fastft.plan runs this on meta tensors, its launches
+# recorded (recording_launches, keep=False), to see what the op allocates and frees inside.
+HOST_CODE: dict[str, Callable] = {}
 
 
 def register_autograd(op, *, backward: Callable, save: Callable) -> None:
@@ -162,12 +182,18 @@ class _Target(NamedTuple):
 _RECORDING: contextvars.ContextVar[_Target | None] = contextvars.ContextVar("fastft_recording", default=None)
 
 
+class _Dropped(list):
+    def append(self, item) -> None:  # nothing kept: tensors die where the host code drops them
+        pass
+
+
 @contextlib.contextmanager
-def recording_launches(capability: tuple[int, int], sm_count: int, run: bool = False):
+def recording_launches(capability: tuple[int, int], sm_count: int, keep: bool = True, run: bool = False):
     """Within this block the host code chooses for `capability` (and `sm_count` SMs) and records
     its launches in the yielded list instead of running them: call the launchers on meta tensors.
+    keep=False: skip the launches without keeping them (nor their tensors: memory planning).
     run=True also launches them: under the interpreter, how a test runs a GPU's launch choices."""
-    token = _RECORDING.set(_Target(tuple(capability), sm_count, [], run))
+    token = _RECORDING.set(_Target(tuple(capability), sm_count, [] if keep else _Dropped(), run))
     try:
         yield _RECORDING.get().launches
     finally:

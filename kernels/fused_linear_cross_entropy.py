@@ -63,7 +63,7 @@ import triton.language as tl
 
 from torch import Tensor
 
-from ._common import absent, capability_of, kernel_op, launch, register_autograd, round_to, use_triton
+from ._common import absent, autocast_dtype, capability_of, kernel_op, launch, register_autograd, round_to, use_triton
 
 REDUCTIONS = ("mean", "sum", "none")
 # Upper bound on the logits chunk buffer. Each chunk after the first reads and writes all of dW
@@ -465,10 +465,10 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
             hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, softcap,
             logit_scale, z_loss, normalizer, chunk_size)
     device_type = hidden.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    dtype = autocast_dtype(device_type)
+    if dtype is not None:
         # As autocast runs nn.Linear: the LM head in the autocast dtype (fp32 master weights
         # get a low-precision copy; the cast's backward brings dW back to fp32).
-        dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
         with torch.autocast(device_type, enabled=False):

@@ -34,15 +34,16 @@ from ._common import (absent, as_rows, capability_of, check_row_op_inputs, kerne
 
 def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None = None,
                          eps: float = 1e-5, offset: float = 0.0) -> torch.Tensor:
-    """Plain-torch LayerNorm in fp32, rounded once to x.dtype."""
-    xf = x.float()
+    """Plain-torch LayerNorm in fp32 (float64 stays float64: the tests' truth), rounded once to x.dtype."""
+    up = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(up)
     mean = xf.mean(-1, keepdim=True)
     var = (xf - mean).pow(2).mean(-1, keepdim=True)
     y = (xf - mean) * torch.rsqrt(var + eps)
     if weight is not None:
-        y = y * (offset + weight.float())
+        y = y * (offset + weight.to(up))
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.to(up)
     return y.to(x.dtype)
 
 

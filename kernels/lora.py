@@ -398,7 +398,9 @@ def _stacked_down(x, adapters, projections):
         return None
     a_all = torch.cat([pr.lora_a * ad.scale for pr, ad in zip(projections, adapters)])
     u_all = torch.mm(x.to(a_all.dtype), a_all.t())
-    return [u.contiguous() for u in u_all.split([pr.lora_a.shape[0] for pr in projections], 1)]
+    # clone, not contiguous(): a one-row slice is contiguous already, and outputs must not alias
+    widths = [pr.lora_a.shape[0] for pr in projections]
+    return [u.clone(memory_format=torch.contiguous_format) for u in u_all.split(widths, 1)]
 
 
 def _forward_one(x, pr: Projection, ad: Adapter, u=None):

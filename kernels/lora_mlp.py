@@ -295,7 +295,9 @@ def _mlp_forward_projections(rows, projections, activation, dropouts, seeds, sca
     inter = wg.shape[0]
     if pg == 0 and pu == 0 and ag.dtype == au.dtype:  # one read of x for both rank-r inputs
         xa = torch.mm(rows.to(ag.dtype), torch.cat([ag * sg, au * su]).t())
-        xa_g, xa_u = xa[:, : ag.shape[0]].contiguous(), xa[:, ag.shape[0]:].contiguous()
+        # clone, not contiguous(): with one row both halves are already contiguous views of xa,
+        # and a custom op's outputs may not alias each other
+        xa_g, xa_u = xa[:, : ag.shape[0]].clone(), xa[:, ag.shape[0]:].clone()
     else:
         xa_g = lora_down(rows, ag, sg, pg, seeds[0])
         xa_u = lora_down(rows, au, su, pu, seeds[1])

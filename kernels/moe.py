@@ -71,7 +71,7 @@ import triton.language as tl
 
 from torch import Tensor
 
-from ._common import absent, as_rows, capability_of, kernel_op, launch, register_autograd, round_to, use_triton
+from ._common import absent, as_rows, autocast_dtype, capability_of, kernel_op, launch, register_autograd, round_to, use_triton
 from .lora import _fp32_dot
 from .lora_mlp import ACTIVATIONS, _act_and_grad, activation_reference
 
@@ -762,8 +762,8 @@ def moe_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor, g
     loras = (gate_up_lora, down_lora)
     _check(x, topk_idx, topk_w, gate_up, down, activation, layout, loras)
     device_type = x.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):  # as autocast runs each expert's F.linear
-        dtype = torch.get_autocast_dtype(device_type)
+    dtype = autocast_dtype(device_type)
+    if dtype is not None:  # as autocast runs each expert's F.linear
         x, gate_up, down = x.to(dtype), gate_up.to(dtype), down.to(dtype)
     loras = tuple(None if lo is None else ExpertLoRA(lo.a.to(x.dtype), lo.b.to(x.dtype), float(lo.scale))
                   for lo in loras)

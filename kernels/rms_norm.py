@@ -48,16 +48,18 @@ _LLAMA, _GEMMA, _NONE = 0, 1, 2
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: float = 0.0,
                        casting: str = "llama") -> torch.Tensor:
-    """Plain-torch RMSNorm with the rounding points of each casting mode (see module docstring)."""
+    """Plain-torch RMSNorm with the rounding points of each casting mode (see module docstring).
+    Upcast to fp32, never down: float64 inputs (the tests' truth) stay float64."""
     _check_casting(casting)
     dtype = x.dtype
+    up = torch.promote_types(dtype, torch.float32)
     if casting == "none":
-        rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps).to(dtype)
-        return (x * rstd) * (offset + weight.float()).to(dtype)
-    xf = x.float()
+        rstd = torch.rsqrt(x.to(up).pow(2).mean(-1, keepdim=True) + eps).to(dtype)
+        return (x * rstd) * (offset + weight.to(up)).to(dtype)
+    xf = x.to(up)
     x_hat = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if casting == "gemma":
-        return (x_hat * (offset + weight.float())).to(dtype)
+        return (x_hat * (offset + weight.to(up))).to(dtype)
     return (offset + weight) * x_hat.to(dtype)
 
 

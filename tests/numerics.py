@@ -155,9 +155,9 @@ def float64_twin(model):
 
     quantization.dequantize_model(twin, torch.float64)  # 4-bit bases (QLoRA): the same values, dense
     twin = twin.to(torch.float64)
-    inner = twin.get_base_model() if hasattr(twin, "get_base_model") else twin
-    if getattr(inner, "get_experts_implementation", lambda: None)() not in (None, "eager"):
-        inner.set_experts_implementation("eager")
+    from fastft.train import eager_experts
+
+    eager_experts(twin.get_base_model() if hasattr(twin, "get_base_model") else twin)
     return twin
 
 

@@ -33,6 +33,7 @@ import varlen_reference
 from fastft import attention as fastft_attention
 from fastft.architectures import NATIVE
 from fastft.data.collate import collate_packed, model_inputs
+from fastft.train import eager_experts
 from numerics import assert_within_eager
 
 FACTOR = 4.0
@@ -146,9 +147,7 @@ def _models(arch, dtype, device):
     config = arch.tiny_config()
     base = AutoModelForCausalLM.from_config(config).eval()
     truth_model = copy.deepcopy(base).to(device, torch.float64)
-    experts = getattr(truth_model, "get_experts_implementation", lambda: None)()
-    if experts not in (None, "eager"):
-        truth_model.set_experts_implementation("eager")  # grouped_mm has no float64 kernel
+    eager_experts(truth_model)  # grouped_mm has no float64 kernel
     eager_model = copy.deepcopy(base).to(device, dtype)
     patched = copy.deepcopy(base).to(device, dtype)
     before = {k: v.clone() for k, v in patched.state_dict().items()}

@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM
 import fastft
 from fastft.architectures import NATIVE
 from fastft.patching import moe as moe_patch
-from numerics import assert_within_eager
+from fastft.train import eager_experts
+from numerics import assert_within_eager, float64_twin
 
 FACTOR = 4.0
 ARCH = {a.name: a for a in NATIVE}
@@ -29,7 +30,7 @@ def peft_moe(name, targets, dtype, device, rank=4):
                         init_lora_weights=False)  # random B as well, so the adapters' terms take part
     peft = get_peft_model(model, config).to(device, dtype)
     if dtype == torch.float64:
-        peft.get_base_model().set_experts_implementation("eager")
+        eager_experts(peft.get_base_model())
     return peft
 
 
@@ -72,19 +73,26 @@ def test_fused_expert_lora_matches_peft(name, targets, dtype, device, monkeypatc
 
 
 def test_disabled_and_merged_adapters_take_peft_path(device, monkeypatch):
+    """Disabled, fused, merged: each by the tolerance rule against PEFT (eager) and its float64
+    twin (truth) in the same state."""
     model = peft_moe("Qwen3Moe", BOTH, torch.float32, device)
     reference = copy.deepcopy(model)
+    twin = float64_twin(reference)
     fastft.patch(model, rms_norm=False, cross_entropy=False, attention=False)
     lora_calls = []
     original = moe_patch.lora_factors
     monkeypatch.setattr(moe_patch, "lora_factors", lambda *a: lora_calls.append(1) or original(*a))
     ids = torch.randint(3, 128, (1, 9), device=device)
+
+    def check(name):
+        got, eager, truth = (m(input_ids=ids).logits for m in (model, reference, twin))
+        assert_within_eager(f"{name} logits", got, eager, truth, torch.float32, FACTOR)
+
     with torch.no_grad():
-        with model.disable_adapter(), reference.disable_adapter():
-            torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+        with model.disable_adapter(), reference.disable_adapter(), twin.disable_adapter():
+            check("disabled")
         assert lora_calls  # the fused forward looked, found the adapters disabled, and ran PEFT's
-        fused = model(input_ids=ids).logits
-        torch.testing.assert_close(fused, reference(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
-        model.merge_adapter()
-        reference.merge_adapter()
-        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+        check("fused")
+        for m in (model, reference, twin):
+            m.merge_adapter()
+        check("merged")

@@ -9,6 +9,7 @@ the loop hold).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -26,10 +27,11 @@ _SHAPE = {k: v for k, v in TINY.items() if k in ("hidden_size", "intermediate_si
 
 
 def _config(model_type="llama", *, lora=False, ac="none", rows=2, tokens=48, precision="bf16", patch_options=None,
-            **extra):
+            quantization="none", double_quant=True, optim="adamw", r=4, **extra):
     model = {"model_type": model_type, **_SHAPE, **extra}
-    return load_config({"model": {"config": model, "patch_options": patch_options or {}},
-                        "lora": {"enabled": lora, "r": 4},
+    return load_config({"model": {"config": model, "patch_options": patch_options or {}, "quantization": quantization,
+                                  "double_quant": double_quant},
+                        "lora": {"enabled": lora, "r": r}, "optim": {"name": optim},
                         "data": {"batch_size": rows, "max_seq_len": tokens, "batching": "packed"},
                         "train": {"precision": precision},
                         "distributed": {"activation_checkpointing": ac}})
@@ -49,6 +51,9 @@ def _real_model(config, provider="hf"):
     return model.train(), batch, autocast, setup
 
 
+needs_bitsandbytes = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+                                        reason='QLoRA and 8-bit optimizers need bitsandbytes: "fastft[qlora]"')
+
 CASES = [
     ("llama", dict()),
     ("llama", dict(lora=True, ac="full")),
@@ -56,10 +61,12 @@ CASES = [
     ("qwen3", dict(lora=True, rows=1, tokens=96, head_dim=16), "slow"),
     ("gemma3_text", dict(lora=True, head_dim=16, sliding_window=8)),
     ("mistral", dict(ac="selective", precision="fp32")),
+    ("llama", dict(lora=True, quantization="nf4", num_hidden_layers=1), needs_bitsandbytes),  # HF+PEFT+bitsandbytes
 ]
 
 
-@pytest.mark.parametrize("model_type,kw", [pytest.param(*c[:2], marks=[pytest.mark.slow] if c[2:] else [],
+@pytest.mark.parametrize("model_type,kw", [pytest.param(*c[:2], marks=[pytest.mark.slow if m == "slow" else m
+                                                                       for m in c[2:]],
                                                         id=f"{c[0]}-{'-'.join(f'{k}={v}' for k, v in c[1].items())}")
                                            for c in CASES])
 def test_planned_activations_match_saved_tensors(model_type, kw):
@@ -69,7 +76,9 @@ def test_planned_activations_match_saved_tensors(model_type, kw):
     assert abs(planned.activations - exact) <= 0.05 * exact, (planned.activations, exact)
 
 
-FASTFT_CASES = [("llama", dict(lora=True)), pytest.param("qwen3", dict(ac="full", head_dim=16), marks=pytest.mark.slow)]
+FASTFT_CASES = [pytest.param("llama", dict(lora=True), id="llama-lora"),
+                pytest.param("qwen3", dict(ac="full", head_dim=16), marks=pytest.mark.slow, id="qwen3-full-ac"),
+                pytest.param("llama", dict(lora=True, quantization="nf4"), marks=needs_bitsandbytes, id="llama-qlora")]
 
 
 @pytest.mark.skipif(not planner.kernels_plannable(), reason="fastft.kernels has no custom ops with fakes yet (issue 13)")
@@ -86,22 +95,128 @@ def test_fastft_provider_activations_match_saved_tensors(model_type, kw):
     assert abs(planned.activations - exact) <= 0.05 * exact, (planned.activations, exact)
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_planned_state_bytes_are_exact(lora):
-    """Parameters, gradients and AdamW states after a real CPU step, byte for byte."""
-    config = _config(lora=lora, ac="full")
+STATE_CASES = [
+    pytest.param(dict(), id="full"),
+    pytest.param(dict(lora=True), id="lora"),
+    pytest.param(dict(lora=True, quantization="nf4", num_hidden_layers=1), id="qlora-nf4", marks=needs_bitsandbytes),
+    # r=64: A [64, 64] and B [128, 64] take bitsandbytes' 8-bit states, B [32, 64] (k, v) its fp32 ones (< 4096)
+    pytest.param(dict(lora=True, quantization="fp4", double_quant=False, r=64, optim="paged_adamw_8bit",
+                      num_hidden_layers=1), id="qlora-fp4-paged_adamw_8bit", marks=needs_bitsandbytes),
+]
+
+
+@pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU")
+@pytest.mark.parametrize("kw", STATE_CASES)
+def test_planned_state_bytes_are_exact(kw):
+    """Parameters (4-bit weights packed), buffers (with the 4-bit layers' quantization states),
+    gradients and optimizer states (torch's fused AdamW, bitsandbytes' 8-bit AdamW) after a real
+    CPU step of the same (quantized) model through the trainer's own optimizer, byte for byte."""
+    from fastft import quantization
+    from fastft.train import build_optimizer
+
+    config = _config(ac="full", **kw)
     planned = planner.plan(config, provider="hf")
     model, batch, autocast, setup = _real_model(config)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    planned_config, _ = core._planned_config(config, "hf", None, None)
+    params, optimizer, *_ = build_optimizer(model, planned_config, setup["_precision"], torch.device("cpu"))
     with autocast:
         out = model(**model_inputs(batch), num_items_in_batch=batch["num_target_tokens"])
     out.loss.backward()
     optimizer.step()
-    nbytes = lambda ts: sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts}.values())  # noqa: E731
+    nbytes = lambda ts: sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()  # noqa: E731
+                             for t in ts if torch.is_tensor(t)}.values())
     assert planned.state["parameters"] == nbytes(model.parameters())
+    assert planned.state["buffers"] == nbytes([*model.buffers(), *quantization.state_tensors(model)])
     assert planned.state["gradients"] == nbytes(p.grad for p in params)
     assert planned.state["optimizer states"] == nbytes(v for s in optimizer.state.values() for v in s.values())
+    if kw.get("quantization"):  # the base at its packed size: 4 bits a weight of the decoder layers' projections
+        four_bit = [m for m in model.modules() if quantization.is_4bit(m)]
+        assert sum(m.weight.numel() for m in four_bit) * 2 == sum(m.in_features * m.out_features for m in four_bit)
+
+
+def _mlp_4bit_case(N=64, H=128, I=320, r=8):
+    """A 4-bit LoRA MLP's op arguments (nf4, double quantization, bf16), and the same MLP dense."""
+    from torch import nn
+
+    from fastft import quantization
+    from fastft.kernels.lora import flatten_projections
+
+    torch.manual_seed(0)
+    dense = [nn.Linear(i, o, bias=False).to(torch.bfloat16) for i, o in ((H, I), (H, I), (I, H))]
+    quantized = nn.Sequential(*dense)
+    quantization.quantize_model(quantized, quantization.settings("nf4", True, "bfloat16", torch.bfloat16))
+    weights = [quantization.quant4bit(m, torch.bfloat16) for m in quantized]
+    adapters = [(torch.randn(r, w.shape[1]) * 0.1, torch.randn(w.shape[0], r) * 0.1) for w in weights]
+    four_bit = flatten_projections([(w, None, a, b) for w, (a, b) in zip(weights, adapters)])
+    plain = [t for m, (a, b) in zip(dense, adapters) for t in (m.weight.detach(), a, b)]
+    return torch.randn(N, H, dtype=torch.bfloat16), four_bit, plain, weights
+
+
+@needs_bitsandbytes
+def test_workspace_is_what_the_op_holds_inside():
+    """An op's workspace (what a tracker, seeing outputs only, misses) is measured from the op's own
+    host code on meta tensors: equal to the same host code run on real CPU tensors under torch's
+    MemTracker (launches dropped, as the planner does); and over a 4-bit base the forward holds one
+    dequantized weight more than dense, W_down [H, I] in bf16 with its fp32 block scales."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from fastft.kernels import _common
+    from fastft.planning import workspace
+
+    x, (params, has_bias, meta), plain, weights = _mlp_4bit_case()
+    seeds, drops, scales = torch.zeros(3, dtype=torch.int64), [0.0] * 3, [2.0] * 3
+    calls = {"lora_mlp_4bit": (x, params, has_bias, meta, "silu", drops, seeds, scales),
+             "lora_mlp": (x, plain, [False] * 3, "silu", drops, seeds, scales)}
+    outs = {name: _common.HOST_CODE[f"fastft::{name}"](*args) for name, args in calls.items()}
+    dy = torch.randn_like(x)
+    needs = [True] + [t.dtype == torch.float32 and t.dim() == 2 for t in params]  # dX and the adapters
+    calls["lora_mlp_4bit_bwd"] = (dy, x, *outs["lora_mlp_4bit"][1:], params, has_bias, meta, "silu", drops, seeds,
+                                  scales, needs)
+    measured = {}
+    for name, args in calls.items():
+        op = getattr(torch.ops.fastft, name).default
+        host = _common.HOST_CODE[op._schema.name]
+        tracker = MemTracker()
+        tracker.track_external(*[t for t in torch.utils._pytree.tree_leaves(args) if torch.is_tensor(t)])
+        with _common.recording_launches(workspace.CAPABILITY, workspace.SM_COUNT, keep=False), tracker:
+            before = workspace._total(tracker.get_tracker_snapshot())
+            out = host(*args)
+            peak = workspace._total(tracker.get_tracker_snapshot("peak"))
+        outputs = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                   for t in torch.utils._pytree.tree_leaves(out) if torch.is_tensor(t) and t.numel()}
+        real = peak - before - sum(outputs.values())
+        measured[name] = workspace.measure(host, op._schema, args, {})
+        assert measured[name] == real > 0, name
+    w_down = weights[2]
+    dequantized = w_down.shape[0] * w_down.shape[1] * 2 + 4 * w_down.absmax.numel()
+    assert measured["lora_mlp_4bit"] - measured["lora_mlp"] == dequantized
+
+
+def test_an_op_whose_host_code_cannot_run_on_meta_is_named(monkeypatch):
+    """Host code that reads values (the MoE op's routing counts) cannot run on meta tensors: that
+    op's workspace counts as none, and the plan says so (Plan.setup["workspace_unmeasured"])."""
+    from fastft.kernels import _common
+    from fastft.planning import workspace
+
+    monkeypatch.setitem(_common.HOST_CODE, "fastft::lora_dropout", lambda x, p, seed: x.sum().item())
+    monkeypatch.setattr(workspace, "_MEASURED", {})
+    args = (torch.zeros(4, 8), 0.1, torch.zeros(1, dtype=torch.int64))
+    assert workspace.op_workspace(torch.ops.fastft.lora_dropout.default, args, {}) == 0
+    assert "meta" in workspace.UNMEASURED.pop("fastft::lora_dropout")
+
+
+@needs_bitsandbytes
+def test_qlora_plan_counts_the_workspaces(monkeypatch):
+    """The same QLoRA plan with the workspaces left out: the state is the same, the peak lower."""
+    from fastft.planning import tracking
+
+    config = _config(lora=True, quantization="nf4", rows=1, tokens=32, num_hidden_layers=1,
+                     patch_options={"attention": False})
+    counted = planner.plan(config)
+    monkeypatch.setattr(tracking, "op_workspace", lambda func, args, kwargs: 0)
+    left_out = planner.plan(config)
+    assert counted.state == left_out.state and counted.activations == left_out.activations
+    assert counted.peak > left_out.peak and "op workspace" not in left_out.at_peak
 
 
 def test_fsdp_shards_over_a_fake_process_group():
@@ -194,7 +309,7 @@ def test_trainer_stops_before_loading_when_the_plan_cannot_fit(monkeypatch, tmp_
     message = str(info.value)
     assert not loaded
     assert "per GPU planned" in message and "--distributed.activation_checkpointing=full" in message
-    assert "issue 16" in message and "GiB" in message
+    assert "QLoRA" in message and "--model.quantization=nf4" in message and "GiB" in message
 
 
 def _examples():

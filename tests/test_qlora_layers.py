@@ -20,7 +20,7 @@ from fastft import quantization  # noqa: E402
 from fastft.patching import lora as lora_patch  # noqa: E402
 from fastft.patching.report import PatchReport  # noqa: E402
 from numerics import assert_within_eager  # noqa: E402
-from test_lora_linear import SeededDropout  # noqa: E402
+from test_lora_linear import use_kernel_dropout  # noqa: E402
 
 dq = importlib.import_module("fastft.kernels.dequantize_4bit")  # the module: the package exports its function
 
@@ -80,14 +80,6 @@ def _sides(model, dtype_truth=torch.float64):
     return fused, eager, truth
 
 
-def _seed_dropout(*models, p):
-    for model in models:
-        for m in model.modules():
-            if lora_patch.is_lora_layer(m) and p > 0:
-                for k in m.lora_dropout:
-                    m.lora_dropout[k] = SeededDropout(p)
-
-
 def _compare(sides, x, names, dtype, grad_dtype=None, factor=2.0):
     """Forward the three sides on x (cast to each side's input dtype), backward one upstream
     gradient, and judge output and dx in `dtype`'s terms, the gradients of `names` in
@@ -143,7 +135,7 @@ def test_fused_4bit_lora_linear_matches_peft(case, precision):
     layer = fused.base_model.model.proj
     assert type(layer).__name__ == "Linear4bit" and lora_patch.static_reason(layer) == ""
     lora_patch.install_layer(layer)
-    _seed_dropout(eager, truth, p=p)
+    use_kernel_dropout(eager, truth, p=p)
     x = torch.randn(n, in_f).to(x_dtype)
     # The adapters' gradients do not go through the base product: they are as exact as x and dY.
     _compare((fused, eager, truth), x, ["base_model.model.proj.lora_A.default.weight",
@@ -183,7 +175,7 @@ def test_fused_4bit_lora_mlp_matches_peft(case):
     lora_patch.install(fused, report, skip=set())
     assert [e.replacement for e in report.entries].count(expected) == 1, str(report)
     assert [e.replacement for e in report.entries].count("lora_linear") == 3, str(report)
-    _seed_dropout(eager, truth, p=p)
+    use_kernel_dropout(eager, truth, p=p)
     names = [f"base_model.model.{proj}.lora_{ab}.default.weight" for proj in ("gate_proj", "up_proj", "down_proj")
              for ab in "AB"]
     _compare((fused, eager, truth), torch.randn(2, 5, 64).to(x_dtype), names, rule)

@@ -7,6 +7,8 @@ tests/test_architectures.py, compares loss, logits and every gradient in fp32 an
 the kernels are installed the mixer is handed seq_idx instead.
 """
 
+import copy
+
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
@@ -16,6 +18,7 @@ from fastft import attention
 from fastft.architectures import NATIVE
 from fastft.patching import packed_probe, recurrent
 from fastft.patching.report import PatchReport
+from numerics import assert_within_eager
 
 BAMBA = next(a for a in NATIVE if a.name == "Bamba")
 
@@ -36,6 +39,7 @@ def test_unpatched_bamba_leaks_and_patched_bamba_does_not():
 def test_the_torch_path_runs_each_document_from_the_zero_state():
     model = _bamba()
     mixer = model.model.layers[0].mamba
+    truth_mixer = copy.deepcopy(mixer).double()  # the tolerance rule's truth: unpatched, float64
     report = fastft.patch(model, rms_norm=False, cross_entropy=False)
     lengths = (7, 20, 5)  # 20 > the chunk size 16: the chunked scan crosses a chunk boundary
     hidden = torch.randn(1, sum(lengths), model.config.hidden_size)
@@ -45,9 +49,9 @@ def test_the_torch_path_runs_each_document_from_the_zero_state():
     with torch.no_grad(), attention.active(state):
         packed = mixer(hidden_states=hidden)[0]
     with torch.no_grad():
-        alone = torch.cat([mixer.forward.__wrapped__(hidden[:, s:s + n])[0]
-                           for s, n in zip((0, 7, 27), lengths)])
-    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-6)
+        alone, truth = (torch.cat([forward(hidden[:, s:s + n].to(dtype))[0] for s, n in zip((0, 7, 27), lengths)])
+                        for forward, dtype in ((mixer.forward.__wrapped__, torch.float32), (truth_mixer, torch.float64)))
+    assert_within_eager("packed mixer", packed, alone, truth, torch.float32)
     assert report.attention_calls[("model.layers.0.mamba", "recurrent/per-document")] == 1
 
 

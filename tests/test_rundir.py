@@ -75,3 +75,19 @@ def test_default_run_folders_are_new_per_run_and_latest_points_at_the_newest(tmp
     assert os.path.realpath("runs/latest") == os.path.realpath(b)
     # --checkpoint.resume=true without a folder continues the newest run.
     assert rundir._decide(None, resume=True, resume_from=None, overwrite=False) == os.path.realpath(b)
+
+
+def test_a_run_that_fails_before_its_first_result_leaves_nothing(tmp_path, monkeypatch):
+    """A model that cannot be loaded stops the run during set-up: no empty run folder is left, the
+    same folder can be used again at once, and runs/latest still names the newest real run."""
+    monkeypatch.chdir(tmp_path)
+    real = finetune(_config(None)).run_dir
+    missing = {"name": str(tmp_path / "no-such-model"), "config": None}
+    for run_dir in (None, tmp_path / "mine"):
+        with pytest.raises(Exception, match="no-such-model"):
+            finetune(_config(run_dir, model=missing))
+    assert sorted(os.listdir("runs")) == sorted([os.path.basename(real), "latest"])
+    assert os.path.realpath("runs/latest") == os.path.realpath(real)
+    assert not (tmp_path / "mine").exists()
+    finetune(_config(tmp_path / "mine"))  # not refused: nothing of the failed run is there
+    assert (tmp_path / "mine" / "metrics.jsonl").is_file()

@@ -4,6 +4,7 @@ one chunk of [tokens, intermediate] activations at a time, through the fused LoR
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -43,17 +44,27 @@ def test_tiled_equals_untiled_full_finetuning(model_type):
     assert all("forward" not in m.__dict__ for m in tiled.modules())
 
 
-def test_tiled_fused_lora_mlp_equals_untiled():
-    """LoRA on every linear, fastft.patch'ed (the fused LoRA MLP kernel under the interpreter),
-    then tiled: each chunk runs the fused block; equal to the untiled patched model."""
+needs_bitsandbytes = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+                                        reason="QLoRA needs bitsandbytes")
+
+
+@pytest.mark.parametrize("quantization", ["none", pytest.param("nf4", marks=[needs_bitsandbytes, pytest.mark.slow])])
+def test_tiled_fused_lora_mlp_equals_untiled(quantization):
+    """LoRA on every linear (over a 4-bit NF4 base: QLoRA), fastft.patch'ed (the fused LoRA MLP
+    kernel under the interpreter), then tiled: each chunk runs the fused block; equal to the
+    untiled patched model."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     import fastft
 
     config = _arch("llama").tiny_config()
-    model = get_peft_model(AutoModelForCausalLM.from_config(config),
-                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")).train()
+    base = AutoModelForCausalLM.from_config(config)
+    if quantization != "none":
+        from fastft import quantization as q
+
+        q.quantize_model(base, q.settings(quantization, True, "auto", torch.float32))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")).train()
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)
@@ -81,6 +92,26 @@ def test_tiled_fused_lora_mlp_equals_untiled():
     # 42 tokens in chunks of 8 per layer: 6 chunks, forward and the recomputation in the backward
     assert sorted(calls) == sorted([8, 8, 8, 8, 8, 2] * (2 * config.num_hidden_layers))
     assert_runs_within_eager(got, eager, truth, precision(model))
+
+
+@needs_bitsandbytes
+def test_fused_qlora_mlp_is_tiled():
+    """Over a 4-bit base (QLoRA) the fused LoRA MLP is tiled too: its probe (tiled == untiled on a
+    random input, in the input dtype, not the packed weight's uint8) passes; the slow test above
+    checks the loss and every gradient."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    import fastft
+    from fastft import quantization as q
+
+    config = _arch("llama").tiny_config(num_hidden_layers=1)
+    base = AutoModelForCausalLM.from_config(config)
+    q.quantize_model(base, q.settings("nf4", True, "auto", torch.float32))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    fastft.patch(model)
+    report = PatchReport("test")
+    assert tiled_mlp.apply(model, 3, report) == ["base_model.model.model.layers.0.mlp"], str(report)
 
 
 def test_one_chunk_of_intermediate_activations_is_saved():

@@ -52,6 +52,7 @@ from torch import nn
 
 from fastft import quantization
 from fastft.kernels import lora_linear, lora_mlp
+from fastft.kernels._common import autocast_dtype
 from fastft.kernels.lora_mlp import ACTIVATIONS, lora_mlp_reference
 
 FORWARD_ATTR = "_fastft_lora_forward"
@@ -115,10 +116,9 @@ def fused_operands(module: nn.Module, x: torch.Tensor):
         return None
     drop = module.lora_dropout[name]
     p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
-    device_type = x.device.type
     four_bit = quantization.is_4bit(base)
-    if torch.is_autocast_enabled(device_type):  # as autocast runs the three nn.Linear calls
-        dtype = torch.get_autocast_dtype(device_type)
+    dtype = autocast_dtype(x.device.type)
+    if dtype is not None:  # as autocast runs the three nn.Linear calls
         w = quantization.quant4bit(base, dtype) if four_bit else w.to(dtype)
         x, a, bm = x.to(dtype), a.to(dtype), bm.to(dtype)
         b = None if b is None else b.to(dtype)

@@ -86,6 +86,16 @@ def _tiled(original, setting, hidden: int):
     return forward
 
 
+def _input_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype the MLP's inputs come in: its first projection's weight's (a 4-bit one's: the dtype
+    it was quantized from, not its packed uint8)."""
+    from fastft import quantization
+
+    base = next(getattr(c, "base_layer", c) for c in module.children()
+                if isinstance(getattr(c, "base_layer", c), nn.Linear))
+    return quantization.weight_dtype(base) if quantization.is_4bit(base) else base.weight.dtype
+
+
 def _probe(module: nn.Module, hidden: int) -> str:
     """'' when tiling this module reproduces it on a random input, else why not."""
     weight = next(module.parameters())
@@ -93,11 +103,12 @@ def _probe(module: nn.Module, hidden: int) -> str:
         from fastft.patching.lora import _random_copy
 
         return _probe(_random_copy(module), hidden)
+    dtype = _input_dtype(module)
     modes = {m: m.training for m in module.modules()}
     module.eval()
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[weight.device] if weight.is_cuda else []):
-            x = torch.randn(2, 5, hidden, device=weight.device).to(weight.dtype)
+            x = torch.randn(2, 5, hidden, device=weight.device).to(dtype)
             plain = module(x)
             tiled = _tiled(module.forward, 3, hidden)(x)
     except Exception as exc:  # a forward that wants more than x
@@ -107,7 +118,7 @@ def _probe(module: nn.Module, hidden: int) -> str:
             m.training = training
     if not isinstance(plain, torch.Tensor) or plain.shape != x.shape:
         return "forward does not map x to a tensor of its shape"
-    tol = 2e-2 if weight.dtype in (torch.bfloat16, torch.float16) else 1e-5
+    tol = 2e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-5
     err = ((tiled.float() - plain.float()).norm() / plain.float().norm().clamp_min(1e-30)).item()
     return "" if err <= tol else f"tiled != untiled on the probe (relative error {err:.1e}): not token-wise"
 
@@ -125,7 +136,7 @@ def apply(model: nn.Module, setting: str | int, report=None) -> list[str]:
             continue
         linears = [getattr(c, "base_layer", c) for c in module.children()]
         key = (type(module), tuple((m.in_features, m.out_features) for m in linears if isinstance(m, nn.Linear)),
-               next(module.parameters()).dtype, "forward" in module.__dict__)
+               _input_dtype(module), "forward" in module.__dict__)
         if key not in _PROBED:  # one probe per kind of MLP (a meta module's probe builds a full-size copy)
             _PROBED[key] = _probe(module, hidden)
         why = _PROBED[key]

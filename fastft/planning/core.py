@@ -14,9 +14,10 @@ from unittest import mock
 import torch
 
 from fastft.config import ConfigError, FinetuneConfig, load_config, validate
+from fastft.planning import workspace
 from fastft.planning.tracking import _categories, _module_activations, _module_name, _ref, _trackers
 
-PLAN_VERSION = 1  # bump when what a plan counts changes; recorded with every table
+PLAN_VERSION = 2  # bump when what a plan counts changes; recorded with every table (2: op workspaces, 4-bit)
 
 GiB = 2**30
 # Device memory (bytes torch.cuda reports as total_memory) of the GPUs the goals name, and what a
@@ -159,6 +160,20 @@ class Plan:
                                                  sorted(self.at_peak.items(), key=lambda kv: -kv[1]) if v))
         out.append(f"  kept for the backward: {size(self.activations)}; phase peaks: "
                    + ", ".join(f"{k} {size(v)}" for k, v in self.phase_peaks.items()))
+        if "four_bit" in setup:
+            q = setup["four_bit"]
+            out.append(f"  4-bit base: {q['layers']} layers, {size(q['packed'])} packed (in parameters) and "
+                       f"{size(q['states'])} of quantization states (in buffers); each GEMM's dequantized weight, "
+                       "freed after it, is in the op workspace")
+        if setup.get("optimizer", "adamw") != "adamw":
+            paged = setup.get("paged_optimizer_states")
+            out.append(f"  optimizer {setup['optimizer']}: bitsandbytes' 8-bit moments with fp32 scales per 256 (fp32 "
+                       "moments below 4096 elements)" + ("" if paged is None else
+                       f"; {size(paged)} of them paged (CUDA unified memory, evicted to the host under pressure; "
+                       "counted here as on the device, outside torch.cuda.max_memory_allocated)"))
+        if setup.get("workspace_unmeasured"):
+            out.append("  op workspaces not measured (counted as none): "
+                       + "; ".join(f"{k} ({v})" for k, v in setup["workspace_unmeasured"].items()))
         if self.roofline:
             r = self.roofline
             out.append(f"  roofline model on {r['gpu']} (a model, not a measurement): step {r['step_ms']:.1f} ms, "
@@ -184,14 +199,17 @@ GPU = torch.device("cuda")  # what the trainer's decisions are made for (no CUDA
 def _setup(config: FinetuneConfig, world_size: int) -> dict:
     """The trainer's own precision decision (fastft.train.decide_precision) as it falls on CUDA."""
     from fastft.distributed import DistEnv
-    from fastft.train import decide_precision
+    from fastft.train import decide_precision, quantization_settings
 
     p = decide_precision(config, DistEnv(world_size=world_size, device=GPU))
+    quant = quantization_settings(config, p)  # QLoRA's 4-bit settings, as the trainer takes them
     d, m = config.distributed, config.model
     return {"fsdp": p.fsdp, "weights": p.weights, "param_dtype": p.param_dtype, "autocast": p.autocast_on,
             "precision": (f"weights {str(p.weights).removeprefix('torch.')}"
                           + (f", FSDP2 params {p.param_dtype}" if p.fsdp else ", bf16 autocast" if p.autocast_on else "")),
-            "training": f"LoRA r={config.lora.r}" if config.lora.enabled else "full fine-tuning",
+            "training": (("QLoRA" if quant else "LoRA") + f" r={config.lora.r}" if config.lora.enabled
+                         else "full fine-tuning") + (f" ({quant.describe()})" if quant else ""),
+            "optimizer": config.optim.name, "_quant": quant,
             "activation_checkpointing": d.activation_checkpointing, "tiled_mlp": m.tiled_mlp,
             "_precision": p}
 
@@ -202,13 +220,6 @@ def _planned_config(config: FinetuneConfig, provider: str, rows: int | None, tok
         raise PlanError(f"provider={provider!r}: use 'fastft' (the recipe as fastft trains it) or 'hf' (the same "
                         "recipe unpatched: Hugging Face eager with SDPA, materialised logits)")
     config = copy.deepcopy(config)
-    # The QLoRA seam (issue 16 adds model.quantization): 4-bit bases are not planned yet. What it
-    # needs here: the quantized layers built on the meta device with their packed uint8 weights
-    # and absmax scales at their real size, and a fake implementation of the dequantize-matmul.
-    quantization = getattr(config.model, "quantization", None)
-    if quantization not in (None, "none"):
-        raise PlanError(f"model.quantization={quantization!r}: 4-bit parameters are not planned yet (the planner's "
-                        "QLoRA support follows issue 16); plan the bf16 recipe for an upper bound")
     fields, source = resolve_model(config)
     config.model.name, config.model.config = None, fields
     if provider == "hf":
@@ -341,7 +352,7 @@ def _build(config: FinetuneConfig, provider: str, setup: dict):
     from fastft.train import build_model
 
     model, report = build_model(config, _tokenizer(config), setup["weights"], meta=True,
-                                patch=provider == "fastft")
+                                patch=provider == "fastft", quant=setup["_quant"])
     d = config.distributed
     distributed.apply_activation_checkpointing(model, d.activation_checkpointing, d.checkpoint_every)
     if setup["fsdp"]:
@@ -357,7 +368,7 @@ def _one_step(config, provider, world_size, sizes, setup, observe: Callable):
     """Build, materialise as fake tensors and run one optimizer step of the trainer's loop under
     the context `observe(model, optimizer, batch)` returns; returns (that context, the exact
     parameter / gradient / optimizer-state bytes before zero_grad, the model)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
     from fastft import distributed
     from fastft.data import model_inputs
@@ -369,11 +380,18 @@ def _one_step(config, provider, world_size, sizes, setup, observe: Callable):
     o = config.optim
     with FakeTensorMode(allow_non_fake_inputs=True) as fake:
         model.to_empty(device="cpu")
+        if setup["_quant"] is not None:  # 4-bit layers: packed weights and their quantization states at real size
+            from fastft import quantization
+
+            quantization.planned_states(model, setup["_quant"], setup["weights"])
+            setup["four_bit"] = quantization.four_bit_bytes(model)
         hf = model.get_base_model() if hasattr(model, "get_base_model") else model
         if not setup["fsdp"] and hasattr(hf, "tie_weights"):
             hf.tie_weights()  # to_empty makes new tensors per module: tied embeddings would come apart
         model.train()
-        params, optimizer, _, setup["fused"], _ = build_optimizer(model, config, setup["_precision"], GPU)
+        with unset_fake_temporarily():  # bitsandbytes' 8-bit optimizers make their quantization maps from
+            # Python floats (create_dynamic_map) as they are built, which fake tensors cannot give
+            params, optimizer, _, setup["fused"], _ = build_optimizer(model, config, setup["_precision"], GPU)
         batch = {k: fake.from_tensor(v) if torch.is_tensor(v) else v for k, v in real_batch.items()}
         targets = batch["num_target_tokens"] * sizes["accumulation"] * world_size
         autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if setup["autocast"] else contextlib.nullcontext
@@ -410,6 +428,10 @@ def _one_step(config, provider, world_size, sizes, setup, observe: Callable):
             mark("optimizer")
             # What the tracker holds after the step, before zero_grad: the exact state totals.
             state = _categories(observer.get_tracker_snapshot()) if hasattr(observer, "get_tracker_snapshot") else {}
+            if getattr(optimizer, "is_paged", False):
+                from fastft import quantization
+
+                setup["paged_optimizer_states"] = quantization.paged_state_bytes(optimizer)
             optimizer.zero_grad(set_to_none=True)
             del out
     return observer, state, model
@@ -428,9 +450,14 @@ def _run(config, provider, world_size, sizes, setup, gpu) -> Plan:
         else:
             tracker = Tracker(model)
             tracker.track_external(model, optimizer, *inputs)
+        from fastft import quantization
+
+        tracker.track_buffers(quantization.state_tensors(model))  # the 4-bit layers' states
         return tracker
 
     tracker, state, _ = _one_step(config, provider, world_size, sizes, setup, observe)
+    if tracker.unmeasured:
+        setup["workspace_unmeasured"] = {name: workspace.UNMEASURED[name] for name in sorted(tracker.unmeasured)}
     at_peak = _categories(tracker.get_tracker_snapshot("peak"))
     states = state.get("optimizer states", 0) if not d.cpu_offload else 0
     fwd_bwd = max(tracker.phase_peaks.get("forward", 0), tracker.phase_peaks.get("backward", 0))
@@ -442,7 +469,8 @@ def _run(config, provider, world_size, sizes, setup, gpu) -> Plan:
         state=state, module_activations=_module_activations(tracker),
         activations=(_categories(tracker.marks["forward"]).get("activations", 0)
                      - _categories(tracker.marks["start"]).get("activations", 0)),
-        setup={k: v for k, v in setup.items() if k not in ("weights", "_precision")} | {"weights": str(setup["weights"])})
+        setup={k: v for k, v in setup.items() if k != "weights" and not k.startswith("_")}
+        | {"weights": str(setup["weights"])})
     if gpu is not None:
         from fastft.planning.roofline import estimate_time
 

@@ -140,6 +140,11 @@ def alternatives(config: FinetuneConfig, world_size: int) -> list[tuple[str, lis
         out.append(("tiled MLP", ["--model.tiled_mlp=auto"], world_size))
     if not config.lora.enabled:
         out.append(("LoRA r=16 instead of full fine-tuning", ["--lora.enabled=true"], world_size))
+    if config.model.quantization == "none":
+        out.append(("QLoRA: the base frozen in 4 bits (NF4) under LoRA", ["--model.quantization=nf4"]
+                    + ([] if config.lora.enabled else ["--lora.enabled=true"]), world_size))
+    if config.optim.name == "adamw" and world_size == 1 and not d.fsdp:  # bitsandbytes' update ops take no DTensor
+        out.append(("8-bit AdamW states (bitsandbytes)", ["--optim.name=adamw_8bit"], world_size))
     rows_field = "data.token_budget" if data.batching == "flat" else "data.max_seq_len"
     rows_value = data.token_budget if data.batching == "flat" else data.max_seq_len
     if rows_value >= 2:
@@ -151,9 +156,6 @@ def alternatives(config: FinetuneConfig, world_size: int) -> list[tuple[str, lis
     out.append(("FSDP2 CPU offload (parameters, gradients, optimizer states in host memory)",
                 ["--distributed.fsdp=true", "--distributed.cpu_offload=true"], world_size))
     return out
-
-
-QLORA_NOTE = "QLoRA (4-bit base weights): not plannable yet, 4-bit training arrives with issue 16"
 
 
 def _overridden(config: FinetuneConfig, overrides: list[str]) -> FinetuneConfig:
@@ -176,8 +178,6 @@ def fit_report(config, *, world_size: int, capacity: int, reserve: int = RESERVE
             except (PlanError, ConfigError, RuntimeError, ValueError) as exc:
                 row.update(error=f"{type(exc).__name__}: {str(exc)[:160]}", fits=False)
             rows.append(row)
-        rows.append({"what": QLORA_NOTE, "overrides": [], "world_size": world_size, "fits": False,
-                     "error": "issue 16"})
     return base, rows
 
 
@@ -190,6 +190,6 @@ def fit_message(base: dict, rows: list[dict], capacity: int, reserve: int) -> st
         if "peak" in row:
             lines.append(f"  {'fits ' if row['fits'] else 'no   '} {row['peak'] / GiB:6.1f} GiB  {row['what']}: {how}")
         else:
-            lines.append(f"  {'':5s} {'':>6s}      {row['what']}" + (f" ({row['error']})" if row.get("error") != "issue 16" else ""))
+            lines.append(f"  {'':5s} {'':>6s}      {row['what']}" + (f" ({row['error']})" if row.get("error") else ""))
     lines.append("(fastft plan RECIPE prints the full plan; the planner is fastft/planning/)")
     return "\n".join(lines)

@@ -7,12 +7,16 @@ from copy import deepcopy
 
 import torch
 
+from fastft.planning.workspace import UNMEASURED, op_workspace
+
 
 # -- torch's trackers, with the peak located ----------------------------------------------------
 
 def _trackers():
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-    from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
+    from torch._guards import active_fake_mode
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType, _ModState
+    from torch.utils import _pytree as pytree
 
     KwargsModTracker = _kwargs_mod_tracker()
 
@@ -30,6 +34,34 @@ def _trackers():
             self.where, self.phase_peaks, self.device_peak = ("", ""), {}, 0
             self._by_fqn, self._indexed = {}, -1
             self.marks: dict[str, dict] = {}
+            self.unmeasured: set[str] = set()  # ops run whose workspace could not be measured
+
+        def track_buffers(self, tensors) -> None:
+            """Tensors held with the model that are neither parameters nor buffers (the 4-bit layers'
+            quantization states), counted as buffers: whole on every rank, never trained."""
+            for t in tensors:
+                self._update_and_maybe_create_winfos(t, self._ref_class.BUFFER)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            if out is not NotImplemented and active_fake_mode() is self._fake_mode_on_entry:
+                nbytes = op_workspace(func, args, kwargs or {})
+                if nbytes:
+                    self._count_workspace(nbytes, next(t.device for t in pytree.tree_leaves((args, kwargs))
+                                                       if isinstance(t, torch.Tensor)))
+                elif UNMEASURED and getattr(getattr(func, "_schema", None), "name", None) in UNMEASURED:
+                    self.unmeasured.add(func._schema.name)
+            return out
+
+        def _count_workspace(self, nbytes: int, device) -> None:
+            """An op's workspace (workspace.py): alive with its outputs before it returns, a peak
+            candidate of its own, gone after."""
+            snap = self._curr_mem_snap.setdefault(device, dict.fromkeys(self._ref_class, 0))
+            snap[WORKSPACE] = nbytes
+            snap[_TOTAL_KEY] = snap.get(_TOTAL_KEY, 0) + nbytes
+            self._update_peak_stats(_ModState.PEAK_BW if self._mod_tracker.is_bw else _ModState.PEAK_FW)
+            snap[_TOTAL_KEY] -= nbytes
+            del snap[WORKSPACE]
 
         def mark(self, name: str) -> None:
             """Keep the current snapshot under `name` (the step's milestones)."""
@@ -90,6 +122,9 @@ def _trackers():
     return Tracker, FSDPTracker
 
 
+WORKSPACE = "Workspace"  # a snapshot's key for an op's workspace while it is counted
+
+
 def _kwargs_mod_tracker():
     from torch.distributed._tools.mod_tracker import ModTracker
 
@@ -137,7 +172,7 @@ _CATEGORY = {
     "All Gather": "gathered parameters", "Buffer": "buffers", "Gradient": "gradients",
     "Sharded Grad": "gradients", "Unsharded Grad": "gradient buffers", "Reduce Scatter": "gradient buffers",
     "Activation": "activations", "Temp": "temporaries", "Optstate": "optimizer states",
-    "OptState": "optimizer states", "Other": "inputs", "Inputs": "inputs",
+    "OptState": "optimizer states", "Other": "inputs", "Inputs": "inputs", WORKSPACE: "op workspace",
 }
 
 

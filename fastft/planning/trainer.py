@@ -77,13 +77,17 @@ def preflight(config: FinetuneConfig, env, log) -> dict | None:
 
 def report_measured(planned: dict | None, device: torch.device, log, step: int, *, first_step: bool) -> None:
     """After a step: torch.cuda.max_memory_allocated against the plan (the first step's peak for
-    the run's step 1, which has no optimizer states before its optimizer step; else the steady one)."""
+    the run's step 1, which has no optimizer states before its optimizer step; else the steady one,
+    less the optimizer states a paged optimizer keeps outside the allocator)."""
     if planned is None or device.type != "cuda":
         return
     measured = torch.cuda.max_memory_allocated(device)
-    want = planned["first_step_peak"] if first_step else planned["peak"]
+    # bitsandbytes' paged optimizer states live in CUDA unified memory, which the allocator does not count
+    paged = 0 if first_step else planned.get("setup", {}).get("paged_optimizer_states", 0)
+    want = (planned["first_step_peak"] if first_step else planned["peak"]) - paged
     log(f"memory after step {step}: {measured / GiB:.2f} GiB measured (max_memory_allocated) against "
-        f"{want / GiB:.2f} GiB planned ({100 * (measured - want) / want:+.1f}%)")
+        f"{want / GiB:.2f} GiB planned ({100 * (measured - want) / want:+.1f}%)"
+        + (f", leaving out {paged / GiB:.2f} GiB of paged optimizer states (unified memory)" if paged else ""))
 
 
 def measure_activations(config, provider: str = "fastft") -> int:
@@ -92,7 +96,8 @@ def measure_activations(config, provider: str = "fastft") -> int:
     every storage saved for backward (through torch.autograd.graph.saved_tensors_hooks), the
     tensors custom autograd nodes keep on their ctx (the fused loss keeps its gradients there),
     the checkpointed blocks' keyword inputs (checkpoint holds them for the recomputation) and the
-    outputs the loop holds; each storage once; parameters, buffers and the batch excluded."""
+    outputs the loop holds; each storage once; parameters, buffers (4-bit layers' quantization
+    states with them) and the batch excluded."""
     from fastft import distributed
     from fastft.data import model_inputs
     from fastft.planning.core import _as_config, _micro_batch, _planned_config, _setup, _tokenizer
@@ -106,7 +111,10 @@ def measure_activations(config, provider: str = "fastft") -> int:
     model.train()
     batch, _ = _micro_batch(planned, provider, model.config.vocab_size)
     storage = lambda t: t.untyped_storage()  # noqa: E731
-    excluded = {storage(t).data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    from fastft import quantization
+
+    held = [*model.parameters(), *model.buffers(), *quantization.state_tensors(model)]  # the model's, not activations
+    excluded = {storage(t).data_ptr() for t in held}
     excluded |= {storage(v).data_ptr() for v in batch.values() if torch.is_tensor(v)}
     kept: dict[int, int] = {}
 
