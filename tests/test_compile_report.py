@@ -1,8 +1,9 @@
 """Every kernel launch configuration compiles for the GPU, here on the CPU (benchmarks/compile_report.py).
 
-The default suite compiles for sm_90 (H100/H200) every kernel at every launch choice the host
-code makes at the benchmark shapes, the norms in bf16 (`--quick`: their fp16 and fp32 variants
-are the same kernels with other conversions; about 120 compiles, 40 s on 2 cold cores), and
+The default suite compiles for sm_90 (H100/H200) every kernel family at the launch choices the
+host code makes at the benchmark shapes (`--quick`: the norms in bf16, their fp16 and fp32
+variants being the same kernels with other conversions; the 4-bit LoRA ops and MoE at one model
+each; about 205 compiles, 95 s on 2 cold, shared cores), and
 fails on a compile error, any register spill (ptxas's spill stores/loads), shared memory above
 the limit or a memory-bound kernel below 50% occupancy. It also fails unless the committed
 benchmarks/COMPILE.md is fresh: it lists every sm_90 configuration the code launches (all
