@@ -238,7 +238,7 @@ def checks(cache: Cache) -> list[str]:
            "blocks' keyword inputs, the outputs), against the plan; tests/test_plan.py asserts within 5%.", "",
            "| model | mode | checkpointing | provider | planned bytes | exact bytes | error |",
            "|---|---|---|---|---:|---:|---:|"]
-    providers = ["hf"] + (["fastft"] if planning.kernels_plannable() else [])
+    providers = ["hf", "fastft"]
     for model_type, mode, ac, extra in cases:
         for provider in providers:
             tree = {"model": {"config": {"model_type": model_type, **shape, **extra},
@@ -255,11 +255,8 @@ def checks(cache: Cache) -> list[str]:
             err = (r["planned"] - r["exact"]) / r["exact"]
             out.append(f"| {model_type} | {mode} | {ac} | {provider} | {r['planned']:,} | {r['exact']:,} | "
                        f"{100 * err:+.2f}% |")
-    if "fastft" not in providers:
-        out.append("\nfastft provider rows need the kernels' custom ops (issue 13).")
-    else:
-        out.append("\nfastft rows: the fused kernels' custom ops (the Triton interpreter in the real step); attention "
-                   "stays SDPA there, since the planned varlen op has no CPU implementation to count against.")
+    out.append("\nfastft rows: the fused kernels' custom ops (the Triton interpreter in the real step); attention "
+               "stays SDPA there, since the planned varlen op has no CPU implementation to count against.")
     return out
 
 

@@ -81,7 +81,6 @@ FASTFT_CASES = [pytest.param("llama", dict(lora=True), id="llama-lora"),
                 pytest.param("llama", dict(lora=True, quantization="nf4"), marks=needs_bitsandbytes, id="llama-qlora")]
 
 
-@pytest.mark.skipif(not planner.kernels_plannable(), reason="fastft.kernels has no custom ops with fakes yet (issue 13)")
 @pytest.mark.parametrize("model_type,kw", FASTFT_CASES)
 def test_fastft_provider_activations_match_saved_tensors(model_type, kw):
     """The fused kernels' custom ops: their fake implementations in the plan, the Triton
@@ -318,10 +317,6 @@ def _examples():
     return sorted(str(p) for p in (pathlib.Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
 
 
-def _provider():
-    return "fastft" if planner.kernels_plannable() else "hf"
-
-
 @pytest.mark.parametrize("recipe", [r for r in _examples() if any(k in r for k in ("3.2_1b_lora", "gemma3_1b_full",
                                                                                    "qwen3_8b"))],
                          ids=lambda r: r.rsplit("/", 1)[-1])
@@ -329,7 +324,7 @@ def test_example_recipes_plan_at_one_layer(recipe, monkeypatch):
     """Recipes naming hub models plan without the hub (PUBLISHED), here cut to one layer."""
     for name, fields in list(core.PUBLISHED.items()):
         monkeypatch.setitem(core.PUBLISHED, name, {**fields, "num_hidden_layers": 1})
-    p = planner.plan(recipe, provider=_provider())
+    p = planner.plan(recipe, provider="fastft")
     assert p.peak > p.state["parameters"] > 0 and "PUBLISHED" in p.setup["source"]
 
 
@@ -337,6 +332,6 @@ def test_example_recipes_plan_at_one_layer(recipe, monkeypatch):
 @pytest.mark.parametrize("recipe", _examples(), ids=lambda r: r.rsplit("/", 1)[-1])
 def test_every_example_recipe_plans_on_a_cpu(recipe):
     """Every recipe in examples/ at full size, both providers where the kernels can be planned."""
-    for provider in dict.fromkeys([_provider(), "hf"]):
+    for provider in ("fastft", "hf"):
         p = planner.plan(recipe, provider=provider)
         assert p.peak > 0 and p.seconds < 600, (recipe, provider, p.seconds)

@@ -77,13 +77,13 @@ planned peak of each; after step 1 it prints measured against planned.
 from __future__ import annotations
 
 from fastft.planning.core import (GPU_MEMORY, PLAN_VERSION, PUBLISHED, RESERVE, Plan, PlanDoesNotFit, PlanError,
-                                  kernels_plannable, plan, resolve_model, size)
+                                  plan, resolve_model, size)
 from fastft.planning.roofline import GPUS, estimate_time
 from fastft.planning.search import ContextSearch, alternatives, fit_report, max_context, scaling
 from fastft.planning.trainer import (device_capacity, measure_activations, plan_in_subprocess, preflight,
                                      report_measured)
 
 __all__ = ["GPUS", "GPU_MEMORY", "PLAN_VERSION", "PUBLISHED", "RESERVE", "ContextSearch", "Plan", "PlanDoesNotFit",
-           "PlanError", "alternatives", "device_capacity", "estimate_time", "fit_report", "kernels_plannable",
+           "PlanError", "alternatives", "device_capacity", "estimate_time", "fit_report",
            "max_context", "measure_activations", "plan", "plan_in_subprocess", "preflight", "report_measured",
            "resolve_model", "scaling", "size"]

@@ -290,8 +290,7 @@ def _planning(world_size: int, fsdp: bool):
                             "one (fastft.planning.plan_in_subprocess does)")
     try:
         with contextlib.ExitStack() as stack:
-            stack.enter_context(attention.as_on_gpu())
-            stack.enter_context(_kernels_as_on_gpu())
+            stack.enter_context(attention.as_on_gpu())  # attention and the kernels' ops as on CUDA
             for module, name, replacement in ((_sharding_prop, "detect_fake_mode", lambda *a, **k: None),
                                               (masking_utils, "find_packed_sequence_indices", lambda position_ids: None)):
                 if hasattr(module, name):  # other torch / transformers versions may not have them
@@ -300,24 +299,6 @@ def _planning(world_size: int, fsdp: bool):
     finally:
         if started:
             dist.destroy_process_group()
-
-
-@contextlib.contextmanager
-def _kernels_as_on_gpu():
-    """The fused kernels' custom ops (their fake implementations) rather than the torch references a
-    CPU would run, where fastft.kernels offers the switch (issue 13's custom ops)."""
-    from fastft.kernels import _common
-
-    switch = getattr(_common, "as_on_gpu", None)
-    with switch() if switch is not None else contextlib.nullcontext():
-        yield
-
-
-def kernels_plannable() -> bool:
-    """Whether fastft.kernels' ops have fake implementations the planner can run."""
-    from fastft.kernels import _common
-
-    return hasattr(_common, "as_on_gpu")
 
 
 def plan(config, *, world_size: int = 1, provider: str = "fastft", rows: int | None = None,
@@ -331,10 +312,6 @@ def plan(config, *, world_size: int = 1, provider: str = "fastft", rows: int | N
     """
     start = time.perf_counter()
     config, source = _planned_config(_as_config(config), provider, rows, tokens)
-    if provider == "fastft" and config.model.patch and not kernels_plannable():
-        raise PlanError("the fastft provider plans the fused kernels through their custom ops' fake "
-                        "implementations, which this fastft.kernels does not have yet (issue 13); plan "
-                        "--provider hf, or the recipe with --model.patch=false")
     from fastft.train import batch_plan
 
     sizes = batch_plan(config, world_size)
