@@ -151,16 +151,38 @@ def _mlp_4bit_case(N=64, H=128, I=320, r=8):
     return torch.randn(N, H, dtype=torch.bfloat16), four_bit, plain, weights
 
 
+def _workspace_both_ways(name: str, args: tuple) -> int:
+    """The workspace of one call of fastft op `name`, measured as the planner does (its host code on
+    meta copies) and asserted equal to the same host code run on the real CPU tensors under
+    MemTracker (launches dropped, as the planner does), and not zero."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from fastft.kernels import _common
+    from fastft.planning import workspace
+
+    op = getattr(torch.ops.fastft, name).default
+    host = _common.HOST_CODE[op._schema.name]
+    tracker = MemTracker()
+    tracker.track_external(*[t for t in torch.utils._pytree.tree_leaves(args) if torch.is_tensor(t)])
+    with _common.recording_launches(workspace.CAPABILITY, workspace.SM_COUNT, keep=False), tracker:
+        before = workspace._total(tracker.get_tracker_snapshot())
+        out = host(*args)
+        peak = workspace._total(tracker.get_tracker_snapshot("peak"))
+    outputs = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+               for t in torch.utils._pytree.tree_leaves(out) if torch.is_tensor(t) and t.numel()}
+    real = peak - before - sum(outputs.values())
+    measured = workspace.measure(host, op._schema, args, {})
+    assert measured == real > 0, name
+    return measured
+
+
 @needs_bitsandbytes
 def test_workspace_is_what_the_op_holds_inside():
     """An op's workspace (what a tracker, seeing outputs only, misses) is measured from the op's own
     host code on meta tensors: equal to the same host code run on real CPU tensors under torch's
     MemTracker (launches dropped, as the planner does); and over a 4-bit base the forward holds one
     dequantized weight more than dense, W_down [H, I] in bf16 with its fp32 block scales."""
-    from torch.distributed._tools.mem_tracker import MemTracker
-
     from fastft.kernels import _common
-    from fastft.planning import workspace
 
     x, (params, has_bias, meta), plain, weights = _mlp_4bit_case()
     seeds, drops, scales = torch.zeros(3, dtype=torch.int64), [0.0] * 3, [2.0] * 3
@@ -171,28 +193,53 @@ def test_workspace_is_what_the_op_holds_inside():
     needs = [True] + [t.dtype == torch.float32 and t.dim() == 2 for t in params]  # dX and the adapters
     calls["lora_mlp_4bit_bwd"] = (dy, x, *outs["lora_mlp_4bit"][1:], params, has_bias, meta, "silu", drops, seeds,
                                   scales, needs)
-    measured = {}
-    for name, args in calls.items():
-        op = getattr(torch.ops.fastft, name).default
-        host = _common.HOST_CODE[op._schema.name]
-        tracker = MemTracker()
-        tracker.track_external(*[t for t in torch.utils._pytree.tree_leaves(args) if torch.is_tensor(t)])
-        with _common.recording_launches(workspace.CAPABILITY, workspace.SM_COUNT, keep=False), tracker:
-            before = workspace._total(tracker.get_tracker_snapshot())
-            out = host(*args)
-            peak = workspace._total(tracker.get_tracker_snapshot("peak"))
-        outputs = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                   for t in torch.utils._pytree.tree_leaves(out) if torch.is_tensor(t) and t.numel()}
-        real = peak - before - sum(outputs.values())
-        measured[name] = workspace.measure(host, op._schema, args, {})
-        assert measured[name] == real > 0, name
+    measured = {name: _workspace_both_ways(name, args) for name, args in calls.items()}
     w_down = weights[2]
     dequantized = w_down.shape[0] * w_down.shape[1] * 2 + 4 * w_down.absmax.numel()
     assert measured["lora_mlp_4bit"] - measured["lora_mlp"] == dequantized
 
 
+def test_moe_workspace_is_measured(monkeypatch):
+    """The MoE experts op's host code routes on the device (kernels/moe.py: route, no host read), so
+    its workspace is measured like the others, forward and backward, with and without expert LoRA:
+    in the forward, with the op's outputs (the fake run's picture) made before the peak: at least
+    h [S, I] and the per-slot outputs ys [S, H] (alive together, and freed before the combined
+    output [N, H] exists), less that output."""
+    from fastft.kernels import _common, moe
+    from fastft.planning import tracking, workspace
+
+    torch.manual_seed(0)
+    n_tokens, hidden, inter, n_experts, top_k, rank = 24, 32, 16, 4, 2, 4
+    x = torch.randn(n_tokens, hidden, dtype=torch.bfloat16)
+    idx = torch.randint(0, n_experts, (n_tokens, top_k))
+    w = torch.rand(n_tokens, top_k, dtype=torch.bfloat16)
+    gate_up = torch.randn(n_experts, 2 * inter, hidden, dtype=torch.bfloat16)
+    down = torch.randn(n_experts, hidden, inter, dtype=torch.bfloat16)
+    factors = (torch.randn(n_experts, rank, hidden), torch.randn(n_experts, 2 * inter, rank),
+               torch.randn(n_experts, rank, inter), torch.randn(n_experts, hidden, rank))
+    slots, block_m = n_tokens * top_k, moe.row_block(workspace.CAPABILITY, n_tokens * top_k, n_experts)
+    for loras in ((None,) * 4, tuple(f.to(torch.bfloat16) for f in factors)):
+        forward = (x, idx, w, gate_up, down, *loras, "silu", "concatenated", 2.0, 2.0, 1.0, block_m)
+        fwd = _workspace_both_ways("moe_experts", forward)
+        assert fwd >= (slots * (inter + hidden) - n_tokens * hidden) * x.element_size()
+        _, gu, xa, hd = _common.HOST_CODE["fastft::moe_experts"](*forward)
+        needs = [True, True, loras[0] is None, loras[0] is None] + [loras[0] is not None] * 4
+        backward = (torch.randn_like(x), x, idx, w, gate_up, down, *loras, gu, xa, hd, "silu", "concatenated",
+                    2.0, 2.0, 1.0, block_m, needs)
+        _workspace_both_ways("moe_experts_bwd", backward)
+    # and a MoE model's plan counts it (its peak falls without it), naming no op as unmeasured
+    config = _config("qwen3_moe", rows=1, tokens=32, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                     head_dim=16)
+    counted = planner.plan(config)
+    assert "moe" in counted.setup["patched"] and not counted.setup.get("workspace_unmeasured")
+    measured = tracking.op_workspace
+    monkeypatch.setattr(tracking, "op_workspace", lambda func, args, kwargs: 0 if "moe" in str(func)
+                        else measured(func, args, kwargs))
+    assert planner.plan(config).peak < counted.peak
+
+
 def test_an_op_whose_host_code_cannot_run_on_meta_is_named(monkeypatch):
-    """Host code that reads values (the MoE op's routing counts) cannot run on meta tensors: that
+    """Host code that reads values (say, a count read with .item()) cannot run on meta tensors: that
     op's workspace counts as none, and the plan says so (Plan.setup["workspace_unmeasured"])."""
     from fastft.kernels import _common
     from fastft.planning import workspace

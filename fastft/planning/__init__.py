@@ -63,8 +63,9 @@ during the optimizer step) and reported apart, being outside torch.cuda.max_memo
 Planned as eager: distributed.compile (torch.compile's fusions save less). Not seen by the
 tracker (so not in the plan): memory inside an op that is not one of its outputs, for torch's
 own ops (cuBLAS and FlashAttention workspaces: a few MiB) and for an op whose host code cannot
-run on meta tensors (the MoE experts op reads routing counts on the host; the plan names such
-ops: Plan.setup["workspace_unmeasured"]), the CUDA context (outside
+run on meta tensors (none of fastft's today: the MoE experts op routes on the device, so its
+sorted-row temporaries are counted too; the plan would name such an op in
+Plan.setup["workspace_unmeasured"]), the CUDA context (outside
 torch.cuda.max_memory_allocated, but on the device: RESERVE below keeps room for it) and the
 caching allocator's fragmentation (reserved minus allocated). gpu.sh records planned against
 torch.cuda.max_memory_allocated for every end-to-end row when a GPU is lent.
