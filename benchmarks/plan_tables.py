@@ -44,11 +44,11 @@ LENGTHS = [4096, 32768, 131072]
 
 
 def recipe(model: str, mode: str, setting: str, *, rows: int = 1, tokens: int = 4096, harness: bool = False,
-           layers: bool = False) -> tuple[dict, str]:
+           layers: bool = False, optim: str = "adamw") -> tuple[dict, str]:
     """(the recipe tree, provider). mode: "full", "lora" or "qlora" (LoRA over an NF4 base with
     double quantization). harness: the e2e benchmark's own setup (bf16 weights and AdamW states, no
     checkpointing, its reduced depths); else the trainer's (fp32 master weights for full
-    fine-tuning, bf16 autocast)."""
+    fine-tuning, bf16 autocast). optim: optim.name (adamw_8bit: bitsandbytes' 8-bit states)."""
     spec = BY_NAME[model]
     provider, extra = SETTINGS[setting]
     shape = {"model_type": spec.model_type, **spec.shape}
@@ -59,7 +59,7 @@ def recipe(model: str, mode: str, setting: str, *, rows: int = 1, tokens: int = 
                       **({"quantization": "nf4"} if mode == "qlora" else {})},
             "lora": {"enabled": mode != "full", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
             "data": {"batching": "packed", "batch_size": rows, "max_seq_len": tokens},
-            "train": {"precision": "bf16"}}
+            "train": {"precision": "bf16"}, **({"optim": {"name": optim}} if optim != "adamw" else {})}
     for section, values in extra.items():
         tree.setdefault(section, {}).update(values)
     return tree, provider
@@ -133,23 +133,31 @@ def goals(cache: Cache) -> list[str]:
             "fastft: as patched (fused norms, loss, varlen attention), no checkpointing, like HF eager; "
             "+ tiled MLP: the MLP recomputed per 1024-token chunk (model.tiled_mlp=1024: one more MLP forward "
             "per step); + AC: activation checkpointing on every block.", "",
-            "| precision | rows x tokens | HF eager | fastft | fastft + tiled MLP | fastft + AC | goal (<= 0.6) |",
-            "|---|---|---:|---:|---:|---:|---|"]
-    for harness, label in ((False, "trainer: fp32 master weights, bf16 autocast"), (True, "bf16 weights and states")):
-        for rows in (1, 8):
-            hf = _plan(cache, *recipe("Llama-3.2-1B", "full", "HF eager", rows=rows, harness=harness))
-            cells, met = [], []
-            for setting in ("fastft", "fastft + tiled MLP", "fastft + AC"):
-                ft = _plan(cache, *recipe("Llama-3.2-1B", "full", setting, rows=rows, harness=harness))
-                if "error" in hf or "error" in ft:
-                    cells.append("n/a")
-                    continue
-                ratio = ft["peak"] / hf["peak"]
-                cells.append(f"{_gib(ft)} ({ratio:.2f}x)")
-                if ratio <= 0.6:
-                    met.append(setting)
-            out.append(f"| {label} | {rows} x 4096 | {_gib(hf)} | " + " | ".join(cells) + " | "
-                       + (f"met by {', '.join(met)}" if met else "missed") + " |")
+            "Both sides train the same recipe; the optimizer step holds the weights, their gradients and "
+            "the optimizer states whatever the activations do, so where that alone is above 0.6x of HF "
+            "eager's peak the goal cannot be met by any activation saving (the goal cell says so).", "",
+            "| precision | optimizer | rows x tokens | HF eager | fastft | fastft + tiled MLP | fastft + AC | goal (<= 0.6) |",
+            "|---|---|---|---:|---:|---:|---:|---|"]
+    cases = [(False, "adamw", 1), (False, "adamw", 8), (False, "adamw_8bit", 1), (True, "adamw", 1), (True, "adamw", 8)]
+    labels = {False: "trainer: fp32 master weights, bf16 autocast", True: "bf16 weights and states"}
+    for harness, optim, rows in cases:
+        hf = _plan(cache, *recipe("Llama-3.2-1B", "full", "HF eager", rows=rows, harness=harness, optim=optim))
+        cells, met = [], []
+        for setting in ("fastft", "fastft + tiled MLP", "fastft + AC"):
+            ft = _plan(cache, *recipe("Llama-3.2-1B", "full", setting, rows=rows, harness=harness, optim=optim))
+            if "error" in hf or "error" in ft:
+                cells.append("n/a")
+                continue
+            ratio = ft["peak"] / hf["peak"]
+            cells.append(f"{_gib(ft)} ({ratio:.2f}x)")
+            if ratio <= 0.6:
+                met.append(setting)
+        goal = f"met by {', '.join(met)}" if met else "missed"
+        if not met and "error" not in hf and "error" not in ft:
+            floor = ft["phase_peaks"]["optimizer"] / hf["peak"]
+            if floor > 0.6:
+                goal += f" (the optimizer step alone is {floor:.2f}x)"
+        out.append(f"| {labels[harness]} | {optim} | {rows} x 4096 | {_gib(hf)} | " + " | ".join(cells) + f" | {goal} |")
     return out
 
 
