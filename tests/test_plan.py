@@ -238,6 +238,59 @@ def test_moe_workspace_is_measured(monkeypatch):
     assert planner.plan(config).peak < counted.peak
 
 
+class _TwoUses(torch.nn.Module):
+    """One weight used twice, as a tied embedding and lm_head: its gradient is the sum of two."""
+
+    def __init__(self, autocast: bool, vocab: int = 4096, hidden: int = 64):
+        super().__init__()
+        self.weight, self.autocast = torch.nn.Parameter(torch.randn(vocab, hidden)), autocast
+
+    def forward(self, ids):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            hidden = torch.nn.functional.embedding(ids, self.weight)
+            return torch.nn.functional.linear(hidden.to(torch.bfloat16) if self.autocast else hidden,
+                                              self.weight).float().sum()
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_gradient_sums_are_planned_as_the_engine_makes_them(monkeypatch, autocast):
+    """The autograd engine sums a tensor's two gradients in place when it can (under autocast the
+    lm_head's arrives as a fresh fp32 cast: in place; without, as a view: out of place), but always
+    out of place under a dispatch mode, so the tracker holds back such a sum's peak
+    (tracking._is_accumulation). The engine's choice, seen by the profiler (no dispatch mode), is
+    what the planned backward peak follows: one [vocab, hidden] fp32 buffer less when in place, the
+    same when not."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastft.planning import tracking
+
+    ids = torch.randint(0, 4096, (32,))
+    model = _TwoUses(autocast)
+    loss = model(ids)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        loss.backward()
+    in_place = "aten::add_" in {e.name for e in prof.events()}
+    assert in_place == autocast  # the premise: what the engine does in eager
+
+    def backward_peak():
+        Tracker, _ = tracking._trackers()
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            fake, fake_ids = _TwoUses(autocast), torch.randint(0, 4096, (32,))
+            tracker = Tracker(fake)
+            tracker.track_external(fake)
+            with tracker:
+                fake(fake_ids).backward()
+        return tracker.phase_peaks["backward"]
+
+    planned = backward_peak()
+    monkeypatch.setattr(tracking, "_dense", lambda t: False)  # no sum taken for in place
+    traced = backward_peak()  # every sum out of place, as traced
+    if not in_place:
+        assert traced == planned
+    else:  # the traced peak is the out-of-place sum; the planned one just before it (a [tokens, hidden] apart)
+        assert abs((traced - planned) - 4096 * 64 * 4) <= 32 * 64 * 4
+
+
 def test_an_op_whose_host_code_cannot_run_on_meta_is_named(monkeypatch):
     """Host code that reads values (say, a count read with .item()) cannot run on meta tensors: that
     op's workspace counts as none, and the plan says so (Plan.setup["workspace_unmeasured"])."""

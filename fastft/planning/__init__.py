@@ -31,7 +31,12 @@ minute, measured by torch's own memory tracker:
      workspace (workspace.py): what a fused op allocates and frees before it returns (the fused
      loss's logits chunk, the LoRA MLP's [tokens, intermediate] temporaries, a 4-bit weight
      dequantized around its GEMM), measured from the op's own host code on meta tensors and
-     counted, category "op workspace", while the op runs.
+     counted, category "op workspace", while the op runs; and the autograd engine's in-place
+     gradient sums (a tied embedding's two gradients, a residual join): under any dispatch mode
+     the engine sums out of place, holding one gradient more than the GPU's run for that instant
+     (for a tied embedding, a [vocab, hidden] fp32 buffer), so such a sum's peak is dropped when
+     the engine would have summed in place (tracking._Located._is_accumulation: the first
+     operand dense, not a view, and dead after the sum).
 
 Provider "fastft" is the recipe as fastft trains it; "hf" the same recipe unpatched (Hugging
 Face eager: SDPA attention, materialised logits, rows without padding), in an HF-Trainer-style

@@ -17,7 +17,7 @@ from fastft.config import ConfigError, FinetuneConfig, load_config, validate
 from fastft.planning import workspace
 from fastft.planning.tracking import _categories, _module_activations, _module_name, _ref, _trackers
 
-PLAN_VERSION = 2  # bump when what a plan counts changes; recorded with every table (2: op workspaces, 4-bit)
+PLAN_VERSION = 3  # bump when what a plan counts changes; recorded with every table (2: op workspaces, 4-bit; 3: gradient sums in place)
 
 GiB = 2**30
 # Device memory (bytes torch.cuda reports as total_memory) of the GPUs the goals name, and what a

@@ -3,6 +3,7 @@ O(depth), frozen parameters, keyword inputs (fastft/planning/__init__.py explain
 
 from __future__ import annotations
 
+import weakref
 from copy import deepcopy
 
 import torch
@@ -35,6 +36,7 @@ def _trackers():
             self._by_fqn, self._indexed = {}, -1
             self.marks: dict[str, dict] = {}
             self.unmeasured: set[str] = set()  # ops run whose workspace could not be measured
+            self._deferred, self._pending = None, None  # a gradient sum's held peak updates (_is_accumulation)
 
         def track_buffers(self, tensors) -> None:
             """Tensors held with the model that are neither parameters nor buffers (the 4-bit layers'
@@ -43,7 +45,16 @@ def _trackers():
                 self._update_and_maybe_create_winfos(t, self._ref_class.BUFFER)
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = super().__torch_dispatch__(func, types, args, kwargs)
+            self._settle_accumulation()
+            summing = self._is_accumulation(func, args, kwargs)
+            if summing:
+                self._deferred = []
+            try:
+                out = super().__torch_dispatch__(func, types, args, kwargs)
+            finally:
+                deferred, self._deferred = self._deferred, None
+            if summing and deferred:
+                self._pending = (weakref.ref(args[0].untyped_storage()), deferred)
             if out is not NotImplemented and active_fake_mode() is self._fake_mode_on_entry:
                 nbytes = op_workspace(func, args, kwargs or {})
                 if nbytes:
@@ -63,6 +74,37 @@ def _trackers():
             snap[_TOTAL_KEY] -= nbytes
             del snap[WORKSPACE]
 
+        # The autograd engine sums the gradients a tensor gets from two uses (a tied embedding and
+        # lm_head, a residual join) into the first one in place (old_var.add_(var)) when that one
+        # is dense and the engine holds its last reference (torch/csrc/autograd/input_buffer.cpp,
+        # accumulate), but out of place (old_var + var) when either is a tensor subclass or a
+        # dispatch mode is active: always, under this tracker and FakeTensorMode. Traced, that sum
+        # holds one gradient more than the GPU does for the instant of the add (for a tied
+        # embedding, a [vocab, hidden] fp32 buffer). So a backward add.Tensor of two same-shaped
+        # tensors, the first dense and not a view (a view's base holds its storage too: the engine
+        # sums out of place), with grad mode off, has its peak update held back until the next op:
+        # if by then the first has died, as the engine's in-place sum leaves it, the held update is
+        # dropped (the memory just before, both operands alive, was counted then); else it is
+        # applied as it was. A C++ backward formula's own out-of-place sum whose first operand dies
+        # with it passes the same test: its instant extra is not counted.
+        def _is_accumulation(self, func, args, kwargs) -> bool:
+            return (func is torch.ops.aten.add.Tensor and not kwargs and len(args) == 2 and self._mod_tracker.is_bw
+                    and not torch.is_grad_enabled() and all(isinstance(t, torch.Tensor) for t in args)
+                    and args[0].shape == args[1].shape and args[0].dtype == args[1].dtype
+                    and _dense(args[0]) and not args[0]._is_view())
+
+        def _settle_accumulation(self) -> None:
+            if self._pending is None:
+                return
+            (first, deferred), self._pending = self._pending, None
+            if first() is not None:  # alive: the engine's sum was out of place too
+                for update in deferred:
+                    self._record_peak(*update)
+
+        def __exit__(self, *args):
+            self._settle_accumulation()
+            return super().__exit__(*args)
+
         def mark(self, name: str) -> None:
             """Keep the current snapshot under `name` (the step's milestones)."""
             self.marks[name] = self.get_tracker_snapshot("current")
@@ -71,11 +113,18 @@ def _trackers():
             return "optimizer" if self._in_opt else "backward" if self._mod_tracker.is_bw else "forward"
 
         def _update_peak_stats(self, peak_state) -> None:
+            update = (peak_state, set(self._mod_tracker.parents), self._phase())
+            if self._deferred is not None:  # inside a gradient sum: held back (_is_accumulation)
+                self._deferred.append((*update, deepcopy(self._curr_mem_snap)))
+                return
+            self._settle_accumulation()
+            self._record_peak(*update, self._curr_mem_snap)
+
+        def _record_peak(self, peak_state, parents, phase, snapshot) -> None:
             if len(self.memory_tracking) != self._indexed:  # a module ran for the first time
                 self._by_fqn = {s.mod_fqn: s for s in self.memory_tracking.values()}
                 self._indexed = len(self.memory_tracking)
-            parents = self._mod_tracker.parents
-            for dev, snap in self._curr_mem_snap.items():
+            for dev, snap in snapshot.items():
                 total = snap[_TOTAL_KEY]
                 for fqn in parents:
                     stats = self._by_fqn.get(fqn)
@@ -83,7 +132,6 @@ def _trackers():
                         stats.local_peak[dev] = total
                         stats.snapshots[peak_state][-1][dev] = deepcopy(snap)
                 on_device = total - sum(v for k, v in snap.items() if k in self.host)
-                phase = self._phase()
                 self.phase_peaks[phase] = max(self.phase_peaks.get(phase, 0), on_device)
                 if on_device > self.device_peak:
                     self.device_peak = on_device
@@ -123,6 +171,16 @@ def _trackers():
 
 
 WORKSPACE = "Workspace"  # a snapshot's key for an op's workspace while it is counted
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense (contiguous up to a permutation of its dimensions)."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _kwargs_mod_tracker():
