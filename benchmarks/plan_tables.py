@@ -67,11 +67,16 @@ def recipe(model: str, mode: str, setting: str, *, rows: int = 1, tokens: int = 
 
 class Cache:
     def __init__(self, path: pathlib.Path, fresh: bool):
+        """Rows of another PLAN_VERSION are dropped from the file: they can never be read again."""
         self.path, self.rows = path, {}
         if path.is_file() and not fresh:
-            for line in path.read_text().splitlines():
+            lines = path.read_text().splitlines()
+            for line in lines:
                 row = json.loads(line)
-                self.rows[row["key"]] = row["value"]
+                if json.loads(row["key"]).get("plan_version") == planning.PLAN_VERSION:
+                    self.rows[row["key"]] = row["value"]
+            if len(self.rows) < len(lines):
+                path.write_text("".join(json.dumps({"key": k, "value": v}) + "\n" for k, v in self.rows.items()))
 
     def get(self, key: dict, make):
         k = json.dumps({**key, "plan_version": planning.PLAN_VERSION}, sort_keys=True)
@@ -200,7 +205,8 @@ def e2e(cache: Cache) -> list[str]:
                         break  # longer rows only need more
                 longest = _longest(cache, model, mode, setting, known)
                 cells = [_gib(known[t]) if t in known else "" for t in LENGTHS]
-                out.append(f"| {model} | {mode} | {setting} | " + " | ".join(cells) + f" | {longest:,} |")
+                out.append(f"| {model} | {mode} | {setting} | " + " | ".join(cells) + " | "
+                           + (f"{longest:,}" if longest else "none: the state alone does not fit") + " |")
     return out
 
 
