@@ -629,9 +629,15 @@ class _BlockMemory:
 
     @staticmethod
     def _key(x) -> tuple | None:
+        from torch._subclasses.fake_tensor import FakeTensor
+
         if not isinstance(x, torch.Tensor) or x.device.type == "meta":
             return None
-        return (x.device, x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.dtype)
+        storage = x.untyped_storage()
+        # a fake tensor (the planner's) has no address (data_ptr is deprecated there): its storage
+        # object stands for it, alive as long as the storage is
+        where = id(storage) if isinstance(x, FakeTensor) else storage.data_ptr()
+        return (x.device, where, x.storage_offset(), tuple(x.shape), x.dtype)
 
     def remember(self, x, state: ForwardState) -> None:
         key = self._key(x)
