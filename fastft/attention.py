@@ -606,13 +606,26 @@ def _block_forward(block: torch.nn.Module, original, memory: _BlockMemory):
 
 def _in_state_checkpointing(checkpointing, state: ForwardState):
     def checkpoint(function, *args, **kwargs):
-        def run(*a, **k):
-            with active(state):
-                return function(*a, **k)
-
-        return checkpointing(run, *args, **kwargs)
+        return checkpointing(_in_state(function, state), *args, **kwargs)
 
     return checkpoint
+
+
+def _in_state(function, state: ForwardState | None):
+    def run(*args, **kwargs):
+        with active(state):
+            return function(*args, **kwargs)
+
+    return run
+
+
+def in_this_forward(function):
+    """`function` bound to the running forward's state (none: `function` itself), for a
+    checkpoint to recompute in the backward: the recomputation then takes the forward's attention
+    decision and documents whatever its inputs are (an offloaded block's input comes back from
+    the host as a new tensor, which _BlockMemory cannot recognise)."""
+    state = current()
+    return function if state is None else _in_state(function, state)
 
 
 class _BlockMemory:

@@ -136,8 +136,10 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 def _checkpointed_forward(block: nn.Module, original):
     from torch.utils.checkpoint import checkpoint
 
-    def forward(*args, **kwargs):
-        return checkpoint(original, *args, use_reentrant=False, **kwargs)
+    from fastft.attention import in_this_forward
+
+    def forward(*args, **kwargs):  # the recomputation runs in this forward's attention state
+        return checkpoint(in_this_forward(original), *args, use_reentrant=False, **kwargs)
 
     return forward
 

@@ -120,9 +120,14 @@ class BlockOffload:
     def wrap(self, index: int, original):
         """`original` (a block's forward) checkpointed, its saved inputs offloaded."""
 
+        from fastft.attention import in_this_forward
+
         def forward(*args, **kwargs):
+            # The recomputation runs in this forward's attention state: its input comes back from
+            # the host as a new tensor, which the blocks' memory of inputs (attention.py) cannot
+            # recognise; without the state, packed rows would recompute on another attention path.
             with torch.autograd.graph.saved_tensors_hooks(lambda t: self.pack(index, t), self.unpack):
-                out = checkpoint(original, *args, use_reentrant=False, **kwargs)
+                out = checkpoint(in_this_forward(original), *args, use_reentrant=False, **kwargs)
             first = out if isinstance(out, torch.Tensor) else next(
                 (o for o in (out if isinstance(out, (tuple, list)) else ()) if isinstance(o, torch.Tensor)), None)
             if index > 0 and first is not None and first.requires_grad:

@@ -162,10 +162,12 @@ def test_changing_one_document_leaves_the_others_bit_identical(name, cu_seqlens,
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("checkpointing", ["fastft (non-reentrant)", "transformers (reentrant)"])
+@pytest.mark.parametrize("checkpointing", ["fastft (non-reentrant)", "fastft offload", "transformers (reentrant)"])
 def test_activation_checkpointing_recomputes_with_the_same_documents(dtype, checkpointing):
     """GPTBigCode's attention gets no position_ids: the recomputed layers in the backward must
-    re-enter the forward's documents (the decoder blocks' wrapper), or their gradients leak."""
+    re-enter the forward's documents (the decoder blocks' wrapper), or their gradients leak. The
+    offloaded blocks recompute from an input brought back from the host (a new tensor): the
+    forward's state travels with the recomputation, not with the input's storage."""
     base = _model("GPTBigCode", dtype, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
     docs = [torch.randint(3, 128, (n,)) for n in LENGTHS]
     inputs = _packed(docs, cu_seqlens=False)
@@ -176,7 +178,7 @@ def test_activation_checkpointing_recomputes_with_the_same_documents(dtype, chec
             model = copy.deepcopy(base).train()
             report = fastft.patch(model, rms_norm=False, layer_norm=False)
             if recompute and checkpointing.startswith("fastft"):
-                apply_activation_checkpointing(model, "full")
+                apply_activation_checkpointing(model, "offload" if "offload" in checkpointing else "full")
             elif recompute:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
             report.reset_counts()
