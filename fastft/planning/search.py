@@ -103,7 +103,8 @@ def scaling(config, lengths: list[int], *, world_size: int = 1, provider: str = 
                 continue
             key = key or "(model)"
             groups.setdefault(key, [0] * len(plans))[i] += value
-    header = f"{'module (summed over blocks)':44s}" + "".join(f"{t:>12,}" for t in lengths) + "  exponent"
+    width = max([44, *(len(k) + 2 for k in groups)])  # the module column fits its longest name
+    header = f"{'module (summed over blocks)':{width}s}" + "".join(f"{t:>12,}" for t in lengths) + "  exponent"
     out = [f"activation bytes kept for the backward (MiB) against row length, {plans[0].model}, provider {provider}",
            header]
     for key, values in sorted(groups.items(), key=lambda kv: -kv[1][-1]):
@@ -111,8 +112,8 @@ def scaling(config, lengths: list[int], *, world_size: int = 1, provider: str = 
             continue
         exponent = _growth(lengths, values)
         flag = "  <- faster than linear" if exponent > 1.05 else ""
-        out.append(f"{key:44s}" + "".join(f"{v / 2**20:12.1f}" for v in values) + f"  {exponent:8.2f}{flag}")
-    out.append(f"{'peak per GPU':44s}" + "".join(f"{p.peak / 2**20:12.1f}" for p in plans))
+        out.append(f"{key:{width}s}" + "".join(f"{v / 2**20:12.1f}" for v in values) + f"  {exponent:8.2f}{flag}")
+    out.append(f"{'peak per GPU':{width}s}" + "".join(f"{p.peak / 2**20:12.1f}" for p in plans))
     return out
 
 
