@@ -140,8 +140,8 @@ def goals(cache: Cache) -> list[str]:
             "+ tiled MLP: the MLP recomputed per 1024-token chunk (model.tiled_mlp=1024: one more MLP forward "
             "per step); + AC: activation checkpointing on every block.", "",
             "Both sides train the same recipe; the optimizer step holds the weights, their gradients and "
-            "the optimizer states whatever the activations do, so where that alone is above 0.6x of HF "
-            "eager's peak the goal cannot be met by any activation saving (the goal cell says so).", "",
+            "the optimizer states whatever the activations do: a missed goal's cell gives that floor as a "
+            "fraction of HF eager's peak, below which no activation saving goes.", "",
             "| precision | optimizer | rows x tokens | HF eager | fastft | fastft + tiled MLP | fastft + AC | goal (<= 0.6) |",
             "|---|---|---|---:|---:|---:|---:|---|"]
     cases = [(False, "adamw", 1), (False, "adamw", 8), (False, "adamw_8bit", 1), (True, "adamw", 1), (True, "adamw", 8)]
@@ -159,10 +159,8 @@ def goals(cache: Cache) -> list[str]:
             if ratio <= 0.6:
                 met.append(setting)
         goal = f"met by {', '.join(met)}" if met else "missed"
-        if not met and "error" not in hf and "error" not in ft:
-            floor = ft["phase_peaks"]["optimizer"] / hf["peak"]
-            if floor > 0.6:
-                goal += f" (the optimizer step alone is {floor:.2f}x)"
+        if not met and "error" not in hf and "error" not in ft:  # what no activation saving goes below
+            goal += f" (the optimizer step alone is {ft['phase_peaks']['optimizer'] / hf['peak']:.2f}x)"
         out.append(f"| {labels[harness]} | {optim} | {rows} x 4096 | {_gib(hf)} | " + " | ".join(cells) + f" | {goal} |")
     return out
 
