@@ -113,12 +113,12 @@ def _trackers():
             return "optimizer" if self._in_opt else "backward" if self._mod_tracker.is_bw else "forward"
 
         def _update_peak_stats(self, peak_state) -> None:
-            update = (peak_state, set(self._mod_tracker.parents), self._phase())
-            if self._deferred is not None:  # inside a gradient sum: held back (_is_accumulation)
-                self._deferred.append((*update, deepcopy(self._curr_mem_snap)))
+            if self._deferred is not None:  # inside a gradient sum: held back (_is_accumulation), as it is now
+                self._deferred.append((peak_state, set(self._mod_tracker.parents), self._phase(),
+                                       deepcopy(self._curr_mem_snap)))
                 return
             self._settle_accumulation()
-            self._record_peak(*update, self._curr_mem_snap)
+            self._record_peak(peak_state, self._mod_tracker.parents, self._phase(), self._curr_mem_snap)
 
         def _record_peak(self, peak_state, parents, phase, snapshot) -> None:
             if len(self.memory_tracking) != self._indexed:  # a module ran for the first time
