@@ -138,7 +138,7 @@ def _meta(*shape, dtype="bfloat16"):
 
 
 def _kernel_module(name: str):
-    """fastft.kernels.<name> the module (the package exports functions under the same names)."""
+    """fastft.kernels.<name>, the op's module."""
     import importlib
 
     return importlib.import_module(f"fastft.kernels.{name}")

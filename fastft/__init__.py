@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib.abc
-import importlib.util
+import importlib.machinery
 import pathlib
 import sys
 
@@ -13,19 +13,24 @@ _CHECKOUT_KERNELS = pathlib.Path(__file__).resolve().parent.parent / "kernels"
 
 
 class _CheckoutKernelsFinder(importlib.abc.MetaPathFinder):
-    """Finds `fastft.kernels` in a source checkout run with PYTHONPATH=. (no install).
+    """Finds `fastft.kernels` where kernels/ is a folder of the checkout, not a folder in fastft/.
 
-    An installed fastft maps kernels/ to fastft.kernels through pyproject's package-dir, and the
-    regular finders resolve it first; this one sits last on sys.meta_path and answers only when
-    they did not. Importing stays lazy, so TRITON_INTERPRET may still be set after `import fastft`.
+    kernels/ has no __init__.py, so that the repo root shadows no `kernels` package (README,
+    "Layout"): fastft.kernels is a namespace package. An installed wheel has it as
+    site-packages/fastft/kernels/, which the regular finders resolve first. A checkout run with
+    PYTHONPATH=. has it only at the root, and so has an editable install (setuptools' editable
+    finder resolves a namespace package under a regular one only at the top level). This finder
+    sits last on sys.meta_path and answers only for fastft.kernels, only where the folder holds
+    fastft's kernels. Importing stays lazy, so TRITON_INTERPRET may still be set after
+    `import fastft`.
     """
 
     def find_spec(self, name, path=None, target=None):
-        if name != "fastft.kernels" or not (_CHECKOUT_KERNELS / "__init__.py").is_file():
+        if name != "fastft.kernels" or not (_CHECKOUT_KERNELS / "_common.py").is_file():
             return None
-        return importlib.util.spec_from_file_location(
-            name, _CHECKOUT_KERNELS / "__init__.py", submodule_search_locations=[str(_CHECKOUT_KERNELS)]
-        )
+        spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        spec.submodule_search_locations = [str(_CHECKOUT_KERNELS)]
+        return spec
 
 
 if not any(isinstance(f, _CheckoutKernelsFinder) for f in sys.meta_path):

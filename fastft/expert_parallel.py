@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastft.kernels import moe_experts
+from fastft.kernels.moe import moe_experts
 from fastft.patching import moe as moe_patch
 
 

@@ -7,22 +7,19 @@ kernel = the fused op; its error must stay within FACTOR x eager's (tests/numeri
 
 from __future__ import annotations
 
-import importlib
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import fastft.kernels.fused_linear_cross_entropy as flce
 from fastft.kernels.fused_linear_cross_entropy import (
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_reference,
 )
 from numerics import FACTOR, assert_within_eager
 
-# The module itself: `import ... as` would give the function that fastft.kernels exports under
-# the same name.
-flce = importlib.import_module("fastft.kernels.fused_linear_cross_entropy")
 NAMES = ("loss", "d_hidden", "d_weight", "d_bias")
 
 

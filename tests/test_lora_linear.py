@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.func import functional_call
 
-from fastft.kernels import lora_dropout, lora_linear, lora_linear_many, lora_linear_reference
+from fastft.kernels.lora import lora_dropout, lora_linear, lora_linear_many, lora_linear_reference
 from fastft.kernels.lora import draw_seed
 from fastft.patching import lora as lora_patch
 from numerics import assert_within_eager, check_against_reference
@@ -112,7 +112,7 @@ def test_outputs_can_be_modified_in_place(op, lead, device):
     an autograd Function would make autograd refuse that (kernels/_common.py, as_rows). One row
     (a tiled MLP's last chunk, generation): a slice of it is contiguous already, and the ops'
     outputs must still not alias one another (torch's custom-op rule)."""
-    from fastft.kernels import lora_mlp, lora_mlp_reference
+    from fastft.kernels.lora_mlp import lora_mlp, lora_mlp_reference
 
     g = torch.Generator().manual_seed(0)
 

@@ -231,7 +231,7 @@ def test_probe_finds_argument_order_and_interleaved_layout():
         def forward(self, hidden_states, top_k_weights, top_k_index):  # the other argument order
             gu = self.gate_up_proj
             concat = torch.cat([gu[:, 0::2], gu[:, 1::2]], dim=1)
-            from fastft.kernels import moe_experts_reference
+            from fastft.kernels.moe import moe_experts_reference
             return moe_experts_reference(hidden_states, top_k_index, top_k_weights, concat, self.down_proj, "gelu_tanh")
 
     module = Interleaved()

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from fastft.kernels import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
+from fastft.kernels.layer_norm import layer_norm, layer_norm_reference
+from fastft.kernels.rms_norm import rms_norm, rms_norm_reference
 from numerics import assert_within_eager, check_against_reference, producer
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -166,7 +167,7 @@ def test_cpu_fallback_without_interpreter(monkeypatch):
 def test_kernels_under_torch_compile(device):
     """The custom ops under torch.compile's default backend (inductor) on a GPU; the CPU tests of
     compile use backend="aot_eager" (tests/test_custom_ops.py)."""
-    from fastft.kernels import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
+    from fastft.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
 
     x = torch.randn(64, 256, device=device, dtype=torch.bfloat16, requires_grad=True)
     w = torch.rand(256, device=device, dtype=torch.bfloat16, requires_grad=True)

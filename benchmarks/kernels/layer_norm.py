@@ -11,7 +11,7 @@ import torch
 
 from benchmarks import harness
 from benchmarks.kernels import _norms
-from fastft.kernels import layer_norm
+from fastft.kernels.layer_norm import layer_norm
 
 
 class _FastLayerNorm(torch.nn.LayerNorm):

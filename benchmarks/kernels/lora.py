@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from benchmarks import harness
-from fastft.kernels import lora_linear_many, lora_mlp
+from fastft.kernels.lora import lora_linear_many
+from fastft.kernels.lora_mlp import lora_mlp
 
 FULL = dict(N=8192, H=4096, I=14336, KV=1024, r=16)
 SMOKE = dict(N=64, H=64, I=128, KV=32, r=8)

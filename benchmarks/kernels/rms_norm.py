@@ -11,7 +11,7 @@ import torch
 
 from benchmarks import harness
 from benchmarks.kernels import _norms
-from fastft.kernels import rms_norm, rms_norm_reference
+from fastft.kernels.rms_norm import rms_norm, rms_norm_reference
 
 
 class _Norm(torch.nn.Module):

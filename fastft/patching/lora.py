@@ -51,7 +51,8 @@ import torch
 from torch import nn
 
 from fastft import quantization
-from fastft.kernels import lora_linear, lora_mlp
+from fastft.kernels.lora import lora_linear
+from fastft.kernels.lora_mlp import lora_mlp
 from fastft.kernels._common import autocast_dtype
 from fastft.kernels.lora_mlp import ACTIVATIONS, lora_mlp_reference
 

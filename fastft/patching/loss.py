@@ -35,7 +35,7 @@ from torch import nn
 from fastft.attention import call_arguments
 from fastft.flops import text_config
 from fastft.patching.preserve import preserved
-from fastft.kernels import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
+from fastft.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
 
 TAP = "_fastft_head_tap"
 FORWARD = "_fastft_loss_forward"

@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastft.kernels import moe_experts
+from fastft.kernels.moe import moe_experts
 from fastft.kernels.lora_mlp import ACTIVATIONS
 from fastft.kernels.moe import LAYOUTS, ExpertLoRA, _concatenated, moe_experts_reference
 from fastft.patching.lora import _is_dtensor, _random_copy, is_lora_layer

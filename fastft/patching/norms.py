@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastft.kernels import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
+from fastft.kernels.layer_norm import layer_norm, layer_norm_reference
+from fastft.kernels.rms_norm import rms_norm, rms_norm_reference
 
 EPS_ATTRIBUTES = ("variance_epsilon", "eps", "epsilon", "layer_norm_eps", "rms_norm_eps", "norm_eps")
 COMMON_EPS = (1e-5, 1e-6, 1e-8, 1e-12)

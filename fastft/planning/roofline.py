@@ -97,7 +97,10 @@ def _register_flop_formulas() -> None:
         aten._scaled_dot_product_flash_attention]
     flop_registry[aten._scaled_dot_product_flash_attention_for_cpu_backward] = flop_registry[
         aten._scaled_dot_product_flash_attention_backward]
-    import fastft.kernels  # noqa: F401  (registers torch.ops.fastft.*)
+    # The op files whose torch.ops.fastft.* ops KERNEL_FLOPS prices register them on import.
+    import fastft.kernels.fused_linear_cross_entropy  # noqa: F401
+    import fastft.kernels.lora  # noqa: F401
+    import fastft.kernels.lora_mlp  # noqa: F401
 
     for name, formula in KERNEL_FLOPS.items():
         if hasattr(torch.ops.fastft, name):
