@@ -41,7 +41,10 @@ def demo(args: argparse.Namespace) -> int:
     device = _prepare_device()
     import torch
 
-    from fastft import kernels
+    from fastft.kernels.fused_linear_cross_entropy import (fused_linear_cross_entropy,
+                                                           fused_linear_cross_entropy_reference)
+    from fastft.kernels.layer_norm import layer_norm, layer_norm_reference
+    from fastft.kernels.rms_norm import rms_norm, rms_norm_reference
 
     torch.manual_seed(args.seed)
     rows, hidden, vocab = (4096, 4096, 32000) if device == "cuda" else (64, 256, 2048)
@@ -52,17 +55,16 @@ def demo(args: argparse.Namespace) -> int:
     w = torch.rand(hidden, device=device, dtype=dtype) + 0.5
     b = torch.randn(hidden, device=device, dtype=dtype)
     cases = [
-        ("rms_norm", lambda: kernels.rms_norm(x, w), lambda: kernels.rms_norm_reference(x, w)),
-        ("rms_norm (gemma)", lambda: kernels.rms_norm(x, w, offset=1.0, casting="gemma"),
-         lambda: kernels.rms_norm_reference(x, w, offset=1.0, casting="gemma")),
-        ("layer_norm", lambda: kernels.layer_norm(x, w, b), lambda: kernels.layer_norm_reference(x, w, b)),
+        ("rms_norm", lambda: rms_norm(x, w), lambda: rms_norm_reference(x, w)),
+        ("rms_norm (gemma)", lambda: rms_norm(x, w, offset=1.0, casting="gemma"),
+         lambda: rms_norm_reference(x, w, offset=1.0, casting="gemma")),
+        ("layer_norm", lambda: layer_norm(x, w, b), lambda: layer_norm_reference(x, w, b)),
     ]
-    if hasattr(kernels, "fused_linear_cross_entropy"):
-        head = torch.randn(vocab, hidden, device=device, dtype=dtype) * hidden**-0.5
-        labels = torch.randint(0, vocab, (rows,), device=device)
-        labels[::3] = -100
-        cases.append(("fused_linear_cross_entropy", lambda: kernels.fused_linear_cross_entropy(x, head, labels),
-                      lambda: kernels.fused_linear_cross_entropy_reference(x, head, labels)))
+    head = torch.randn(vocab, hidden, device=device, dtype=dtype) * hidden**-0.5
+    labels = torch.randint(0, vocab, (rows,), device=device)
+    labels[::3] = -100
+    cases.append(("fused_linear_cross_entropy", lambda: fused_linear_cross_entropy(x, head, labels),
+                  lambda: fused_linear_cross_entropy_reference(x, head, labels)))
     print(f"{'kernel':30s} {'max |kernel - torch|':>22s} {'kernel ms':>10s} {'torch ms':>10s}")
     for name, kernel_fn, reference_fn in cases:
         timings = []

@@ -75,6 +75,8 @@ class ModelConfig:
     """run the model repository's own Python code (remote-code architectures)"""
     attn_implementation: str | None = None
     """for the unpatched model (patching sets "fastft")"""
+    hub_kernels: bool = False
+    """transformers' hub kernels (kernels-community: rotary, activations, ...) on the layers fastft leaves alone, fetched from the hub or its cache; false: off (README, "Transformers' hub kernels")"""
     quantization: Literal["none", "nf4", "fp4"] = "none"
     """QLoRA: nf4 or fp4 freezes the linear layers in 4 bits through bitsandbytes (needs lora.enabled and pip install "fastft[qlora]"; fastft/quantization.py); none keeps them dense"""
     double_quant: bool = True

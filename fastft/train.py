@@ -206,7 +206,9 @@ def build_model(config: FinetuneConfig, tokenizer, dtype: torch.dtype, *, meta: 
         kwargs["attn_implementation"] = m.attn_implementation
     if m.name is not None and not meta:
         load = {"quantization_config": quant.bitsandbytes_config()} if quant is not None else {}
-        model = hub.load(AutoModelForCausalLM.from_pretrained, m.name, "model.name", "model", **kwargs, **load)
+        # Hub kernels (transformers' default since 5.25) come later, if asked: enable_hub_kernels.
+        model = hub.load(AutoModelForCausalLM.from_pretrained, m.name, "model.name", "model", **kwargs, **load,
+                         use_kernels=False)
     else:
         if m.name is not None:
             hf_config = hub.load(AutoConfig.from_pretrained, m.name, "model.name", "model config",
@@ -366,8 +368,18 @@ def parallelize(model, full, config: FinetuneConfig, precision: Precision, env: 
                 verified = fastft.patching.verify_loaded(model)
             if verified:
                 log(f"patch, with the weights loaded: {verified}")
+    if config.model.hub_kernels:
+        enable_hub_kernels(model, d.compile, log)
     model.train()
     return n_ac, ep_mesh, ep_params
+
+
+def enable_hub_kernels(model, compiled: bool, log) -> None:
+    """model.hub_kernels: transformers' hub kernels for the layers fastft left alone, in training
+    mode, once the model is on its device (fastft/patching/hub_kernels.py)."""
+    import fastft.patching
+
+    log(f"transformers hub kernels: {fastft.patching.enable_hub_kernels(model, True, compiled)}")
 
 
 def _apply_expert_parallel(model, degree: int, env, log):

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fastft import attention, quantization
+from fastft.patching import hub_kernels
 from fastft.patching import lora as lora_patch
 from fastft.patching import packed_probe, recurrent
 from fastft.patching import loss as loss_patch
@@ -57,6 +58,9 @@ def patch(model: nn.Module, **options: bool) -> PatchReport:
         unpatch(model)
     hf = _hf_model(model)
     report = PatchReport(type(hf).__name__)
+    # transformers' hub kernels off while fastft probes and patches the layers' own forwards, then
+    # back on for the layers fastft left alone (fastft/patching/hub_kernels.py).
+    hub_mode = hub_kernels.suspend(hf)
     state = {"norms": [], "attention": None, "recurrent": [], "loss": False, "moe": [], "lora": []}
     object.__setattr__(model, STATE, state)
     quantization.keep_layout(model)  # before any probe runs a bitsandbytes forward (fastft/quantization.py)
@@ -70,9 +74,33 @@ def patch(model: nn.Module, **options: bool) -> PatchReport:
         raise ValueError(f"fastft.patch: found nothing to patch in {type(hf).__name__}.\n{report}\n"
                          "If this model has RMSNorm/LayerNorm modules or an LM head fastft should handle, "
                          "the report above says why each was left alone.")
+    hub_kernels.claim_patched(hf)
+    report_hub_kernels(hf, report, hub_kernels.resume(hf, hub_mode))
     report.reset_counts()  # the probes' forwards are not training calls
     model.fastft_report = report
     return report
+
+
+def enable_hub_kernels(model: nn.Module, training: bool | None = None, compiled: bool = False) -> str:
+    """transformers' hub kernels for the layers a patched model's fastft patches left alone (opt-in:
+    `from_pretrained(use_kernels=True)`, the trainer's model.hub_kernels), once the model is on the
+    device it trains on; the patch report says what runs. Returns the report's hub-kernel line."""
+    hf = _hf_model(model)
+    report = getattr(model, "fastft_report", None) or PatchReport(type(hf).__name__)
+    report_hub_kernels(hf, report, hub_kernels.enable(hf, training, compiled))
+    return report.hub_kernels
+
+
+def report_hub_kernels(hf: nn.Module, report: PatchReport, failed: str = "") -> None:
+    """The report's hub-kernel rows and line: what transformers' kernelize runs now, per tagged layer."""
+    if hub_kernels.uses_kernels(hf):
+        mode = str(hf.kernels_mode).removeprefix("Mode.").lower()
+        report.hub_kernels = (f"on (mode {mode}; model.train()/eval() kernelizes again, fastft's layers are "
+                              "skipped)")
+        report.hub_entries = hub_kernels.entries(hf)
+    else:
+        report.hub_kernels = f"off: {failed}" if failed else "off"
+        report.hub_entries = [e for e in hub_kernels.entries(hf) if e.replacement == "fastft's forward"]
 
 
 def _patch(model: nn.Module, hf: nn.Module, enabled: dict[str, bool], report: PatchReport, state: dict) -> None:
@@ -238,6 +266,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     if state.get("moe"):
         moe_patch.uninstall(model, state["moe"])
     hf = _hf_model(model)
+    hub_mode = hf.kernels_mode if hub_kernels.uses_kernels(hf) else None
+    hub_kernels.release(hf)
     recurrent.uninstall(hf, state.get("recurrent", []))
     attention.uninstall(hf)
     if state["attention"] is not None:
@@ -248,6 +278,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         loss_patch.uninstall(hf)
     object.__delattr__(model, STATE)
     model.__dict__.pop("fastft_report", None)
+    hub_kernels.resume(hf, hub_mode)  # the restored layers get the hub kernels the others have
     return model
 
 
@@ -258,6 +289,10 @@ def from_pretrained(name_or_path: str, *model_args, **kwargs) -> nn.Module:
     PEFT config (e.g. `peft.LoraConfig(r=16, target_modules="all-linear")`): the adapter is added
     with `peft.get_peft_model` (the result is a PeftModel, with only the adapter trainable) and its
     layers are then patched onto the fused LoRA path.
+
+    transformers' hub kernels (its `use_kernels`, on by default since 5.25) are off unless
+    `use_kernels=True`: then they run on the layers fastft leaves alone (rotary, activations, ...),
+    applied after patching, and the report names each; one that cannot load is reported, not raised.
 
     QLoRA: `quantization_config=BitsAndBytesConfig(load_in_4bit=True, ...)` (transformers' own
     argument; needs `pip install "fastft[qlora]"`) loads the linear layers in 4 bits, and with
@@ -281,16 +316,21 @@ def from_pretrained(name_or_path: str, *model_args, **kwargs) -> nn.Module:
     _check_options(options)  # before the (possibly long) load
     if quantization.wants_bitsandbytes(kwargs.get("quantization_config")):
         quantization.require_bitsandbytes("fastft.from_pretrained(quantization_config=BitsAndBytesConfig(...))")
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, *model_args, **kwargs)
+    # Hub kernels only when asked, and after fastft's patches (fastft/patching/hub_kernels.py):
+    # loading never fetches kernel code, and a kernel that cannot load is a report line, not a raise.
+    use_kernels = kwargs.pop("use_kernels", None) is True
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, *model_args, use_kernels=False, **kwargs)
     if adapter is not None:
         from peft import get_peft_model
 
         model = get_peft_model(model, adapter)
     notes = quantization.prepare(model)  # 4-bit bases: what training needs (fastft/quantization.py)
     patch(model, **options)
+    if use_kernels:
+        enable_hub_kernels(model)
     if notes:
         model.fastft_quantization = notes
     return model
 
 
-__all__ = ["OPTIONS", "PatchEntry", "PatchReport", "from_pretrained", "patch", "unpatch"]
+__all__ = ["OPTIONS", "PatchEntry", "PatchReport", "enable_hub_kernels", "from_pretrained", "patch", "unpatch"]

@@ -30,6 +30,8 @@ class PatchReport:
     packing: str = "unverified: not probed"
     attention_calls: Counter = field(default_factory=Counter)
     loss_calls: Counter = field(default_factory=Counter)  # "fused" -> forwards whose loss the fused op computed
+    hub_kernels: str = "off"  # transformers' hub kernels: "off", "on (<mode>)" or "off: <why>" (hub_kernels.py)
+    hub_entries: list[PatchEntry] = field(default_factory=list)  # what runs on each hub-tagged layer
 
     @property
     def packing_safe(self) -> bool:
@@ -70,7 +72,8 @@ class PatchReport:
 
     def rows(self) -> list[tuple[str, str, str, int, str]]:
         """(kind, original class, replacement or 'kept', count, reason) grouped."""
-        grouped = Counter((e.kind, e.original, e.replacement or "kept", e.reason) for e in self.entries)
+        grouped = Counter((e.kind, e.original, e.replacement or "kept", e.reason)
+                          for e in [*self.entries, *self.hub_entries])
         return [(kind, orig, repl, n, reason) for (kind, orig, repl, reason), n in grouped.items()]
 
     def __str__(self) -> str:
@@ -83,4 +86,5 @@ class PatchReport:
         if not rows:
             lines.append("(nothing found to patch)")
         lines.append(f"packing: {self.packing}")
+        lines.append(f"transformers hub kernels: {self.hub_kernels}")
         return "\n".join(lines)

@@ -41,6 +41,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from fastft.patching import hub_kernels
+
 STATE = "_fastft_tiled_mlp"
 AUTO_MIN_CHUNK = 4096
 AUTO_CHUNKS = 8
@@ -147,6 +149,7 @@ def apply(model: nn.Module, setting: str | int, report=None) -> list[str]:
         previous = module.__dict__.get("forward")  # fastft.patch's fused forward, if any
         module.forward = _tiled(module.forward, setting, hidden)
         module.__dict__[STATE] = previous
+        hub_kernels.claim(module)  # a tagged MLP keeps its tiles through transformers' kernelize
         tiled.append(name)
         if report is not None:
             chunk = (f"rows over {max(AUTO_MIN_CHUNK, hidden)} tokens in chunks of that many, at most {AUTO_CHUNKS}"
@@ -162,5 +165,6 @@ def remove(model: nn.Module) -> None:
             previous = module.__dict__.pop(STATE)
             if previous is None:
                 module.__dict__.pop("forward", None)
+                hub_kernels.release(module)
             else:
                 module.forward = previous
