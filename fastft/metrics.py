@@ -151,8 +151,8 @@ def plot_runs(run_dirs, out, *, labels=None, log=print) -> str | None:
         from matplotlib.figure import Figure
     except ImportError:
         if not _told_about_matplotlib:
-            log("curves.png not drawn: matplotlib is not installed (pip install matplotlib, or "
-                "pip install 'fastft[plot]'; then `fastft plot RUN_DIR` draws it from metrics.jsonl)")
+            log("curves.png not drawn: matplotlib, a fastft dependency, is not installed (pip install "
+                "matplotlib; then `fastft plot RUN_DIR` draws it from metrics.jsonl)")
             _told_about_matplotlib = True
         return None
     runs = [(str(label), read_metrics(d)) for label, d in zip(labels or [pathlib.Path(d).name for d in run_dirs],
