@@ -121,6 +121,12 @@ ARCHITECTURES: list[Architecture] = [
 NATIVE = [a for a in ARCHITECTURES if a.model_type is not None]
 
 
+def _transformers_version() -> str:
+    import transformers
+
+    return ".".join(transformers.__version__.split(".")[:2])
+
+
 def markdown() -> str:
     """docs/ARCHITECTURES.md."""
     lines = [
@@ -131,7 +137,8 @@ def markdown() -> str:
         "Native rows are built from a tiny config (2 layers) by the matrix test, patched, and compared with",
         "the unpatched model in float32 and bfloat16 under the Triton interpreter: loss, logits and every",
         "parameter gradient, on an unpacked batch and on a packed one against each document alone. The",
-        "`patched` column is what that test's PatchReport shows on transformers 5.24 (`fastft patch-report`",
+        f"`patched` column is what that test's PatchReport shows on transformers {_transformers_version()} "
+        "(`fastft patch-report`",
         "prints the same for any model). `attention in training` is the path fastft's one decision per",
         "forward (fastft/attention.py) takes for packed batches on a GPU in bf16 (bf16 weights, or fp32",
         "masters under bf16 autocast) with flash-attn installed / with torch's varlen_attn only; elsewhere",

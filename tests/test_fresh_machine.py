@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -103,8 +104,10 @@ print(((out - ref).norm() / ref.norm()).item())
 def test_the_wheel_holds_every_module_and_imports_outside_the_checkout(tmp_path):
     """pyproject lists the packages by hand (kernels/ maps to fastft/kernels/): a wheel must hold
     every module of the checkout, and import from elsewhere with no checkout on the path."""
+    source = tmp_path / "source"  # a copy: setuptools would leave build/ in the checkout, and reuse it
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "runs"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(tmp_path / "dist"), str(ROOT)], capture_output=True, text=True, timeout=300)
+                            "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-3000:]
     wheel = next((tmp_path / "dist").glob("fastft-*.whl"))
     held = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".py")}
