@@ -10,6 +10,10 @@ answer with loss), and records real tokens per second (padding excluded), MFU (f
 convention; LoRA rows give both conventions), step time p50/p90 and peak memory.
 Providers, on the same documents:
   hf       what a plain HF Trainer user gets: SDPA attention, one document per row, padded
+  hf-kernels  the same with transformers' hub kernels in training mode (what `from_pretrained`
+           gives by default since 5.25: Liger's RMSNorm, rotary, ... from kernels-community); the
+           row's `hub_kernels` says which layers ran one (none: the hub was unreachable and not
+           cached, as on a machine without network: that row then measures plain hf)
   liger    HF + Liger-Kernel applied to the instance, on the packed rows (when installed)
   trl      what a TRL SFTTrainer user gets with packing on (TRL 1.16): TRL's best-fit-decreasing
            packing and padding-free collator (one flat row with position_ids and cu_seq_lens), SDPA,
@@ -54,7 +58,7 @@ from benchmarks import harness
 from benchmarks.e2e_configs import BY_NAME, MODELS
 from fastft.flops import mfu, training_flops
 
-PROVIDERS = ("hf", "liger", "trl", "fastft")
+PROVIDERS = ("hf", "hf-kernels", "liger", "trl", "fastft")
 # the packages whose code marks a model as (partly) a provider's
 PROVIDER_PACKAGES = {"liger": "liger_kernel", "trl": "trl", "fastft": "fastft"}
 
@@ -113,13 +117,14 @@ def documents(seq: int, rows: int, vocab: int, seed: int = 0) -> list[dict]:
 
 
 def batches(docs: list[dict], provider: str, seq: int, rows: int) -> list[dict]:
-    """The packed micro-batches; for "hf" the same documents of each step, padded one per row."""
+    """The packed micro-batches; for "hf" (and "hf-kernels") the same documents of each step, padded
+    one per row."""
     from fastft.data import PackedBatches, collate_padded
 
     if provider == "trl":
         return trl_batches(docs, seq, rows)
     packer = PackedBatches(docs, pad_id=0, max_seq_len=seq, mode="packed", batch_size=rows, shuffle=False)
-    if provider != "hf":
+    if provider not in ("hf", "hf-kernels"):
         return list(packer)
     return [collate_padded([docs[i] for row in step for i in row], pad_id=0) for step in packer.plan()]
 
@@ -217,8 +222,28 @@ def build(spec, mode: str, provider: str, device: str, smoke: bool):
         _apply_liger_kernel_to_instance(model=model.get_base_model() if mode != "full" else model)
     elif provider == "fastft":
         fastft.patch(model)
+    elif provider == "hf-kernels":
+        model.bench_hub_kernels = hub_kernels(model.get_base_model() if mode != "full" else model)
     model.train()
     return model
+
+
+def hub_kernels(model) -> dict:
+    """Kernelize as transformers' from_pretrained does by default, in training mode; returns what
+    loaded: {"status": "on" or why not, "layers": {hub repository: layers running it}}."""
+    from collections import Counter
+
+    from kernels import Mode
+
+    from fastft.patching import hub_kernels as hub
+
+    try:
+        model.set_use_kernels(True, mode=Mode.TRAINING)
+        status = "on"
+    except Exception as exc:  # no network on the device and nothing cached: the row is plain hf
+        status = f"off: {type(exc).__name__}: {exc}"[:300]
+    used = Counter(e.replacement for e in hub.entries(model) if e.replacement.startswith("hub "))
+    return {"status": status, "layers": dict(used)}
 
 
 def _qlora_base(model) -> None:
@@ -275,6 +300,8 @@ def run_one(rec, spec, mode, provider, args, docs):
         model = build(spec, mode, provider, args.device, args.smoke)
         found = census(model)
         base.update(census=found, foreign=sorted(providers_in(found) - {provider}), isolation=args.isolation)
+        if hasattr(model, "bench_hub_kernels"):
+            base.update(hub_kernels=model.bench_hub_kernels)
         if args.inspect:
             return rec.add(**base)
         if args.device == "cuda":  # the peak of training with the model in memory (QLoRA builds in bf16 first)

@@ -133,7 +133,7 @@ def targets(rows: list[dict]) -> list[str]:
     return out if len(out) > 1 else []
 
 
-E2E_PROVIDERS = ("hf", "liger", "fastft")
+E2E_PROVIDERS = ("hf", "hf-kernels", "liger", "fastft")
 
 
 def e2e_tables(rows: list[dict]) -> list[str]:
@@ -190,7 +190,7 @@ def _e2e_targets(latest: dict) -> list[str]:
                      and r["provider"] == provider and r.get("tokens_per_s")), None)
 
     out = []
-    ours, hf, liger = (get("Llama-3.2-1B", "full", p) for p in E2E_PROVIDERS[::-1])
+    ours, hf, liger = (get("Llama-3.2-1B", "full", p) for p in ("fastft", "hf", "liger"))
     if ours:
         line = f"- Llama-3.2-1B full FT: {ours['tokens_per_s']} tokens/s"
         if hf:

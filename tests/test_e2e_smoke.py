@@ -24,7 +24,7 @@ def _rows(path: pathlib.Path) -> list[dict]:
 def _assert_own_code_only(rows: list[dict]) -> None:
     for r in rows:
         own = e2e.providers_in(r["census"])
-        assert r["foreign"] == [] and own == ({r["provider"]} - {"hf"}), (
+        assert r["foreign"] == [] and own == ({r["provider"]} - {"hf", "hf-kernels"}), (
             f"{r['model']} {r['mode']} {r['provider']}: runs code of {sorted(own)}: "
             f"{r['census']['rebound'] or [c for c in r['census']['classes'] if not c.startswith(('torch.', 'transformers.', 'peft.'))]}")
 
@@ -61,12 +61,17 @@ def test_e2e_smoke_lora_one_model(tmp_path):
         modes = ["lora", "qlora"]
     except ImportError:
         modes = ["lora"]
+    providers = ("hf", "fastft", "hf-kernels")
     e2e.main(["--smoke", "--out", str(tmp_path), "--modes", ",".join(modes), "--models", "Llama-3.2-1B",
-              "--providers", "hf,fastft", "--isolation", "none"])
+              "--providers", ",".join(providers), "--isolation", "none"])
     rows = _rows(tmp_path / "e2e_smoke.jsonl")
-    assert {(r["provider"], r["mode"]) for r in rows} == {(p, m) for p in ("hf", "fastft") for m in modes}
+    assert {(r["provider"], r["mode"]) for r in rows} == {(p, m) for p in providers for m in modes}
     assert not any(r.get("error") for r in rows), rows
     _assert_own_code_only(rows)
+    for r in rows:  # the hub-kernel row says what loaded (on a CPU transformers maps nothing)
+        assert ("hub_kernels" in r) == (r["provider"] == "hf-kernels")
+        if r["provider"] == "hf-kernels":
+            assert r["hub_kernels"] == {"status": "on", "layers": {}}, r["hub_kernels"]
 
 
 @pytest.mark.skipif(not __import__("benchmarks.harness").harness.liger_importable(), reason="liger-kernel not installed")
