@@ -143,3 +143,30 @@ def test_a_hub_kernel_that_cannot_load_is_a_report_line_not_a_raise(saved_llama)
     assert not on_hub(model)
     assert model.fastft_report.hub_kernels.startswith("off: ConnectionError: offline"), model.fastft_report.hub_kernels
     assert model.fastft_report.count("rms_norm") == 5
+
+
+def test_trainer_applies_hub_kernels_only_when_asked(tmp_path):
+    """--model.hub_kernels=true: the trainer kernelizes once the model is on its device, after
+    fastft's patches; the hub SiLU then runs in every training step."""
+    from fastft.train import finetune
+
+    recipe = {
+        "model": {"config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                             "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 256},
+                  "hub_kernels": True},
+        "data": {"max_seq_len": 64, "batch_size": 2, "builtin_examples": 200},
+        "train": {"max_steps": 2, "eval_every": 0, "eval_batches": 1, "eval_generate": 0, "eval_before": False,
+                  "precision": "fp32"},
+        "checkpoint": {"export": False, "every": 0},
+        "logging": {"run_dir": str(tmp_path / "run"), "quiet": True, "progress_bar": False, "tensorboard": False,
+                    "plot": False},
+    }
+    with fake_hub():
+        CALLS["silu"] = 0
+        result = finetune(recipe)
+        assert result.status == "finished" and CALLS["silu"] > 0
+        recipe["model"].update(hub_kernels=False, patch=False)  # (patching is not what this half checks)
+        recipe["logging"]["run_dir"] = str(tmp_path / "off")
+        CALLS["silu"] = 0
+        finetune(recipe)
+        assert CALLS["silu"] == 0
