@@ -85,6 +85,12 @@ assert report.patched() and report.count("rms_norm") > 0 and report.count("cross
 assert not hasattr(model, "fastft_report"), "unpatch left the report"
 assert model.config._attn_implementation != "fastft", "unpatch left the attention"
 """,
+    # README "Transformers' hub kernels": off by default, on when asked, after fastft's patches, reported.
+    "hub-kernels-reported": """
+assert not plain.use_kernels and plain.fastft_report.hub_kernels == "off", plain.fastft_report.hub_kernels
+assert model.use_kernels and model.fastft_report.hub_kernels.startswith("on ("), model.fastft_report.hub_kernels
+assert model.fastft_report.count("rms_norm") > 0
+""",
     # README "LoRA": the adapter is applied (a PEFT model, LoRA layers on every linear layer of the
     # decoder, only they train) and routed through the fused kernels.
     "lora-applied": """
