@@ -34,6 +34,7 @@ import warnings
 import torch
 
 from fastft import distributed
+from fastft.errors import InputError, MissingInput
 
 COMPLETE = "COMPLETE"
 
@@ -127,16 +128,17 @@ def load(path, model, optimizer, *, scheduler, env: distributed.DistEnv) -> dict
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     path = pathlib.Path(path)
-    if not (path / COMPLETE).is_file():
-        raise FileNotFoundError(f"{path} is not a complete fastft checkpoint (no {COMPLETE} marker): it was "
-                                "being written when the run stopped; resume from an older one")
-    meta = json.loads((path / "meta.json").read_text())
-    _read_metadata(path / ".metadata")  # refused here, in plain words, before DCP reads it (inside its own errors)
+    meta = verify(path)  # refused here, in plain words, before DCP reads it (inside its own errors)
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": _resumable(model, model_state), "optim": optim_state}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, storage_reader=_safe_reader(str(path)))  # every key asked for must be in the checkpoint
+        try:  # every key asked for must be in the checkpoint
+            dcp.load(state, storage_reader=_safe_reader(str(path)))
+        except (UnsafeCheckpoint, InputError):
+            raise
+        except Exception as exc:  # DCP wraps what failed (a rank's read) in its own CheckpointException
+            raise damaged(path, path, exc) from exc
     options = StateDictOptions(strict=len(state["model"]) == len(model_state))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
     rank_file = path / f"trainer_rank{env.rank}.pt"
@@ -144,12 +146,65 @@ def load(path, model, optimizer, *, scheduler, env: distributed.DistEnv) -> dict
         if meta["world_size"] != env.world_size:
             rank_file = path / "trainer_rank0.pt"  # another world size: model/optimizer reshard, data restarts
         else:
-            raise FileNotFoundError(f"{rank_file} missing from the checkpoint")
+            raise MissingInput("missing from the checkpoint", file=rank_file, fix=_older_fix(path))
     trainer = _load_plain(rank_file)
     scheduler.load_state_dict(trainer["scheduler"])
     if meta["world_size"] == env.world_size:
         _set_rng_state(trainer["rng"])
     return {"step": meta["step"], "data": trainer["data"], "world_size": meta["world_size"]}
+
+
+def verify(path, *, field: str = "checkpoint.resume_from") -> dict:
+    """Read through what a resume will read, without a model: COMPLETE, meta.json, DCP's
+    .metadata (the safe unpickler), each trainer_rank<r>.pt (plain data only), and every shard
+    file's size against the byte ranges .metadata gives (a truncated copy fails here). Returns
+    meta.json; raises an InputError naming the file and the fix (or UnsafeCheckpoint)."""
+    path = pathlib.Path(path)
+    if not path.is_dir():
+        raise MissingInput("no such checkpoint folder", file=path, field=field,
+                           fix="give a checkpoints/step_XXXXXXXX folder of a run, or drop --" + field)
+    if not (path / COMPLETE).is_file():
+        raise MissingInput(f"not a complete fastft checkpoint (no {COMPLETE} marker): it was being written when the "
+                           "run stopped", file=path, field=field, fix=_older_fix(path))
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        int(meta["step"]), int(meta["world_size"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise damaged(path / "meta.json", path, exc) from None
+    metadata = _read_metadata(path / ".metadata")
+    sizes: dict[str, int] = {}
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        name = str(getattr(info, "relative_path", ""))
+        if name:
+            sizes[name] = max(sizes.get(name, 0), int(info.offset) + int(info.length))
+    for name, needed in sorted(sizes.items()):
+        file = path / name
+        have = file.stat().st_size if file.is_file() else None
+        if have is None or have < needed:
+            problem = "missing" if have is None else f"truncated ({have} of at least {needed} bytes)"
+            raise InputError(f"a shard of the checkpoint is {problem}", file=file, field=field, fix=_older_fix(path))
+    for rank_file in sorted(path.glob("trainer_rank*.pt")):
+        _load_plain(rank_file)
+    return meta
+
+
+def _older_fix(path: pathlib.Path) -> str:
+    """What to resume from instead of the checkpoint `path`: the newest complete one before it."""
+    older = [p for p in complete_checkpoints(path.parent.parent) if p.name < path.name] \
+        if path.parent.name == "checkpoints" else []
+    if older:
+        return (f"resume from the checkpoint before it, --checkpoint.resume_from={older[-1]} (or move {path.name} "
+                "out of checkpoints/, and --resume takes the newest one left); or start again without --resume")
+    return ("no complete checkpoint of this run is older: start again without --resume / --checkpoint.resume_from "
+            "(into a new --logging.run_dir, or --logging.overwrite=true)")
+
+
+def damaged(file, path, exc: BaseException) -> InputError:
+    """The InputError for a checkpoint file that cannot be read back (truncated, overwritten, not
+    fastft's), with the library's reason in brief."""
+    reason = (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:200] or "no message"
+    return InputError(f"the checkpoint cannot be read back, it is damaged or truncated ({type(exc).__name__}: "
+                      f"{reason})", file=file, fix=_older_fix(pathlib.Path(path)))
 
 
 class UnsafeCheckpoint(ValueError):
@@ -168,9 +223,14 @@ def _refuse(path, exc: Exception) -> UnsafeCheckpoint:
 def _load_plain(path: pathlib.Path) -> dict:
     """A trainer state file, refusing anything but plain data (no pickled code is ever run)."""
     try:
-        return torch.load(path, weights_only=True, map_location="cpu")
+        state = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
         raise _refuse(path, exc) from None
+    except Exception as exc:  # a truncated zip (RuntimeError), an empty file (EOFError), ...
+        raise damaged(path, path.parent, exc) from None
+    if not isinstance(state, dict) or not {"scheduler", "data", "rng"} <= set(state):
+        raise damaged(path, path.parent, ValueError("not a fastft trainer state (scheduler, data, rng)"))
+    return state
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -189,15 +249,21 @@ class _MetadataUnpickler(pickle.Unpickler):
                               ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
                               ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint's metadata")
+        raise _NotAllowed(f"{module}.{name} is not allowed in a checkpoint's metadata")
+
+
+class _NotAllowed(pickle.UnpicklingError):
+    """What _MetadataUnpickler refuses (as against a truncated pickle, pickle's own UnpicklingError)."""
 
 
 def _read_metadata(path: pathlib.Path):
     try:
         with open(path, "rb") as f:
             return _MetadataUnpickler(f).load()
-    except pickle.UnpicklingError as exc:
+    except _NotAllowed as exc:
         raise _refuse(path, exc) from None
+    except Exception as exc:  # truncated ("pickle data was truncated"), empty (EOFError), missing (OSError)
+        raise damaged(path, path.parent, exc) from None
 
 
 def _safe_reader(path):

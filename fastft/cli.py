@@ -171,15 +171,65 @@ def plan(argv: list[str]) -> int:
     return plan_main(argv)
 
 
+# Exit statuses of `fastft train`, for scripts and schedulers (README "Exit statuses"; --help).
+# Any run that ends before train.max_steps exits non-zero, so that `&&`, `set -e` and a SLURM
+# requeue see it is unfinished, and the code says why.
+EXIT_FINISHED = 0  # train.max_steps reached (evaluated, exported)
+EXIT_BAD_INPUT = 2  # a bad config, data file, run folder or checkpoint: one line on stderr, nothing run
+EXIT_FAILED = 3  # the loss diverged, or a checkpoint that could run code was refused
+EXIT_RUN_STEPS = 75  # stopped at train.run_steps, checkpointed: `--resume` continues (sysexits' EX_TEMPFAIL)
+SIGNAL_BASE = 128  # stopped by a signal, checkpointed: 128 + its number (143 SIGTERM, 130 SIGINT), as shells say
+
+EXIT_HELP = f"""exit status:
+  {EXIT_FINISHED}    finished: train.max_steps reached
+  {EXIT_BAD_INPUT}    bad input (config, data file, run folder, checkpoint): one line on stderr naming the file,
+       line, field and fix; --debug or FASTFT_DEBUG=1 adds the Python traceback
+  {EXIT_FAILED}    the loss diverged (NaN/inf), or an unsafe checkpoint was refused
+  {EXIT_RUN_STEPS}   stopped at train.run_steps before train.max_steps: checkpoint written, --resume continues
+  {SIGNAL_BASE + 15}  stopped by SIGTERM (a scheduler, `timeout`): checkpoint written, --resume continues
+  {SIGNAL_BASE + 2}  stopped by SIGINT (Ctrl-C): checkpoint written, --resume continues
+
+"""
+
+
+def run_exit_status(result) -> int:
+    """The exit status of a run that returned (see EXIT_HELP): 0 only when it finished."""
+    import signal
+
+    if result.status == "finished":
+        return EXIT_FINISHED
+    if result.status == "interrupted":  # another rank's signal stopped this one: no number of its own
+        return SIGNAL_BASE + int(result.signal or signal.SIGTERM)
+    return EXIT_RUN_STEPS
+
+
+def debug_requested(args: argparse.Namespace) -> bool:
+    """--debug, or FASTFT_DEBUG set to anything but empty / 0 / false / no."""
+    return bool(getattr(args, "debug", False)) or os.environ.get("FASTFT_DEBUG", "").strip().lower() not in (
+        "", "0", "false", "no")
+
+
+def _refuse(message: str, status: int, debug: bool) -> int:
+    """The one line for an error the user can fix (after the traceback, when asked for)."""
+    if debug:
+        import traceback
+
+        traceback.print_exc()
+    print(f"fastft train: {message}", file=sys.stderr)
+    return status
+
+
 def train(args: argparse.Namespace, overrides: list[str]) -> int:
     # On a CPU the fused kernels fall back to their torch references unless TRITON_INTERPRET=1 is
     # set by the user (the interpreter is correct but far too slow for training: ~35 s per step of
     # the default model, measured on 2 cores). So, unlike `demo`, train does not set it.
     from fastft.checkpoint import UnsafeCheckpoint
     from fastft.config import ConfigError, load_config, to_yaml
+    from fastft.errors import InputError
     from fastft.hub import LoadError
     from fastft.train import TrainingDiverged, finetune
 
+    debug = debug_requested(args)
     if args.resume:
         overrides = overrides + ["--checkpoint.resume=true"]
     try:
@@ -189,15 +239,15 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
             return 0
         result = finetune(config)
     except ConfigError as exc:
-        print(f"fastft train: bad config: {exc}", file=sys.stderr)
-        return 2
-    except LoadError as exc:
-        print(f"fastft train: {exc}", file=sys.stderr)
-        return 2
+        return _refuse(f"bad config: {exc}", EXIT_BAD_INPUT, debug)
+    except (InputError, LoadError) as exc:  # data files, run folders, checkpoints, hub names (fastft/errors.py)
+        return _refuse(str(exc), EXIT_BAD_INPUT, debug)
     except (TrainingDiverged, UnsafeCheckpoint) as exc:
-        print(f"fastft train: {exc}", file=sys.stderr)
-        return 3
-    return 0 if result.status in ("finished", "stopped") else 130
+        return _refuse(str(exc), EXIT_FAILED, debug)
+    except KeyboardInterrupt:  # Ctrl-C before the loop took over the signal, or a second one inside it
+        return _refuse("interrupted (Ctrl-C) before a checkpoint of this stop could be written; the newest "
+                       "complete one, if any, is kept", SIGNAL_BASE + 2, debug)
+    return run_exit_status(result)
 
 
 def _train_parser(sub) -> argparse.ArgumentParser:
@@ -207,10 +257,12 @@ def _train_parser(sub) -> argparse.ArgumentParser:
         "train", help="fine-tune (no recipe: the built-in default run)", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Fine-tune a causal LM: a YAML recipe (see examples/), then --section.field=VALUE overrides "
                     "(VALUE is YAML: 1e-4, true, null, [q_proj, v_proj], {attention: false}).",
-        epilog="config fields (type; default), by section:\n\n" + help_text())
+        epilog=EXIT_HELP + "config fields (type; default), by section:\n\n" + help_text())
     p_train.add_argument("recipe", nargs="?", default=None, help="a YAML recipe (see examples/)")
     p_train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p_train.add_argument("--print-config", action="store_true", help="print the checked config as YAML and exit")
+    p_train.add_argument("--debug", action="store_true",
+                         help="on bad input, print the Python traceback before the one-line error (or set FASTFT_DEBUG=1)")
     return p_train
 
 

@@ -12,6 +12,9 @@ run never destroys an earlier one.
   columns) leaves nothing behind: `discard_unused` removes the config file it wrote, and the
   folder itself when this run made it and it is empty, so the same command can simply be run
   again (runs/latest goes back to the newest remaining run).
+- A run folder that cannot be used (the path is a file, a parent cannot be written) and, when
+  resuming, a checkpoint that is damaged are refused here, before anything is written (an
+  InputError: one line naming the path and the fix), so the earlier run's files keep their bytes.
 Under torchrun, rank 0 decides and every rank receives its decision.
 """
 
@@ -24,6 +27,10 @@ import shutil
 
 from fastft import checkpoint, distributed
 from fastft.config import ConfigError
+from fastft.errors import InputError
+
+RUN_DIR_FIX = ("choose a folder you can write to with --logging.run_dir=..., or leave logging.run_dir unset for a "
+               "new runs/<date>-<time> folder")
 
 RUNS = pathlib.Path("runs")
 LATEST = "latest"
@@ -42,11 +49,37 @@ def prepare(config, env: distributed.DistEnv) -> str:
     log, ck = config.logging, config.checkpoint
     decision = None
     if env.is_main:
-        decision = _decide(log.run_dir, resume=ck.resume, resume_from=ck.resume_from, overwrite=log.overwrite)
+        try:
+            decision = _decide(log.run_dir, resume=ck.resume, resume_from=ck.resume_from, overwrite=log.overwrite)
+            if isinstance(decision, str):
+                _check_resumable(decision, resume=ck.resume, resume_from=ck.resume_from)
+        except (InputError, checkpoint.UnsafeCheckpoint) as refused:  # every rank stops, not rank 0 alone
+            decision = refused
     decision = distributed.broadcast_object(decision)
     if isinstance(decision, ConfigError):
         raise ConfigError(str(decision))
+    if isinstance(decision, Exception):
+        raise decision
     return decision
+
+
+def _check_resumable(run_dir: str, *, resume: bool, resume_from: str | None) -> None:
+    """The checkpoint a resumed run will load, read through now (checkpoint.verify): a damaged one
+    stops the run before its config file is written beside the earlier run's, and before minutes
+    of model loading."""
+    path = resume_from or (checkpoint.latest(run_dir) if resume else None)
+    if path is not None:
+        checkpoint.verify(path, field="checkpoint.resume_from" if resume_from else "checkpoint.resume")
+
+
+def write_config(run_dir: str, name: str, text: str) -> None:
+    """`text` into run_dir/name: a folder that cannot be written is an InputError (one line)."""
+    try:
+        with open(os.path.join(run_dir, name), "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as exc:
+        raise InputError(f"cannot write {name} into the run folder ({exc.strerror or exc})", file=run_dir,
+                         field="logging.run_dir", fix=RUN_DIR_FIX) from exc
 
 
 def _decide(run_dir: str | None, *, resume: bool, resume_from: str | None, overwrite: bool) -> str | ConfigError:
@@ -56,10 +89,16 @@ def _decide(run_dir: str | None, *, resume: bool, resume_from: str | None, overw
         if latest.is_dir():
             return str(latest.resolve())
     if run_dir is None:
-        folder = _new_timestamped_folder()
+        try:
+            folder = _new_timestamped_folder()
+        except OSError as exc:
+            raise InputError(f"cannot make a new run folder here ({exc.strerror or exc})", file=RUNS.absolute(),
+                             field="logging.run_dir", fix="run from a folder you can write to, or set "
+                             "--logging.run_dir=... to one") from exc
         _point_latest_at(folder)
         return str(folder)
     folder = pathlib.Path(run_dir)
+    _refuse_unusable(folder, run_dir)
     found = results_in(folder) if folder.is_dir() else []
     if resume and not resume_from and set(found) - {"config.yaml", "config.resume.yaml"} and not checkpoint.latest(folder):
         return ConfigError(
@@ -78,9 +117,30 @@ def _decide(run_dir: str | None, *, resume: bool, resume_from: str | None, overw
             path = folder / name
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     if not folder.is_dir():
-        folder.mkdir(parents=True)
+        try:
+            folder.mkdir(parents=True)
+        except OSError as exc:
+            raise InputError(f"cannot make the run folder ({exc.strerror or exc})", file=run_dir,
+                             field="logging.run_dir", fix=RUN_DIR_FIX) from exc
         _MADE.add(str(folder))
     return str(folder)
+
+
+def _refuse_unusable(folder: pathlib.Path, run_dir: str) -> None:
+    """A run folder path that is a file (or lies under one), or a folder this process cannot write:
+    an InputError now, before anything is written or deleted (os.access is the check, as a probe
+    write would change the folder; root passes it, and its writes do succeed)."""
+    if folder.exists() and not folder.is_dir():
+        raise InputError("is a file, not a folder", file=run_dir, field="logging.run_dir",
+                         fix=RUN_DIR_FIX + "; the file is left as it is")
+    existing = next((p for p in (folder, *folder.absolute().parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise InputError(f"{existing} is a file, so no folder can be made under it", file=run_dir,
+                         field="logging.run_dir", fix=RUN_DIR_FIX)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        what = "the run folder" if existing == folder else f"{existing}, where the run folder would be made,"
+        raise InputError(f"{what} is not writable by this user", file=run_dir, field="logging.run_dir",
+                         fix=RUN_DIR_FIX + " (or change the folder's permissions)")
 
 
 _MADE: set[str] = set()  # run folders this process created

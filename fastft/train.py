@@ -60,6 +60,7 @@ class TrainingDiverged(RuntimeError):
 @dataclasses.dataclass
 class RunResult:
     status: str = "finished"  # "finished", "stopped" (train.run_steps reached), "interrupted" (signal)
+    signal: int | None = None  # "interrupted": the signal this process received (None: another rank's)
     steps: int = 0  # optimizer steps done, in total (resumed ones included)
     losses: list[float] = dataclasses.field(default_factory=list)  # train loss of each step run here
     eval_before: dict | None = None  # {"val_loss", "exact_match", "f1", ...}
@@ -143,8 +144,7 @@ def prepare_run_dir(config: FinetuneConfig, env: distributed.DistEnv) -> RunDir:
     resumed = bool(config.checkpoint.resume or config.checkpoint.resume_from)
     name = "config.resume.yaml" if resumed and os.path.exists(os.path.join(run_dir, "config.yaml")) else "config.yaml"
     if env.is_main:
-        with open(os.path.join(run_dir, name), "w", encoding="utf-8") as f:
-            f.write(to_yaml(config))
+        rundir.write_config(run_dir, name, to_yaml(config))
     return RunDir(run_dir, name)
 
 
@@ -302,7 +302,8 @@ def validation_data(config: FinetuneConfig, tokenizer, env: distributed.DistEnv)
     data, t = config.data, config.train
     eval_data = dataclasses.replace(data, source=data.eval_source or data.source, train_split=data.eval_split,
                                     streaming=False)
-    source, _ = build_train_batches(eval_data, tokenizer, rank=0, world_size=1)
+    source, _ = build_train_batches(eval_data, tokenizer, rank=0, world_size=1,
+                                    field="data.eval_source" if data.eval_source else "data.source")
     n = -(-t.eval_batches // env.world_size) * env.world_size
     batches = [b for _, b in zip(range(n), source)]
     usable = len(batches) - len(batches) % env.world_size
@@ -848,6 +849,12 @@ def _run(config: FinetuneConfig, env: distributed.DistEnv, made: list) -> RunRes
             if out.stop:
                 result.status = "interrupted"
                 break
+    # A signal after the last step's check (during its checkpoint or evaluation, or the last step of
+    # train.run_steps) still stopped an unfinished run: "interrupted", not "stopped", so that the
+    # exit status says a signal ended it (fastft/cli.py). A finished run stays finished.
+    if stop.signal is not None and step < t.max_steps:
+        result.status = "interrupted"
+    result.signal = stop.signal if result.status == "interrupted" else None
     if bar is not None:
         bar.close()
 

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import ConfigDict, PositiveInt
 from pydantic.dataclasses import dataclass
 
-from fastft.data.loaders import load_table
+from fastft.data.loaders import SQUAD_FIX, check_columns, load_table
 from fastft.data.packing import MODES, PackedBatches
 from fastft.data.sft import SFTFormatter
 from fastft.data.squad import DEFAULT_SQUAD_TEMPLATE, SquadFormatter, check_template
@@ -97,11 +97,31 @@ def make_formatter(config: DataConfig, tokenizer):
     )
 
 
-def build_train_batches(config: DataConfig, tokenizer, *, rank: int = 0, world_size: int = 1):
-    """(an iterable of this rank's micro-batches, call `.set_epoch(e)` per epoch; DataReport)."""
+def check_rows(rows, config: DataConfig, source: str, field: str) -> None:
+    """Every column the format reads is in `rows`, with a value in every row: else an InputError
+    naming the file, the line (JSON lines) or row, the column and the fix, before any tokenizing
+    (the formatters would fail later with a KeyError or a TypeError on None, naming neither)."""
+    if config.format == "squad":
+        required, what, hint = ("context", "question", "answers"), "SQuAD-format", SQUAD_FIX
+    else:
+        columns = getattr(rows, "column_names", None) or ()
+        pair = (config.prompt_column, config.response_column)
+        required = (config.messages_column,) if config.messages_column in columns else pair
+        what = "SFT"
+        hint = (f"data.format=sft reads {pair[0]!r} and {pair[1]!r} (or {config.messages_column!r}, a list of "
+                "{role, content} turns); rename the file's columns, or name yours with --data.prompt_column=... "
+                "--data.response_column=... (or --data.messages_column=...)")
+    check_columns(rows, required, what, hint, source=source, field=field)
+
+
+def build_train_batches(config: DataConfig, tokenizer, *, rank: int = 0, world_size: int = 1,
+                        field: str = "data.source"):
+    """(an iterable of this rank's micro-batches, call `.set_epoch(e)` per epoch; DataReport).
+    `field`: the config field that named `config.source`, for error messages."""
     report = DataReport()
     sized = {"num_examples": config.builtin_examples} if config.source == "builtin" and config.train_split == "train" else {}
-    rows = load_table(config.source, config.train_split, streaming=config.streaming, **sized)
+    rows = load_table(config.source, config.train_split, streaming=config.streaming, field=field, **sized)
+    check_rows(rows, config, config.source, field)
     formatter = make_formatter(config, tokenizer)
     examples = formatter.encode(rows)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -123,7 +143,9 @@ def build_eval_prompts(config: DataConfig, tokenizer):
     """((id, prompt ids) pairs, id -> gold answers) for SQuAD-format evaluation."""
     if config.format != "squad":
         raise ValueError("generation-based evaluation (EM/F1) needs data.format='squad'")
-    rows = load_table(config.eval_source or config.source, config.eval_split)
+    source, field = (config.eval_source, "data.eval_source") if config.eval_source else (config.source, "data.source")
+    rows = load_table(source, config.eval_split, field=field)
+    check_rows(rows, dataclasses.replace(config, format="squad"), source, field)
     if config.eval_examples is not None:
         rows = rows.select(range(min(config.eval_examples, len(rows))))
     return make_formatter(config, tokenizer).eval_prompts(rows, max_new_tokens=config.eval_max_new_tokens)
