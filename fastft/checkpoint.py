@@ -30,6 +30,7 @@ import random
 import shutil
 import time
 import warnings
+from typing import NamedTuple
 
 import torch
 
@@ -152,6 +153,37 @@ def load(path, model, optimizer, *, scheduler, env: distributed.DistEnv) -> dict
     if meta["world_size"] == env.world_size:
         _set_rng_state(trainer["rng"])
     return {"step": meta["step"], "data": trainer["data"], "world_size": meta["world_size"]}
+
+
+class Resumed(NamedTuple):
+    step: int  # optimizer steps done before this run
+    data: dict  # the data position: {"epoch", "consumed"}
+    resumed: bool
+
+
+def resume(c, run_dir: str, model, optimizer, scheduler, env: distributed.DistEnv, log) -> Resumed:
+    """Where a run starts (`c`: the config's checkpoint section): checkpoint.resume_from, or the
+    newest complete checkpoint of the run folder when checkpoint.resume is set, loaded into the
+    model, optimizer and schedule; else step 0. A checkpoint of another world size resumes its
+    weights and step but starts the data over (the ranks' plans differ)."""
+    path = c.resume_from or (latest(run_dir) if c.resume else None)
+    if c.resume and path is None:
+        log(f"resume: no complete checkpoint in {checkpoint_dir(run_dir)}; starting from step 0")
+    if path is None:
+        return Resumed(0, {"epoch": 0, "consumed": 0}, False)
+    state = load(path, model, optimizer, scheduler=scheduler, env=env)
+    log(f"resume: {path} (step {state['step']})")
+    data = state["data"] if state["world_size"] == env.world_size else {"epoch": 0, "consumed": 0}
+    return Resumed(state["step"], data, True)
+
+
+def save_unless_saved(run_dir: str, step: int, model, optimizer, *, scheduler, data_state: dict, keep: int,
+                      env: distributed.DistEnv) -> str:
+    """The checkpoint of `step`: the newest complete one when it is of this step, else a new one."""
+    saved = latest(run_dir)
+    if saved is None or int(saved.name.split("_")[1]) != step:
+        saved = save(run_dir, step, model, optimizer, scheduler=scheduler, data_state=data_state, keep=keep, env=env)
+    return str(saved)
 
 
 def verify(path, *, field: str = "checkpoint.resume_from") -> dict:

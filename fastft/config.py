@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import os
 import pathlib
 from typing import Annotated, Literal, Union
 
@@ -482,6 +481,35 @@ def _validate_bitsandbytes(config: FinetuneConfig) -> None:
             require_bitsandbytes(" and ".join(needs))
         except ImportError as exc:
             raise ConfigError(str(exc)) from None
+
+
+# -- derived sizes: what the trainer and the planner both read --------------------------------------
+
+def batch_plan(config: FinetuneConfig, world_size: int) -> dict:
+    """Micro-batch, accumulation and global batch, from the data section and the global batch
+    (a ConfigError when the global batch is not a whole number of micro-batches on every rank)."""
+    data, train = config.data, config.train
+    micro_rows = 1 if data.batching == "flat" else data.batch_size
+    micro_tokens = data.token_budget if data.batching == "flat" else data.batch_size * data.max_seq_len
+    if train.global_batch_tokens is not None:
+        field, want, per = "train.global_batch_tokens", train.global_batch_tokens, micro_tokens * world_size
+    elif train.global_batch_rows is not None:
+        field, want, per = "train.global_batch_rows", train.global_batch_rows, micro_rows * world_size
+    else:
+        field, want, per = None, None, None
+    if field is None:
+        accumulation = 1
+    else:
+        if want % per or want < per:
+            raise ConfigError(
+                f"{field}={want} is not a multiple of one micro-batch on every rank ({per} = "
+                f"{'data.batch_size x data.max_seq_len' if 'tokens' in field else 'data.batch_size'} x "
+                f"{world_size} rank(s)); use e.g. {max(1, round(want / per)) * per}, or change data.batch_size"
+            )
+        accumulation = want // per
+    return {"world_size": world_size, "micro_batch_rows": micro_rows, "micro_batch_tokens": micro_tokens,
+            "accumulation": accumulation, "global_batch_rows": micro_rows * accumulation * world_size,
+            "global_batch_tokens": micro_tokens * accumulation * world_size}
 
 
 # -- the field reference: `fastft train --help` and examples/README.md --------------------------

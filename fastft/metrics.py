@@ -1,5 +1,6 @@
 """Training metrics: peak memory, where the numbers go (JSON lines, TensorBoard), the progress
-bar, and pictures of runs (curves.png, `fastft plot`).
+bar, what a run prints (its start-up report, its attention paths, its evaluations, its summary),
+and pictures of runs (curves.png, `fastft plot`).
 
 FLOPs and MFU follow one convention for the trainer and the benchmarks: fastft/flops.py.
 """
@@ -7,11 +8,14 @@ FLOPs and MFU follow one convention for the trainer and the benchmarks: fastft/f
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import resource
 import time
 
 import torch
+
+from fastft import flops
 
 
 def peak_memory_gib(device: torch.device) -> tuple[float, str]:
@@ -67,7 +71,6 @@ def step_record(out, n_params: tuple[float, float], layers: int, d_attn: int, de
                 world_size: int, *, epoch: int) -> dict:
     """The metrics line of one step (fastft.train.StepResult `out`): loss, lr, grad norm, global
     real tokens per second, MFU (fastft/flops.py's convention and 6N), step time, peak memory."""
-    from fastft import flops
 
     work = flops.step_flops(*n_params, out.tokens, layers, d_attn, out.pairs)
     memory, memory_kind = peak_memory_gib(device)
@@ -188,3 +191,76 @@ def plot_runs(run_dirs, out, *, labels=None, log=print) -> str | None:
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=90)
     return str(out)
+
+
+# -- what a run prints ------------------------------------------------------------------------------
+
+def startup_report(log, config, env, run_dir: str, plan: dict, precision, quant, patch_report, data_report,
+                   n_params: tuple[float, float], n_ac: int, fused: bool, warmup: int,
+                   qlora_report: list[str] = ()) -> None:
+    """Everything a run derived (fastft/train.py), printed once: `precision` is fastft.model's
+    Precision, `quant` the 4-bit settings or None."""
+    c, d, o, device = config, config.distributed, config.optim, env.device
+    n_trained, n_frozen = n_params
+    cuda = device.type == "cuda"
+    log(f"fastft train: {env.world_size} process(es) on {device.type}"
+        + (f" ({torch.cuda.get_device_name(device)})" if cuda else "") + f"; run folder {run_dir}")
+    kernels = ("compiled Triton kernels" if cuda else "Triton interpreter" if os.environ.get("TRITON_INTERPRET") == "1"
+               else "kernels' torch reference fallback (set TRITON_INTERPRET=1 for the Triton kernels)")
+    log(f"model: {c.model.name or 'random init from config ' + str(c.model.config.get('model_type'))}, "
+        f"{n_trained + n_frozen:,.0f} matmul params ({n_trained:,.0f} trained)"
+        + (f", LoRA r={c.lora.r}" if c.lora.enabled else ", full fine-tuning")
+        + (f" over a 4-bit base ({quant.describe()})" if quant is not None else "")
+        + (f"; patched: {len(patch_report.patched())} modules, {kernels}" if patch_report is not None else "; not patched"))
+    for line in qlora_report + data_report.lines:
+        log(line)
+    log(f"batch: micro-batch {plan['micro_batch_rows']} rows ({plan['micro_batch_tokens']} tokens) x accumulation "
+        f"{plan['accumulation']} x {env.world_size} rank(s) = {plan['global_batch_rows']} rows / "
+        f"{plan['global_batch_tokens']} tokens per optimizer step; {c.train.max_steps} steps")
+    log(f"precision: weights {str(precision.weights).removeprefix('torch.')}, "
+        + (f"FSDP2 params {precision.param_dtype} / reduce {d.reduce_dtype}, reshard_after_forward="
+           f"{d.reshard_after_forward}, cpu_offload={d.cpu_offload}" if precision.fsdp
+           else ("bf16 autocast" if precision.autocast_on else "no autocast"))
+        + f"; activation checkpointing: {d.activation_checkpointing} ({n_ac} blocks); compile: {d.compile}")
+    peak = flops.peak_flops(device)
+    log(f"optimizer: {'AdamW' if o.name == 'adamw' else o.name} lr {o.lr}" + (f" (fused={fused})" if o.name == "adamw" else "")
+        + f", warm-up {warmup} steps then {o.schedule} to "
+        f"{o.min_lr_ratio}x, clip {o.grad_clip}; MFU peak: "
+        + (f"{peak / 1e12:.0f} TFLOP/s per device" if peak else "n/a on this device"))
+
+
+def log_attention_paths(patch_report, mlog, step: int, log) -> None:
+    """After the first step: which path each attention call took (the PatchReport's counters)."""
+    if patch_report is None:
+        return
+    log(f"attention in step {step}: {patch_report.paths_line()}")
+    layers = {layer for layer, _ in patch_report.attention_calls}
+    mlog.write("attention", step, paths=dict(patch_report.paths()), layers=len(layers))
+
+
+def eval_line(name: str, result: dict | None) -> str:
+    if result is None:
+        return f"{name}: (not evaluated)"
+    line = f"{name}: val loss " + ("n/a (no val batches)" if result["val_loss"] is None else f"{result['val_loss']:.4f}")
+    if "exact_match" in result:
+        line += f", SQuAD EM {result['exact_match']:.1f} F1 {result['f1']:.1f} on {result['count']} questions"
+    return line
+
+
+def summary(log, result) -> None:
+    """The end of a finished run (fastft.train.RunResult `result`): losses, evaluations, where things went."""
+    losses = result.losses
+    if losses:
+        k = max(1, min(10, len(losses) // 10))
+        first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+        log(f"train loss: {first:.4f} (mean of the first {k} steps) -> {last:.4f} (last {k})")
+    log(eval_line("val before", result.eval_before))
+    log(eval_line("val after ", result.eval_after))
+    for qid, answer, gold in (result.eval_after or {}).get("sample") or []:
+        log(f"  {qid}: answered {answer!r}, gold {gold}")
+    if result.curves:
+        log(f"curves: {result.curves}")
+    if result.export_dir:
+        log(f"exported to {result.export_dir}")
+    if result.merged_dir:
+        log(f"merged into a bf16 model: {result.merged_dir}")

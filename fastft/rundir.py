@@ -8,10 +8,13 @@ run never destroys an earlier one.
   metrics.jsonl, checkpoints/, export/, curves.png) stops the new run before any work, unless the
   run resumes it (`checkpoint.resume` / `checkpoint.resume_from`) or `logging.overwrite=true`
   says to delete those results first. Files of other programs in the folder are never touched.
-- A run that stops before its first result (a model that fails to load, a dataset missing its
-  columns) leaves nothing behind: `discard_unused` removes the config file it wrote, and the
-  folder itself when this run made it and it is empty, so the same command can simply be run
-  again (runs/latest goes back to the newest remaining run).
+- `claim(config, env)` is the whole of it for a run: a context manager that prepares the folder,
+  writes the config (config.yaml, or config.resume.yaml when resuming a run that has one) and
+  yields a `RunDir`. A run that stops before its first result (a model that fails to load, a
+  dataset missing its columns, a config that cannot be written) leaves nothing behind:
+  `discard_unused` removes the config file it wrote, and the folder itself when this run made it
+  and it is empty, so the same command can simply be run again (runs/latest goes back to the
+  newest remaining run).
 - A run folder that cannot be used (the path is a file, a parent cannot be written) and, when
   resuming, a checkpoint that is damaged are refused here, before anything is written (an
   InputError: one line naming the path and the fix), so the earlier run's files keep their bytes.
@@ -20,13 +23,16 @@ Under torchrun, rank 0 decides and every rank receives its decision.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import pathlib
 import shutil
+from collections.abc import Iterator
+from typing import NamedTuple
 
 from fastft import checkpoint, distributed
-from fastft.config import ConfigError
+from fastft.config import ConfigError, to_yaml
 from fastft.errors import InputError
 
 RUN_DIR_FIX = ("choose a folder you can write to with --logging.run_dir=..., or leave logging.run_dir unset for a "
@@ -37,6 +43,29 @@ LATEST = "latest"
 # What a fastft run writes into its folder (and what logging.overwrite=true deletes).
 RESULTS = ("config.yaml", "config.resume.yaml", "metrics.jsonl", "checkpoints", "export", "curves.png",
            "tensorboard")
+
+
+class RunDir(NamedTuple):
+    path: str
+    config_file: str  # what this run wrote there: config.yaml, or config.resume.yaml when resuming
+
+
+@contextlib.contextmanager
+def claim(config, env: distributed.DistEnv) -> Iterator[RunDir]:
+    """The run folder of `config` with its config written (rank 0 writes); on any exception from
+    the body, what this run left there is discarded (`discard_unused`) before it propagates."""
+    run_dir = prepare(config, env)
+    resumed = bool(config.checkpoint.resume or config.checkpoint.resume_from)
+    name = "config.resume.yaml" if resumed and os.path.exists(os.path.join(run_dir, "config.yaml")) else "config.yaml"
+    claimed = RunDir(run_dir, name)
+    try:
+        if env.is_main:
+            write_config(run_dir, name, to_yaml(config))
+        yield claimed
+    except BaseException:
+        if env.is_main:  # stopped before its first result: leave no empty run behind
+            discard_unused(*claimed)
+        raise
 
 
 def results_in(folder: pathlib.Path) -> list[str]:
@@ -147,13 +176,14 @@ _MADE: set[str] = set()  # run folders this process created
 
 
 def discard_unused(run_dir: str, config_file: str) -> None:
-    """After a failure: remove `config_file` (written by this run into `run_dir`) when nothing else
-    of this run is there yet, then the folder when this process made it and it is now empty."""
+    """After a failure: remove `config_file` (written by this run into `run_dir`, unless writing it
+    failed) when nothing else of this run is there yet, then the folder when this process made it
+    and it is now empty."""
     folder = pathlib.Path(run_dir)
-    others = set(results_in(folder)) - {config_file}
-    if others or not (folder / config_file).is_file():
+    if not folder.is_dir() or set(results_in(folder)) - {config_file}:
         return
-    (folder / config_file).unlink()
+    if (folder / config_file).is_file():
+        (folder / config_file).unlink()
     if str(folder) in _MADE and not any(folder.iterdir()):
         folder.rmdir()
         _MADE.discard(str(folder))

@@ -155,7 +155,7 @@ def float64_twin(model):
 
     quantization.dequantize_model(twin, torch.float64)  # 4-bit bases (QLoRA): the same values, dense
     twin = twin.to(torch.float64)
-    from fastft.train import eager_experts
+    from fastft.model import eager_experts
 
     eager_experts(twin.get_base_model() if hasattr(twin, "get_base_model") else twin)
     return twin

@@ -33,7 +33,7 @@ import varlen_reference
 from fastft import attention as fastft_attention
 from fastft.architectures import NATIVE
 from fastft.data.collate import collate_packed, model_inputs
-from fastft.train import eager_experts
+from fastft.model import eager_experts
 from numerics import assert_within_eager
 
 FACTOR = 4.0

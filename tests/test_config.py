@@ -71,7 +71,7 @@ def test_unknown_section_in_yaml_names_the_field(tmp_path):
 
 
 def test_global_batch_must_divide(tmp_path):
-    from fastft.train import batch_plan
+    from fastft.config import batch_plan
 
     config = load_config(None, ["--data.batch_size=4", "--train.global_batch_rows=10"])
     with pytest.raises(ConfigError, match=r"train.global_batch_rows=10 is not a multiple .* use e.g. 8"):

@@ -29,11 +29,10 @@ def _assert_own_code_only(rows: list[dict]) -> None:
             f"{r['census']['rebound'] or [c for c in r['census']['classes'] if not c.startswith(('torch.', 'transformers.', 'peft.'))]}")
 
 
-@pytest.mark.parametrize("modes", [
-    "full",
-    # LoRA for every architecture doubles the time: the default run keeps one model, -m slow all.
-    pytest.param("lora", marks=pytest.mark.slow),
-])
+# Every architecture takes 2 minutes per mode on 2 cores: the default run keeps one model
+# (test_e2e_smoke_one_model, every mode), -m slow all of them.
+@pytest.mark.slow
+@pytest.mark.parametrize("modes", ["full", "lora"])
 def test_e2e_smoke_every_architecture(tmp_path, modes):
     # in one process: hf and fastft rows patch per instance (their census checks it)
     e2e.main(["--smoke", "--out", str(tmp_path), "--modes", modes, "--providers", "hf,fastft", "--isolation", "none"])
@@ -55,12 +54,12 @@ def test_e2e_smoke_every_architecture(tmp_path, modes):
     assert "## End-to-end training" in text and "Llama-3.1-8B" in text
 
 
-def test_e2e_smoke_lora_one_model(tmp_path):
+def test_e2e_smoke_one_model(tmp_path):
     try:  # QLoRA rows too where bitsandbytes is installed
         import bitsandbytes  # noqa: F401
-        modes = ["lora", "qlora"]
+        modes = ["full", "lora", "qlora"]
     except ImportError:
-        modes = ["lora"]
+        modes = ["full", "lora"]
     providers = ("hf", "fastft", "hf-kernels")
     e2e.main(["--smoke", "--out", str(tmp_path), "--modes", ",".join(modes), "--models", "Llama-3.2-1B",
               "--providers", ",".join(providers), "--isolation", "none"])

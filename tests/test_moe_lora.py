@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 import fastft
 from fastft.architectures import NATIVE
 from fastft.patching import moe as moe_patch
-from fastft.train import eager_experts
+from fastft.model import eager_experts
 from numerics import assert_within_eager, float64_twin
 
 FACTOR = 4.0

@@ -19,7 +19,7 @@ import fastft
 from fastft.architectures import NATIVE
 from fastft.data import collate_packed, collate_padded, model_inputs
 from fastft.patching import moe as moe_patch
-from fastft.train import eager_experts
+from fastft.model import eager_experts
 from numerics import assert_within_eager, float64_twin
 
 FACTOR = 4.0  # model-level errors compound over layers (as in tests/test_architectures.py)

@@ -39,7 +39,7 @@ def _config(model_type="llama", *, lora=False, ac="none", rows=2, tokens=48, pre
 
 def _real_model(config, provider="hf"):
     """The planned model built for real (random weights, CPU), wrapped the same way."""
-    from fastft.train import build_model
+    from fastft.model import build_model
 
     planned, _ = core._planned_config(config, provider, None, None)
     setup = core._setup(planned, 1)
@@ -111,7 +111,7 @@ def test_planned_state_bytes_are_exact(kw):
     gradients and optimizer states (torch's fused AdamW, bitsandbytes' 8-bit AdamW) after a real
     CPU step of the same (quantized) model through the trainer's own optimizer, byte for byte."""
     from fastft import quantization
-    from fastft.train import build_optimizer
+    from fastft.optim import build_optimizer
 
     config = _config(ac="full", **kw)
     planned = planner.plan(config, provider="hf")

@@ -145,7 +145,7 @@ def test_export_full_and_lora_load_with_transformers_and_peft(tmp_path):
 
 
 def _on_call(model_builder, n, action):
-    """Wrap fastft.train.build_model so that `action(output)` runs from the n-th training forward on
+    """Wrap fastft.model.build_model (what the trainer builds through) so that `action(output)` runs from the n-th training forward on
     (eval-mode forwards, such as the trainer's packed probe of an unpatched model, do not count)."""
     def build(*args, **kwargs):
         model, report = model_builder(*args, **kwargs)
@@ -161,23 +161,23 @@ def _on_call(model_builder, n, action):
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    import fastft.train as train
+    import fastft.model
 
     def poison(output):
         output.loss = output.loss * float("nan")
         return output
-    monkeypatch.setattr(train, "build_model", _on_call(train.build_model, 5, poison))
+    monkeypatch.setattr(fastft.model, "build_model", _on_call(fastft.model.build_model, 5, poison))
     with pytest.raises(TrainingDiverged, match=r"step 5: the loss is nan.*step_00000004"):
         finetune(tiny(tmp_path, checkpoint={"every": 2}))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path, monkeypatch):
-    import fastft.train as train
+    import fastft.model
 
     def terminate(output):
         os.kill(os.getpid(), signal.SIGTERM)
-    monkeypatch.setattr(train, "build_model", _on_call(train.build_model, 3, terminate))
+    monkeypatch.setattr(fastft.model, "build_model", _on_call(fastft.model.build_model, 3, terminate))
     result = finetune(tiny(tmp_path, train={"max_steps": 10}))
     assert result.status == "interrupted" and result.steps == 3
     assert (tmp_path / "checkpoints" / "step_00000003" / "COMPLETE").is_file()

@@ -135,3 +135,9 @@ def model_inputs(batch: dict) -> dict:
     inputs = {k: v for k, v in batch.items() if k not in BOOKKEEPING_KEYS}
     inputs["use_cache"] = False
     return inputs
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on `device` (copied without a host sync: the host tensors are not reused
+    before the copy is done, the collator making new ones for every micro-batch)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -139,6 +139,39 @@ def build_train_batches(config: DataConfig, tokenizer, *, rank: int = 0, world_s
     return batches, report
 
 
+class BatchStream:
+    """`build_train_batches`' micro-batches over epochs, with a position that checkpoints save:
+    (epoch, consumed)."""
+
+    def __init__(self, batches, epoch: int = 0, consumed: int = 0):
+        self.batches, self.epoch, self.consumed = batches, epoch, consumed
+        self._iter = None
+
+    def _start(self):
+        self.batches.set_epoch(self.epoch)
+        self._iter = iter(self.batches)
+        for _ in range(self.consumed):  # resume mid-epoch: the plan is seeded, so this replays it
+            next(self._iter)
+
+    def __next__(self) -> dict:
+        if self._iter is None:
+            self._start()
+        try:
+            batch = next(self._iter)
+        except StopIteration:
+            self.epoch, self.consumed = self.epoch + 1, 0
+            self._start()
+            batch = next(self._iter)  # an empty epoch raises StopIteration: no data for this rank
+        self.consumed += 1
+        return batch
+
+    def take(self, n: int) -> list[dict]:
+        return [next(self) for _ in range(n)]
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+
 def build_eval_prompts(config: DataConfig, tokenizer):
     """((id, prompt ids) pairs, id -> gold answers) for SQuAD-format evaluation."""
     if config.format != "squad":

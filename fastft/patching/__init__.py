@@ -25,7 +25,7 @@ OPTIONS = ("rms_norm", "layer_norm", "cross_entropy", "attention", "lora", "moe"
 STATE = "_fastft_patch_state"
 
 
-def _hf_model(model: nn.Module) -> nn.Module:
+def hf_model(model: nn.Module) -> nn.Module:
     """The transformers model inside a PEFT wrapper (or the model itself)."""
     if hasattr(model, "get_base_model"):
         return model.get_base_model()
@@ -56,7 +56,7 @@ def patch(model: nn.Module, **options: bool) -> PatchReport:
     enabled = _check_options(options)
     if getattr(model, STATE, None) is not None:
         unpatch(model)
-    hf = _hf_model(model)
+    hf = hf_model(model)
     report = PatchReport(type(hf).__name__)
     # transformers' hub kernels off while fastft probes and patches the layers' own forwards, then
     # back on for the layers fastft left alone (fastft/patching/hub_kernels.py).
@@ -85,7 +85,7 @@ def enable_hub_kernels(model: nn.Module, training: bool | None = None, compiled:
     """transformers' hub kernels for the layers a patched model's fastft patches left alone (opt-in:
     `from_pretrained(use_kernels=True)`, the trainer's model.hub_kernels), once the model is on the
     device it trains on; the patch report says what runs. Returns the report's hub-kernel line."""
-    hf = _hf_model(model)
+    hf = hf_model(model)
     report = getattr(model, "fastft_report", None) or PatchReport(type(hf).__name__)
     report_hub_kernels(hf, report, hub_kernels.enable(hf, training, compiled))
     return report.hub_kernels
@@ -240,7 +240,7 @@ def verify_loaded(model: nn.Module) -> str | None:
     is a forward) with the root's parameters gathered (fastft.distributed.root_unsharded).
     Returns what it concluded, or None when there was nothing to check."""
     state = getattr(model, STATE, None)
-    hf = _hf_model(model)
+    hf = hf_model(model)
     spec = loss_patch.installed_spec(hf) if state and state["loss"] else None
     if spec is None or spec.verified:
         return None
@@ -265,7 +265,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     lora_patch.uninstall(model, state.get("lora", []))
     if state.get("moe"):
         moe_patch.uninstall(model, state["moe"])
-    hf = _hf_model(model)
+    hf = hf_model(model)
     hub_mode = hf.kernels_mode if hub_kernels.uses_kernels(hf) else None
     hub_kernels.release(hf)
     recurrent.uninstall(hf, state.get("recurrent", []))

@@ -3,12 +3,13 @@
 A plan is one optimizer step of the recipe run on fake tensors, on a CPU, in a few seconds to a
 minute, measured by torch's own memory tracker:
 
-  1. the model is built as the trainer builds it (fastft.train.build_model) on the meta device,
+  1. the model is built as the trainer builds it (fastft.model.build_model) on the meta device,
      without weights: quantized (QLoRA), LoRA applied, fastft.patch'ed, MLPs tiled. A hub name
      whose config.json is neither a local folder nor in the hub cache is built from PUBLISHED
      (the shape fields of the published config.json of the models fastft's recipes name);
-  2. wrapped as the trainer wraps it: activation checkpointing (offload included), then FSDP2
-     over a fake process group of W ranks (torch's "fake" backend: collectives do nothing);
+  2. wrapped as the trainer wraps it (fastft.parallelize.wrap): activation checkpointing (offload
+     included), then FSDP2 over a fake process group of W ranks (torch's "fake" backend:
+     collectives do nothing);
   3. materialised as fake tensors (FakeTensorMode: shapes, dtypes, storage sizes, no data; a
      4-bit layer's packed uint8 weight and bitsandbytes' quantization state at their real size,
      fastft.quantization.planned_states) and

@@ -197,9 +197,9 @@ GPU = torch.device("cuda")  # what the trainer's decisions are made for (no CUDA
 
 
 def _setup(config: FinetuneConfig, world_size: int) -> dict:
-    """The trainer's own precision decision (fastft.train.decide_precision) as it falls on CUDA."""
+    """The trainer's own precision decision (fastft.model.decide_precision) as it falls on CUDA."""
     from fastft.distributed import DistEnv
-    from fastft.train import decide_precision, quantization_settings
+    from fastft.model import decide_precision, quantization_settings
 
     p = decide_precision(config, DistEnv(world_size=world_size, device=GPU))
     quant = quantization_settings(config, p)  # QLoRA's 4-bit settings, as the trainer takes them
@@ -239,7 +239,7 @@ def _tokenizer(config: FinetuneConfig):
     vocab = config.model.config.get("vocab_size")
     if vocab is not None:
         return _VocabOnly(vocab)
-    from fastft.train import load_tokenizer
+    from fastft.model import load_tokenizer
 
     return load_tokenizer(config)  # the built-in tokenizers need no download
 
@@ -312,7 +312,7 @@ def plan(config, *, world_size: int = 1, provider: str = "fastft", rows: int | N
     """
     start = time.perf_counter()
     config, source = _planned_config(_as_config(config), provider, rows, tokens)
-    from fastft.train import batch_plan
+    from fastft.config import batch_plan
 
     sizes = batch_plan(config, world_size)
     setup = _setup(config, world_size)
@@ -324,17 +324,14 @@ def plan(config, *, world_size: int = 1, provider: str = "fastft", rows: int | N
 
 
 def _build(config: FinetuneConfig, provider: str, setup: dict):
-    """The model on the meta device, wrapped as the trainer wraps it (section 4 of train.py)."""
-    from fastft import distributed
-    from fastft.train import build_model
+    """The model on the meta device, wrapped as the trainer wraps it (fastft.parallelize.wrap:
+    planned eager, the shards on the device)."""
+    from fastft.model import build_model
+    from fastft.parallelize import wrap
 
     model, report = build_model(config, _tokenizer(config), setup["weights"], meta=True,
                                 patch=provider == "fastft", quant=setup["_quant"])
-    d = config.distributed
-    distributed.apply_activation_checkpointing(model, d.activation_checkpointing, d.checkpoint_every)
-    if setup["fsdp"]:
-        distributed.apply_fsdp(model, param_dtype=setup["param_dtype"], reduce_dtype=d.reduce_dtype,
-                               reshard_after_forward=d.reshard_after_forward)
+    wrap(model, config.distributed, setup["_precision"], compile=False, cpu_offload=False)
     if report is not None:
         setup["patched"] = sorted({e.kind for e in report.patched()})
     setup["blocks"] = _blocks_name(model)
@@ -349,7 +346,8 @@ def _one_step(config, provider, world_size, sizes, setup, observe: Callable):
 
     from fastft import distributed
     from fastft.data import model_inputs
-    from fastft.train import _local_grad_square, build_optimizer
+    from fastft.optim import build_optimizer
+    from fastft.train import _local_grad_square
 
     model = _build(config, provider, setup)
     vocab = config.model.config.get("vocab_size") or len(_tokenizer(config))

@@ -187,7 +187,7 @@ def estimate_time(config, provider: str = "fastft", world_size: int = 1, gpu: st
         raise PlanError(f"gpu={gpu!r}: the roofline knows {sorted(GPUS)}")
     if sizes is None:
         config, _ = _planned_config(_as_config(config), provider, None, None)
-        from fastft.train import batch_plan
+        from fastft.config import batch_plan
 
         sizes, setup = batch_plan(config, world_size), _setup(config, world_size)
     spec = GPUS[gpu]

@@ -101,13 +101,15 @@ def measure_activations(config, provider: str = "fastft") -> int:
     from fastft import distributed
     from fastft.data import model_inputs
     from fastft.planning.core import _as_config, _micro_batch, _planned_config, _setup, _tokenizer
-    from fastft.train import build_model
+    from fastft.model import build_model
+    from fastft.parallelize import wrap
 
     planned, _ = _planned_config(_as_config(config), provider, None, None)
     setup = _setup(planned, 1)
     model, _ = build_model(planned, _tokenizer(planned), setup["weights"], patch=provider == "fastft")
     d = planned.distributed
-    distributed.apply_activation_checkpointing(model, d.activation_checkpointing, d.checkpoint_every)
+    # as the trainer wraps it, in one process: activation checkpointing, eager, no FSDP2
+    wrap(model, d, setup["_precision"]._replace(fsdp=False), compile=False)
     model.train()
     batch, _ = _micro_batch(planned, provider, model.config.vocab_size)
     storage = lambda t: t.untyped_storage()  # noqa: E731
