@@ -12,7 +12,7 @@ from torch.distributed.fsdp import fully_shard  # noqa: E402
 
 import fastft  # noqa: E402
 from numerics import ModelRun, assert_runs_within_eager, float64_twin  # noqa: E402
-from test_lora_patch import FACTOR, _pair  # noqa: E402
+from helpers.lora import FACTOR, lora_pair  # noqa: E402
 
 
 def main():
@@ -30,7 +30,7 @@ def main():
         return wrapper
 
     lora_patch.lora_mlp, lora_patch.lora_linear = count("mlp", fused_mlp), count("linear", fused_linear)
-    patched, plain = _pair()
+    patched, plain = lora_pair()
     report = fastft.patch(patched, cross_entropy=False)
     assert any(e.replacement.startswith("lora_mlp") for e in report.entries)
     calls.update(mlp=0, linear=0)  # the MLP probe at patch time ran the layers once

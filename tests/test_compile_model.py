@@ -94,7 +94,7 @@ def test_patched_model_compiles_fullgraph_and_equals_eager():
     path reads the layout on the host, see the test above). The tolerance rule (tests/numerics.py):
     eager = the patched model run eagerly, truth = its unpatched float64 twin with the kernels'
     dropout masks."""
-    from test_lora_linear import use_kernel_dropout
+    from helpers.lora import use_kernel_dropout
 
     model = _patched(lora=True, attention=False)
     batch = _padded_batch()
@@ -146,7 +146,7 @@ def test_trainer_distributed_compile_on_cpu(tmp_path):
     kernels inside; the losses of the eager run, by the tolerance rule (truth: the unpatched
     model in float64)."""
     from fastft.train import finetune
-    from test_train import TINY_LLAMA, tiny
+    from helpers.recipes import TINY_LLAMA, tiny
 
     shape = {"max_seq_len": 64, "batch_size": 1}
     model = {"config": dict(TINY_LLAMA, hidden_size=16, intermediate_size=32, num_hidden_layers=1), "patch": True}

@@ -13,30 +13,9 @@ from torch import nn
 from torch.func import functional_call
 
 from fastft.kernels.lora import lora_dropout, lora_linear, lora_linear_many, lora_linear_reference
-from fastft.kernels.lora import draw_seed
 from fastft.patching import lora as lora_patch
+from helpers.lora import SeededDropout
 from numerics import assert_within_eager, check_against_reference
-
-
-class SeededDropout(nn.Module):
-    """PEFT-side dropout applying the kernels' mask for a seed drawn as the fused layer draws it."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        return lora_dropout(x, self.p, draw_seed())
-
-
-def use_kernel_dropout(*models, p: float) -> None:
-    """Give every PEFT LoRA layer of `models` SeededDropout(p): a reference that applies the
-    fused layers' masks (drawn in the same order under the same torch seed)."""
-    for model in models:
-        for m in model.modules():
-            if lora_patch.is_lora_layer(m) and p > 0:
-                for k in m.lora_dropout:
-                    m.lora_dropout[k] = SeededDropout(p)
 
 
 def peft_linear(in_f, out_f, r, bias, dropout, rslora, alpha=16):

@@ -16,7 +16,7 @@ from fastft.architectures import NATIVE
 from fastft.patching import lora as lora_patch
 from fastft.patching.report import PatchReport
 from numerics import check_against_reference, producer
-from test_lora_linear import SeededDropout
+from helpers.lora import SeededDropout
 
 ARCH = {a.name: a for a in NATIVE}
 PROJ = ("gate_proj", "up_proj", "down_proj")

@@ -9,32 +9,14 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from torch import nn
 from transformers import AutoModelForCausalLM
 
 import fastft
-from fastft.architectures import NATIVE
 from fastft.patching import lora as lora_patch
+from helpers.lora import ALL_LINEAR, ARCH, FACTOR, lora_pair
 from numerics import (ModelRun, assert_curves_within_eager, assert_runs_within_eager, assert_within_eager, float64_twin,
                       run_model)
-from test_lora_linear import use_kernel_dropout
 
-ARCH = {a.name: a for a in NATIVE}
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def _pair(arch="Llama", targets=ALL_LINEAR, dropout=0.0, seed_dropout=False, **lora):
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_config(ARCH[arch].tiny_config())
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=dropout, **lora))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-    plain = copy.deepcopy(model)
-    if seed_dropout:  # the reference applies the kernels' mask, drawn in the same order
-        use_kernel_dropout(plain, p=dropout)
-    return model.train(), plain.train()
 
 
 def _run(model, ids, labels) -> ModelRun:
@@ -42,7 +24,6 @@ def _run(model, ids, labels) -> ModelRun:
     return run_model(model, input_ids=ids, labels=labels)
 
 
-FACTOR = 4.0  # model-level errors compound over layers (as in the architecture matrix)
 
 
 def _batch():
@@ -58,7 +39,7 @@ def test_patched_lora_model_matches_peft(arch, dropout, mlp):
     """Every LoRA Linear fused; gated MLPs as blocks (SwiGLU, GeGLU); Qwen2's q/k/v biases; Phi3's
     fused qkv_proj and gate_up_proj layouts (per layer: the report names the MLP as kept)."""
     targets = ALL_LINEAR if arch != "Phi3" else ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
-    patched, plain = _pair(arch, targets=targets, dropout=dropout, seed_dropout=dropout > 0)
+    patched, plain = lora_pair(arch, targets=targets, dropout=dropout, seed_dropout=dropout > 0)
     report = fastft.patch(patched, cross_entropy=False)
     n_layers = ARCH[arch].tiny_config().num_hidden_layers
     assert sum(e.replacement == "lora_linear" for e in report.entries) == len(targets) * n_layers, str(report)
@@ -73,7 +54,7 @@ def test_patched_lora_model_matches_peft(arch, dropout, mlp):
 
 
 def test_report_unpatch_and_unsupported_layers():
-    model, _ = _pair(targets=["q_proj", "v_proj", "lm_head"])
+    model, _ = lora_pair(targets=["q_proj", "v_proj", "lm_head"])
     # one DoRA layer: mixed configurations on one model through a second adapter on o_proj
     model.add_adapter("dora", LoraConfig(r=2, target_modules=["o_proj"], use_dora=True))
     model.base_model.set_adapter(["default", "dora"])
@@ -93,7 +74,7 @@ def test_disabled_or_merged_adapters_take_peft_path():
     """Each by the tolerance rule against plain PEFT (eager) and its float64 twin (truth), in the
     same state: adapters disabled (the base layers), fused, merged (PEFT's path on W + sBA),
     unmerged again (fused). The norms are fused throughout."""
-    patched, plain = _pair(targets=["q_proj", "down_proj"])
+    patched, plain = lora_pair(targets=["q_proj", "down_proj"])
     twin = float64_twin(plain)
     fastft.patch(patched, cross_entropy=False)
     ids, _ = _batch()
@@ -112,7 +93,7 @@ def test_disabled_or_merged_adapters_take_peft_path():
 
 
 def test_adapter_keys_and_round_trip(tmp_path):
-    patched, plain = _pair()
+    patched, plain = lora_pair()
     keys_before = set(patched.state_dict())
     fastft.patch(patched)
     assert set(patched.state_dict()) == keys_before
@@ -132,7 +113,7 @@ def test_adapter_keys_and_round_trip(tmp_path):
 
 def test_training_run_matches_peft():
     """Four AdamW steps, fused LoRA (and the fused loss) vs plain PEFT: the same loss curve."""
-    patched, plain = _pair(dropout=0.05, seed_dropout=True)
+    patched, plain = lora_pair(dropout=0.05, seed_dropout=True)
     truth = float64_twin(plain)
     fastft.patch(patched)
     curves = []

@@ -60,7 +60,7 @@ TINY_MOE = dict(model_type="qwen3_moe", hidden_size=32, intermediate_size=64, mo
 
 
 def _moe_recipe(run_dir, **sections):
-    from test_train import tiny
+    from helpers.recipes import tiny
 
     train = {"max_steps": 3, **sections.pop("train", {})}
     recipe = tiny(run_dir, model={"config": dict(TINY_MOE), "patch": True,
@@ -87,7 +87,7 @@ def test_trainer_runs_a_packed_moe_model_through_the_fused_experts(tmp_path, mon
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU (gloo) comparison")
 def test_trainer_expert_parallel_two_processes_match_one(tmp_path):
-    from test_distributed import assert_run_within_eager, float64_run, torchrun
+    from helpers.torchrun import assert_run_within_eager, float64_run, torchrun
 
     from fastft.train import finetune
 
@@ -108,7 +108,7 @@ def test_trainer_expert_parallel_two_processes_match_one(tmp_path):
 def test_expert_parallel_config_errors_name_the_fix(tmp_path, fields, message):
     from fastft.config import ConfigError, from_dict, validate
 
-    from test_train import tiny
+    from helpers.recipes import tiny
 
     recipe = tiny(tmp_path, distributed=fields)
     with pytest.raises(ConfigError, match=message):

@@ -20,7 +20,7 @@ from fastft import quantization  # noqa: E402
 from fastft.patching import lora as lora_patch  # noqa: E402
 from fastft.patching.report import PatchReport  # noqa: E402
 from numerics import assert_within_eager  # noqa: E402
-from test_lora_linear import use_kernel_dropout  # noqa: E402
+from helpers.lora import use_kernel_dropout  # noqa: E402
 
 dq = importlib.import_module("fastft.kernels.dequantize_4bit")  # the module: the package exports its function
 

@@ -18,7 +18,7 @@ pytest.importorskip("bitsandbytes")
 from fastft.config import ConfigError, load_config  # noqa: E402
 from fastft.train import finetune  # noqa: E402
 from numerics import assert_curves_within_eager, assert_within_eager, float64_twin  # noqa: E402
-from test_train import FACTOR, tiny  # noqa: E402
+from helpers.recipes import FACTOR, tiny  # noqa: E402
 
 # 64 wide so that every projection holds whole 64-value quantization blocks per row.
 SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
@@ -162,7 +162,7 @@ def test_qlora_fsdp2_two_processes_match_one_process(tmp_path):
     """The trainer's QLoRA under FSDP2 with the rank-0 load (the default): the same losses as one
     process. (The default suite checks the same on the model level with 2 processes, adapter
     gradients included: tests/_qlora_fsdp_worker.py.)"""
-    from test_distributed import torchrun
+    from helpers.torchrun import torchrun
 
     common = dict(train={"global_batch_rows": 4, "max_steps": 3}, model={"patch_options": {"rms_norm": False}})
     single = finetune(qlora(tmp_path / "one", **common))

@@ -30,7 +30,7 @@ from fastft import attention
 from fastft.config import ConfigError
 from fastft.train import finetune
 from remote_like import RemoteLikeConfig, RemoteLikeForCausalLM
-from test_train import ROOT, tiny
+from helpers.recipes import ROOT, tiny
 
 # The path the counters must show: the reference backend on a CPU, a GPU's own varlen kernel there.
 VARLEN = "varlen/reference" if not torch.cuda.is_available() else next(
