@@ -48,7 +48,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from fastft import checkpoint as ckpt
-from fastft import distributed, flops, hub, metrics, planning, quantization, rundir
+from fastft import collectives, distributed, expert_parallel, flops, hub, metrics, planning, quantization, rundir
 from fastft.config import ConfigError, FinetuneConfig, load_config, to_yaml, validate
 from fastft.patching.moe import set_real_tokens
 
@@ -357,7 +357,8 @@ def parallelize(model, full, config: FinetuneConfig, precision: Precision, env: 
     if precision.fsdp:
         distributed.apply_fsdp(model, param_dtype=precision.param_dtype, reduce_dtype=d.reduce_dtype,
                                reshard_after_forward=d.reshard_after_forward, cpu_offload=d.cpu_offload,
-                               expert_mesh=ep_mesh["dp"] if ep_mesh is not None else None)
+                               expert_mesh=ep_mesh["dp"] if ep_mesh is not None else None,
+                               expert_units=expert_parallel.expert_units(model) if ep_mesh is not None else ())
     ep_params = _expert_parameters(model) if ep_mesh is not None else []  # FSDP2's, so after fully_shard
     if from_rank0:
         distributed.load_from_rank0(model, full, env.device, cpu_offload=d.cpu_offload)
@@ -570,19 +571,7 @@ def target_tokens(micro_batches: list[dict]) -> float:
 def global_target_tokens(micro_batches: list[dict], device: torch.device) -> float:
     """The all-reduced target tokens of a step on its own: only for a run's first step."""
     total = torch.tensor([target_tokens(micro_batches)], dtype=torch.float64, device=device)
-    return distributed.all_reduce_sum(total).tolist()[0]
-
-
-def _local_grad_square(params: list, device: torch.device) -> torch.Tensor:
-    """Σ g² over this rank's gradient entries (FSDP2's DTensor shards are disjoint, so the ranks'
-    sums add up to the global squared norm)."""
-    from torch.distributed.tensor import DTensor
-
-    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros((), dtype=torch.float64, device=device)
-    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False, foreach=None)
-    return norm.to(device=device, dtype=torch.float64) ** 2
+    return collectives.all_reduce_sum(total).tolist()[0]
 
 
 def train_step(s: Step, micro_batches: list[dict], targets: float, upcoming: list[dict], stop: StopFlag) -> StepResult:
@@ -608,9 +597,9 @@ def train_step(s: Step, micro_batches: list[dict], targets: float, upcoming: lis
         loss_sum += out.loss.detach().float()
     signalled = float(stop.signal is not None)  # read after the backward: a signal during this step stops after it
     host = torch.tensor([tokens, pairs, signalled, target_tokens(upcoming)], dtype=torch.float64)
-    stats = torch.cat([_local_grad_square(s.params, s.device).reshape(1), loss_sum.double().reshape(1),
+    stats = torch.cat([collectives.local_grad_square(s.params, s.device).reshape(1), loss_sum.double().reshape(1),
                        host.to(s.device, non_blocking=True)])
-    grad_square, loss, tokens, pairs, stopped, next_targets = distributed.all_reduce_sum(stats).tolist()
+    grad_square, loss, tokens, pairs, stopped, next_targets = collectives.all_reduce_sum(stats).tolist()
     if not math.isfinite(loss):
         raise TrainingDiverged(f"the loss is {loss}")
     grad_norm = math.sqrt(grad_square)
@@ -669,7 +658,7 @@ def evaluate(model, tokenizer, val: Validation, *, config, device, autocast) -> 
             out = model(**model_inputs(batch), num_items_in_batch=one)  # the summed token loss
         total[0] += val.weight * out.loss.double()
         total[1] += val.weight * batch["num_target_tokens"].double()
-    loss_sum, tokens = distributed.all_reduce_sum(total).tolist()
+    loss_sum, tokens = collectives.all_reduce_sum(total).tolist()
     result = {"val_loss": loss_sum / tokens if tokens else None, "val_tokens": int(tokens)}
     if val.prompts:
         with autocast(), distributed.root_unsharded(model):

@@ -15,6 +15,7 @@ from torch.func import functional_call
 from fastft.kernels.lora import lora_dropout, lora_linear, lora_linear_many, lora_linear_reference
 from fastft.kernels.lora import draw_seed
 from fastft.patching import lora as lora_patch
+from fastft.patching.probe import is_lora_layer
 from numerics import assert_within_eager, check_against_reference
 
 
@@ -34,7 +35,7 @@ def use_kernel_dropout(*models, p: float) -> None:
     fused layers' masks (drawn in the same order under the same torch seed)."""
     for model in models:
         for m in model.modules():
-            if lora_patch.is_lora_layer(m) and p > 0:
+            if is_lora_layer(m) and p > 0:
                 for k in m.lora_dropout:
                     m.lora_dropout[k] = SeededDropout(p)
 
