@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 import torch
 
-from fastft import distributed
+from fastft import collectives, distributed
 from fastft.errors import InputError, MissingInput
 
 COMPLETE = "COMPLETE"
@@ -74,7 +74,7 @@ def save(run_dir, step: int, model, optimizer, *, scheduler, data_state: dict, k
         if tmp.exists():  # left by a run that died while writing
             shutil.rmtree(tmp)
         tmp.mkdir()
-    distributed.barrier()
+    collectives.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
     model_state = _resumable(model, model_state)
     with warnings.catch_warnings():  # one process without a process group is intended here
@@ -82,7 +82,7 @@ def save(run_dir, step: int, model, optimizer, *, scheduler, data_state: dict, k
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
     torch.save({"scheduler": scheduler.state_dict(), "data": data_state, "rng": _rng_state()},
                tmp / f"trainer_rank{env.rank}.pt")
-    distributed.barrier()
+    collectives.barrier()
     if env.is_main:
         (tmp / "meta.json").write_text(json.dumps({"step": step, "world_size": env.world_size, "time": time.time()}))
         (tmp / COMPLETE).write_text("")
@@ -91,7 +91,7 @@ def save(run_dir, step: int, model, optimizer, *, scheduler, data_state: dict, k
         os.replace(tmp, final)
         for old in complete_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    distributed.barrier()
+    collectives.barrier()
     return final
 
 
@@ -335,7 +335,7 @@ def export(out_dir, model, tokenizer, *, env: distributed.DistEnv) -> pathlib.Pa
             _save_full(model, full, out)
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
-    distributed.barrier()
+    collectives.barrier()
     return out if env.is_main else None
 
 
@@ -371,7 +371,7 @@ def export_merged(out_dir, model, tokenizer, *, env: distributed.DistEnv, dtype=
         dense.save_pretrained(out, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
-    distributed.barrier()
+    collectives.barrier()
     return out if env.is_main else None
 
 
@@ -379,13 +379,13 @@ def merged_state_dict(model, full: dict, dtype: torch.dtype) -> dict:
     """The base model's state dict with every LoRA delta added (keys without PEFT's prefixes);
     `full` is the PEFT model's full state dict (for a 4-bit base, the packed weights)."""
     from fastft import quantization
-    from fastft.patching import lora as lora_patch
+    from fastft.patching.probe import is_lora_layer
 
     prefix = "base_model.model."
     modules = dict(model.named_modules())
     owned, merged = set(), {}
     for name, module in modules.items():
-        if lora_patch.is_lora_layer(module):
+        if is_lora_layer(module):
             active = [a for a in module.active_adapters if a in module.lora_A.keys()]
             if len(active) != 1 or getattr(module, "lora_variant", {}).get(active[0]) is not None:
                 raise ValueError(f"checkpoint.export_merged: {name} has {len(active)} active adapters or a LoRA "

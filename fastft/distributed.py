@@ -17,6 +17,11 @@ the same list further down).
 
 One process without torchrun needs no process group: `init()` returns world_size 1 and the
 trainer skips FSDP (unless `distributed.fsdp=true`, which then starts a 1-process gloo/nccl group).
+
+This module is told what to wrap and never asks a later layer: the collectives (all_reduce_sum,
+barrier, broadcast_object, is_dtensor, local_grad_square) live in fastft/collectives.py, and
+under expert parallelism the caller passes apply_fsdp the expert units
+(fastft.expert_parallel.expert_units) with their mesh.
 """
 
 from __future__ import annotations
@@ -25,10 +30,13 @@ import contextlib
 import dataclasses
 import datetime
 import os
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from fastft import collectives
 
 
 @dataclasses.dataclass
@@ -85,33 +93,8 @@ def shutdown(env: DistEnv) -> None:
     if env.initialized_here and dist.is_initialized():
         # Every rank reaches this point before any tears down: a rank that destroys its group
         # while gloo still runs another rank's last collective can abort at exit.
-        barrier()
+        collectives.barrier()
         dist.destroy_process_group()
-
-
-def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value
-
-
-def all_reduce_max(value: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return value
-
-
-def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def broadcast_object(obj, src: int = 0):
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        holder = [obj]
-        dist.broadcast_object_list(holder, src=src)
-        return holder[0]
-    return obj
 
 
 # -- finding the decoder blocks ----------------------------------------------------------------
@@ -190,7 +173,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def apply_fsdp(model: nn.Module, *, param_dtype: str = "bfloat16", reduce_dtype: str = "float32",
-               reshard_after_forward: bool = True, cpu_offload: bool = False, expert_mesh=None) -> nn.Module:
+               reshard_after_forward: bool = True, cpu_offload: bool = False, expert_mesh=None,
+               expert_units: Sequence[nn.Module] = ()) -> nn.Module:
     """fully_shard every decoder block, then the root (torchtitan's order: the root's group holds
     what is left, embeddings and head). The last block is not resharded after forward: its
     backward starts right away and would all-gather it again.
@@ -201,9 +185,11 @@ def apply_fsdp(model: nn.Module, *, param_dtype: str = "bfloat16", reduce_dtype:
     gradient divide factor to 1 instead would need ReduceOp.PREMUL_SUM, which gloo lacks.)
    
     Under expert parallelism (fastft/expert_parallel.py), pass `expert_mesh`, the 1-D mesh of the
-    ranks that hold the same experts: each layer's split experts (with their LoRA wrappers) are
-    fully_shard'ed over it first, as their own unit, so that the blocks' FSDP2 groups (over all
-    ranks) leave them out.
+    ranks that hold the same experts, and `expert_units`, the modules holding each layer's split
+    experts with their LoRA wrappers (`fastft.expert_parallel.expert_units(model)`): each unit is
+    fully_shard'ed over the mesh first, as its own unit, so that the blocks' FSDP2 groups (over all
+    ranks) leave them out. Both or neither: a mesh without units would shard the split experts
+    with their blocks, over ranks that hold different experts.
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
@@ -211,11 +197,13 @@ def apply_fsdp(model: nn.Module, *, param_dtype: str = "bfloat16", reduce_dtype:
     kwargs = dict(mp_policy=mp)
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())  # pinning needs a GPU
-    if expert_mesh is not None:
-        from fastft.expert_parallel import expert_units
-
-        for unit in expert_units(model):
-            fully_shard(unit, mesh=expert_mesh, reshard_after_forward=reshard_after_forward, **kwargs)
+    expert_units = list(expert_units)
+    if (expert_mesh is None) != (not expert_units):
+        raise ValueError(f"apply_fsdp: expert_mesh {'given' if expert_mesh is not None else 'None'} with "
+                         f"{len(expert_units)} expert_units; under expert parallelism pass both (the mesh of the "
+                         "ranks holding the same experts and fastft.expert_parallel.expert_units(model)), else neither")
+    for unit in expert_units:
+        fully_shard(unit, mesh=expert_mesh, reshard_after_forward=reshard_after_forward, **kwargs)
     _, blocks = decoder_blocks(model)
     for i, block in enumerate(blocks):
         fully_shard(block, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1, **kwargs)

@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import torch
 
-from fastft import distributed
+from fastft import collectives, distributed
 from fastft.config import FinetuneConfig
 from fastft.data import build_eval_prompts, build_train_batches, generate_answers, model_inputs, squad_metrics, to_device
 from fastft.patching.moe import set_real_tokens
@@ -62,7 +62,7 @@ def evaluate(model, tokenizer, val: Validation, *, config, device, autocast) -> 
             out = model(**model_inputs(batch), num_items_in_batch=one)  # the summed token loss
         total[0] += val.weight * out.loss.double()
         total[1] += val.weight * batch["num_target_tokens"].double()
-    loss_sum, tokens = distributed.all_reduce_sum(total).tolist()
+    loss_sum, tokens = collectives.all_reduce_sum(total).tolist()
     result = {"val_loss": loss_sum / tokens if tokens else None, "val_tokens": int(tokens)}
     if val.prompts:
         with autocast(), distributed.root_unsharded(model):

@@ -38,6 +38,7 @@ from torch import nn
 
 from fastft.kernels.moe import moe_experts
 from fastft.patching import moe as moe_patch
+from fastft.patching.probe import is_param_wrapper
 
 
 class _AllToAll(torch.autograd.Function):
@@ -154,7 +155,7 @@ def apply_expert_parallel(model: nn.Module, group=None, weight_grad_scale: float
         if hasattr(module, "num_experts"):
             module.num_experts = ep.n_local
         wrapper = parents.get(id(module))
-        while wrapper is not None and moe_patch._is_param_wrapper(wrapper):
+        while wrapper is not None and is_param_wrapper(wrapper):
             _slice_lora(wrapper, ep.first, ep.n_local, n_experts)
             wrapper = parents.get(id(wrapper))
         module.__dict__[moe_patch.EXPERT_PARALLEL_ATTR] = ep
@@ -174,7 +175,7 @@ def expert_units(model: nn.Module) -> list[nn.Module]:
         if moe_patch.EXPERT_PARALLEL_ATTR not in module.__dict__:
             continue
         unit = module
-        while moe_patch._is_param_wrapper(parents.get(id(unit))):
+        while is_param_wrapper(parents.get(id(unit))):
             unit = parents[id(unit)]
         units.append(unit)
     return units

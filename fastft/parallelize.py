@@ -58,7 +58,9 @@ def wrap(model, d: DistributedConfig, precision: Precision, *, compile: bool | N
     """Activation checkpointing -> torch.compile per block -> FSDP2 per block then the root, in
     this order (each wraps what the one before made). The memory planner wraps through here too,
     planning eager blocks with their shards on the device (compile=False, cpu_offload=False).
-    Returns the number of checkpointed blocks."""
+    Under expert parallelism, `expert_mesh` is the "dp" mesh the split experts are sharded over
+    (their units found after checkpointing and compile, just before FSDP2). Returns the number of
+    checkpointed blocks."""
     n_ac = distributed.apply_activation_checkpointing(model, d.activation_checkpointing, d.checkpoint_every)
     if d.compile if compile is None else compile:
         distributed.apply_compile(model)
@@ -66,7 +68,8 @@ def wrap(model, d: DistributedConfig, precision: Precision, *, compile: bool | N
         distributed.apply_fsdp(model, param_dtype=precision.param_dtype, reduce_dtype=d.reduce_dtype,
                                reshard_after_forward=d.reshard_after_forward,
                                cpu_offload=d.cpu_offload if cpu_offload is None else cpu_offload,
-                               expert_mesh=expert_mesh)
+                               expert_mesh=expert_mesh,
+                               expert_units=expert_parallel.expert_units(model) if expert_mesh is not None else ())
     return n_ac
 
 

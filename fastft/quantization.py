@@ -29,7 +29,8 @@ fastft adds around it:
   all-gathers mixed dtypes through uint8 views. So uint8 storage shards as it is (a float storage
   dtype, FSDP1's requirement, would be cast as numbers by a param_dtype that differs from it). The
   quantization state (block scales, 1/64 of the weight's elements) stays whole on every rank; for
-  the rank-0 load, `broadcast_states` sends rank 0's states to the meta-built ranks.
+  the rank-0 load, `broadcast_states` sends rank 0's states to the meta-built ranks (with
+  fastft.collectives.broadcast_object: this module imports collectives, never fastft.distributed).
 - Memory: `parameter_bytes` gives a parameter's real size (a 4-bit weight's packed bytes plus its
   state), `bytes_4bit` the size of a planned one: for a memory planner.
 - Export: `dense_weight` dequantizes a base weight, for the merged bf16 export (checkpoint.py).
@@ -42,6 +43,8 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from fastft import collectives
 
 EXTRA = 'pip install "fastft[qlora]"'
 QUANT_TYPES = ("nf4", "fp4")
@@ -374,7 +377,7 @@ def planned_states(model: nn.Module, quant: Settings, dtype: torch.dtype) -> int
             continue
         module.quant_state = _new_state(module, quant.blocksize, quant.quant_type, quant.double_quant, dtype,
                                         module.weight.device)
-        if _is_dtensor(module.weight):  # FSDP2: the module keeps the state, given to each unsharded weight
+        if collectives.is_dtensor(module.weight):  # FSDP2: the module keeps the state, given to each unsharded weight
             module.register_forward_pre_hook(_state_to_weight)
         else:
             module.weight.quant_state = module.quant_state
@@ -414,7 +417,7 @@ def gemm_4bit_workspace(op, args: tuple, kwargs: dict) -> int:
 def four_bit_bytes(model: nn.Module) -> dict[str, int]:
     """The 4-bit layers of a model, and what they hold on this rank: packed weights, quantization states."""
     layers = [m for m in model.modules() if is_4bit(m)]
-    local = lambda t: t.to_local() if _is_dtensor(t) else t  # noqa: E731
+    local = lambda t: t.to_local() if collectives.is_dtensor(t) else t  # noqa: E731
     return {"layers": len(layers), "packed": sum(local(m.weight).numel() * m.weight.element_size() for m in layers),
             "states": sum(t.numel() * t.element_size() for t in state_tensors(model))}
 
@@ -442,12 +445,6 @@ def _tensors_of(state) -> list[torch.Tensor]:
     return [t for t in out if isinstance(t, torch.Tensor)]
 
 
-def _is_dtensor(t) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
 def parameter_bytes(param: torch.Tensor, module: nn.Module | None = None) -> int:
     """A parameter's real size in bytes: for a 4-bit weight (its module given, or a Params4bit), the
     packed values plus the quantization state, on any device (meta included)."""
@@ -466,8 +463,6 @@ def parameter_bytes(param: torch.Tensor, module: nn.Module | None = None) -> int
 def broadcast_states(model: nn.Module, full: nn.Module | None, device: torch.device) -> int:
     """Give every 4-bit layer of a meta-built, sharded `model` the quantization state of the same
     layer of `full` (rank 0's loaded model; None on the other ranks), on `device`. Collective."""
-    from fastft import distributed
-
     names = [n for n, m in model.named_modules() if is_4bit(m)]
     if not names:
         return 0
@@ -476,7 +471,7 @@ def broadcast_states(model: nn.Module, full: nn.Module | None, device: torch.dev
         modules = dict(full.named_modules())
         states = {n: quant_state(modules[n]).as_dict(packed=False) for n in names}
         states = {n: {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in s.items()} for n, s in states.items()}
-    states = distributed.broadcast_object(states)
+    states = collectives.broadcast_object(states)
     from bitsandbytes.functional import QuantState
 
     for name in names:

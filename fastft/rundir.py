@@ -31,7 +31,7 @@ import shutil
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from fastft import checkpoint, distributed
+from fastft import checkpoint, collectives, distributed
 from fastft.config import ConfigError, to_yaml
 from fastft.errors import InputError
 
@@ -84,7 +84,7 @@ def prepare(config, env: distributed.DistEnv) -> str:
                 _check_resumable(decision, resume=ck.resume, resume_from=ck.resume_from)
         except (InputError, checkpoint.UnsafeCheckpoint) as refused:  # every rank stops, not rank 0 alone
             decision = refused
-    decision = distributed.broadcast_object(decision)
+    decision = collectives.broadcast_object(decision)
     if isinstance(decision, ConfigError):
         raise ConfigError(str(decision))
     if isinstance(decision, Exception):

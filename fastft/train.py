@@ -54,7 +54,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from fastft import checkpoint as ckpt
-from fastft import distributed, flops, metrics, planning, quantization, rundir
+from fastft import collectives, distributed, flops, metrics, planning, quantization, rundir
 from fastft.config import ConfigError, FinetuneConfig, batch_plan, load_config, validate
 from fastft.data import BatchStream, build_train_batches, model_inputs, to_device
 from fastft.evaluation import evaluate, recorded, validation_data
@@ -121,19 +121,7 @@ def target_tokens(micro_batches: list[dict]) -> float:
 def global_target_tokens(micro_batches: list[dict], device: torch.device) -> float:
     """The all-reduced target tokens of a step on its own: only for a run's first step."""
     total = torch.tensor([target_tokens(micro_batches)], dtype=torch.float64, device=device)
-    return distributed.all_reduce_sum(total).tolist()[0]
-
-
-def _local_grad_square(params: list, device: torch.device) -> torch.Tensor:
-    """Σ g² over this rank's gradient entries (FSDP2's DTensor shards are disjoint, so the ranks'
-    sums add up to the global squared norm)."""
-    from torch.distributed.tensor import DTensor
-
-    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros((), dtype=torch.float64, device=device)
-    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False, foreach=None)
-    return norm.to(device=device, dtype=torch.float64) ** 2
+    return collectives.all_reduce_sum(total).tolist()[0]
 
 
 def train_step(s: Step, micro_batches: list[dict], targets: float, upcoming: list[dict], stop: StopFlag) -> StepResult:
@@ -157,9 +145,9 @@ def train_step(s: Step, micro_batches: list[dict], targets: float, upcoming: lis
         loss_sum += out.loss.detach().float()
     signalled = float(stop.signal is not None)  # read after the backward: a signal during this step stops after it
     host = torch.tensor([tokens, pairs, signalled, target_tokens(upcoming)], dtype=torch.float64)
-    stats = torch.cat([_local_grad_square(s.params, s.device).reshape(1), loss_sum.double().reshape(1),
+    stats = torch.cat([collectives.local_grad_square(s.params, s.device).reshape(1), loss_sum.double().reshape(1),
                        host.to(s.device, non_blocking=True)])
-    grad_square, loss, tokens, pairs, stopped, next_targets = distributed.all_reduce_sum(stats).tolist()
+    grad_square, loss, tokens, pairs, stopped, next_targets = collectives.all_reduce_sum(stats).tolist()
     if not math.isfinite(loss):
         raise TrainingDiverged(f"the loss is {loss}")
     grad_norm = math.sqrt(grad_square)

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 import fastft  # noqa: E402
 from fastft import distributed  # noqa: E402
 from fastft.architectures import NATIVE  # noqa: E402
-from fastft.expert_parallel import apply_expert_parallel, expert_parameters  # noqa: E402
+from fastft.expert_parallel import apply_expert_parallel, expert_parameters, expert_units  # noqa: E402
 from fastft.patching import moe as moe_patch  # noqa: E402
 from numerics import ModelRun, assert_runs_within_eager, float64_twin  # noqa: E402
 
@@ -95,7 +95,8 @@ def fsdp_run(ep_size, lora, world, rank, forward, eager, truth, n_experts):
         expert_mesh = mesh["dp"]
     split = {n for n, p in trained(model).items() if any(p is q for q in expert_parameters(model))} \
         if ep_size > 1 else set()
-    distributed.apply_fsdp(model, param_dtype="float32", expert_mesh=expert_mesh)
+    distributed.apply_fsdp(model, param_dtype="float32", expert_mesh=expert_mesh,
+                           expert_units=expert_units(model) if expert_mesh is not None else ())
     calls = []
     import fastft.expert_parallel as ep_module
     kernels = moe_patch.moe_experts, ep_module.moe_experts

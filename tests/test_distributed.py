@@ -98,3 +98,18 @@ def test_fsdp2_rank0_load_of_a_pretrained_checkpoint(tmp_path):
     exported = json.loads((pathlib.Path(sharded["export"]) / "generation_config.json").read_text())
     assert exported["max_length"] == 77
     assert exported == json.loads((pathlib.Path(single.export_dir) / "generation_config.json").read_text())
+
+
+def test_apply_fsdp_takes_the_expert_mesh_and_units_together():
+    """apply_fsdp is given the expert units (it never asks fastft.expert_parallel): a mesh without
+    units, or units without a mesh, is refused before anything is sharded."""
+    from torch import nn
+
+    from fastft import distributed
+
+    model = nn.Sequential(nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)]))
+    with pytest.raises(ValueError, match="expert_mesh given with 0 expert_units"):
+        distributed.apply_fsdp(model, expert_mesh=object())
+    with pytest.raises(ValueError, match="expert_mesh None with 1 expert_units"):
+        distributed.apply_fsdp(model, expert_units=[model[0][0]])
+    assert not any(type(m).__name__.startswith("FSDP") for m in model.modules())

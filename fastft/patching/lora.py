@@ -43,6 +43,10 @@ its pre-forward hook, so inside the LoRA layer's forward `base_layer.weight` is 
 If a base weight is still a sharded DTensor when the fused forward runs (someone sharded the
 Linear itself, whose hook would only run through `base_layer(x)`), the layer falls back to
 PEFT's forward, which calls the base layer and so lets FSDP gather it.
+
+Helpers shared with other patches live elsewhere: `is_lora_layer` and the meta-device `random_copy` in
+fastft/patching/probe.py (the MoE patch uses them too), the DTensor check in
+fastft.collectives.is_dtensor.
 """
 
 from __future__ import annotations
@@ -50,27 +54,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastft import quantization
+from fastft import collectives, quantization
 from fastft.kernels.lora import lora_linear
 from fastft.kernels.lora_mlp import lora_mlp
 from fastft.kernels._common import autocast_dtype
 from fastft.kernels.lora_mlp import ACTIVATIONS, lora_mlp_reference
+from fastft.patching.probe import is_lora_layer, random_copy
 
 FORWARD_ATTR = "_fastft_lora_forward"
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch without distributed
-        return False
-    return isinstance(t, DTensor)
-
-
-def is_lora_layer(module: nn.Module) -> bool:
-    """A PEFT LoRA layer, by what it holds."""
-    return (hasattr(module, "base_layer") and isinstance(getattr(module, "lora_A", None), nn.ModuleDict)
-            and isinstance(getattr(module, "lora_B", None), nn.ModuleDict) and hasattr(module, "scaling"))
 
 
 def static_reason(module: nn.Module) -> str:
@@ -113,7 +104,7 @@ def fused_operands(module: nn.Module, x: torch.Tensor):
     base = module.base_layer
     w, b = base.weight, base.bias
     a, bm = module.lora_A[name].weight, module.lora_B[name].weight
-    if any(_is_dtensor(t) for t in (w, a, bm)):
+    if any(collectives.is_dtensor(t) for t in (w, a, bm)):
         return None
     drop = module.lora_dropout[name]
     p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
@@ -222,7 +213,7 @@ def _probe_mlp(module: nn.Module, names: tuple[str, str, str]) -> tuple[str, str
     first = getattr(module, names[0])
     w = first.base_layer.weight
     if w.is_meta:  # what the block computes does not depend on its values: probe a random CPU copy
-        return _probe_mlp(_random_copy(module), names)
+        return _probe_mlp(random_copy(module), names)
     dtype = _input_dtype(first)
     modes = {m: m.training for m in module.modules()}
     module.eval()
@@ -248,27 +239,6 @@ def _probe_mlp(module: nn.Module, names: tuple[str, str, str]) -> tuple[str, str
         for m, training in modes.items():
             m.training = training
     return "forward is not down(act(gate(x))·up(x)) for silu/gelu: per-layer lora_linear"
-
-
-def _random_copy(module: nn.Module) -> nn.Module:
-    """A CPU copy of a meta-device module with random parameters (LoRA B included, so that the
-    adapters' terms take part in the probe)."""
-    import copy
-
-    # Parameter subclasses (bitsandbytes' Params4bit) cannot be deep-copied on meta: copy plain ones.
-    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-            for p in module.parameters() if type(p) is not nn.Parameter}
-    clone = copy.deepcopy(module, memo).to_empty(device="cpu")
-    for m in clone.modules():  # instance forwards (fused layers) would still call the originals
-        m.__dict__.pop("forward", None)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in clone.parameters():
-            if p.dtype.is_floating_point:
-                fan_in = p.shape[-1] if p.dim() > 1 else 1
-                p.copy_(torch.randn(p.shape, generator=generator) / fan_in ** 0.5)
-    quantization.requantize_random(clone, generator)  # 4-bit layers: random weights, real states
-    return clone
 
 
 def _mlp_forward(module: nn.Module, spec: tuple[str, str, str, str], original):

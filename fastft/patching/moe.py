@@ -45,6 +45,10 @@ loss stays the model's own function: with an attention_mask the model already ex
 for a packed batch the model-level hook recomputes it with the model's own
 `load_balancing_loss_func` over the real tokens (checked first against the model's aux loss over
 all tokens) and corrects the loss by router_aux_loss_coef times the difference.
+
+Helpers shared with other patches: `is_lora_layer`, `is_param_wrapper` (PEFT's ParamWrapper, which
+fastft.expert_parallel also walks) and the meta-device `random_copy` are in
+fastft/patching/probe.py; the DTensor check is fastft.collectives.is_dtensor.
 """
 
 from __future__ import annotations
@@ -56,10 +60,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fastft.collectives import is_dtensor
 from fastft.kernels.moe import moe_experts
 from fastft.kernels.lora_mlp import ACTIVATIONS
 from fastft.kernels.moe import LAYOUTS, ExpertLoRA, _concatenated, moe_experts_reference
-from fastft.patching.lora import _is_dtensor, _random_copy, is_lora_layer
+from fastft.patching.probe import is_lora_layer, is_param_wrapper, random_copy
 
 FORWARD_ATTR = "_fastft_moe_forward"
 LORA_ATTR = "fastft_moe_lora"  # on PEFT ParamWrappers that this patch fuses (fastft/patching/lora.py skips them)
@@ -157,8 +162,8 @@ def probe_experts(module: nn.Module, stacks: tuple[str, str, bool]) -> ExpertsSp
     gu_name, dn_name, transposed = stacks
     first = getattr(module, gu_name)
     if first.is_meta:  # what the module computes does not depend on its values: a random CPU copy
-        return probe_experts(_random_copy(module), stacks)
-    if _is_dtensor(first):
+        return probe_experts(random_copy(module), stacks)
+    if is_dtensor(first):
         return "expert weights are sharded DTensors at patch time (patch before fully_shard)"
     gate_up, down = _logical((gu_name, dn_name), transposed, module)
     dtype, device = gate_up.dtype, gate_up.device
@@ -207,7 +212,7 @@ def probe_router(block: nn.Module, experts: nn.Module, hidden: int, n_experts: i
         if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (n_experts, hidden):
             continue
         if weight.is_meta:  # its routing does not depend on the weight's values: probe a random CPU copy
-            child = _random_copy(child)
+            child = random_copy(child)
             weight = child.weight
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=[weight.device] if weight.is_cuda else []):
@@ -329,7 +334,7 @@ def _experts_forward(module: nn.Module, spec: ExpertsSpec, original, tokens: Tok
 
     def forward(*args, **kwargs):
         call = _split_args(spec, signature, args, kwargs)
-        if call is None or _is_dtensor(getattr(module, spec.gate_up)) or _is_dtensor(getattr(module, spec.down)):
+        if call is None or is_dtensor(getattr(module, spec.gate_up)) or is_dtensor(getattr(module, spec.down)):
             return original(*args, **kwargs)
         return _fused(spec, module, *call, None, tokens)
 
@@ -340,13 +345,9 @@ def _experts_forward(module: nn.Module, spec: ExpertsSpec, original, tokens: Tok
 # ------------------------------------------------------------------------------------------------
 # LoRA on experts (PEFT ParamWrapper chains).
 # ------------------------------------------------------------------------------------------------
-def _is_param_wrapper(module: nn.Module) -> bool:
-    return is_lora_layer(module) and isinstance(getattr(module, "parameter_name", None), str)
-
-
 def _chain(wrapper: nn.Module) -> list[nn.Module]:
     chain = [wrapper]
-    while _is_param_wrapper(chain[-1].base_layer):
+    while is_param_wrapper(chain[-1].base_layer):
         chain.append(chain[-1].base_layer)
     return chain
 
@@ -372,7 +373,7 @@ def lora_factors(chain: list[nn.Module], spec: ExpertsSpec, experts: nn.Module):
         name = active[0]
         active_names.add(name)
         a, b = wrapper.lora_A[name].weight, wrapper.lora_B[name].weight
-        if _is_dtensor(a) or _is_dtensor(b) or wrapper.lora_B[name].bias is not None:
+        if is_dtensor(a) or is_dtensor(b) or wrapper.lora_B[name].bias is not None:
             return None
         stack = getattr(experts, wrapper.parameter_name)
         n_exp = stack.shape[0]
@@ -394,7 +395,7 @@ def _lora_forward(wrapper: nn.Module, chain, experts: nn.Module, spec: ExpertsSp
     def forward(*args, **kwargs):
         call = _split_args(spec, signature, args, kwargs)
         loras = None if call is None else lora_factors(chain, spec, experts)
-        if loras is None or _is_dtensor(getattr(experts, spec.gate_up)):
+        if loras is None or is_dtensor(getattr(experts, spec.gate_up)):
             return original(*args, **kwargs)
         return _fused(spec, experts, *call, loras, tokens)
 
@@ -562,7 +563,7 @@ def install(model: nn.Module, hf: nn.Module, report) -> dict:
         report.add("moe", name, type(module).__name__, f"moe_experts ({spec.describe()})",
                    _describe_block(module, spec, parents))
     for name, module in list(model.named_modules()):
-        if not _is_param_wrapper(module) or _is_param_wrapper(parents.get(id(module), ("", None))[1]):
+        if not is_param_wrapper(module) or is_param_wrapper(parents.get(id(module), ("", None))[1]):
             continue
         chain = _chain(module)
         experts = chain[-1].base_layer

@@ -102,9 +102,9 @@ def _probe(module: nn.Module, hidden: int) -> str:
     """'' when tiling this module reproduces it on a random input, else why not."""
     weight = next(module.parameters())
     if weight.is_meta:
-        from fastft.patching.lora import _random_copy
+        from fastft.patching.probe import random_copy
 
-        return _probe(_random_copy(module), hidden)
+        return _probe(random_copy(module), hidden)
     dtype = _input_dtype(module)
     modes = {m: m.training for m in module.modules()}
     module.eval()

@@ -344,10 +344,9 @@ def _one_step(config, provider, world_size, sizes, setup, observe: Callable):
     parameter / gradient / optimizer-state bytes before zero_grad, the model)."""
     from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
-    from fastft import distributed
+    from fastft import collectives
     from fastft.data import model_inputs
     from fastft.optim import build_optimizer
-    from fastft.train import _local_grad_square
 
     model = _build(config, provider, setup)
     vocab = config.model.config.get("vocab_size") or len(_tokenizer(config))
@@ -397,7 +396,7 @@ def _one_step(config, provider, world_size, sizes, setup, observe: Callable):
             out = micro_step(last=True, mark=mark)
             mark("micro-batch")
             if o.grad_clip is not None:  # as train_step: the local squared norm, one all-reduce, the clip
-                norm = distributed.all_reduce_sum(_local_grad_square(params, torch.device("cpu"))).sqrt()
+                norm = collectives.all_reduce_sum(collectives.local_grad_square(params, torch.device("cpu"))).sqrt()
                 torch.nn.utils.clip_grads_with_norm_(params, o.grad_clip, norm, foreach=None)
             optimizer.step()
             mark("optimizer")

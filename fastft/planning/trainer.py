@@ -52,7 +52,7 @@ def preflight(config: FinetuneConfig, env, log) -> dict | None:
     """Before the weights load, on CUDA: the planned peak per GPU, printed; PlanDoesNotFit, with
     the planned alternatives, when it exceeds the device. Rank 0 plans, every rank gets the
     verdict. A plan that cannot be made is logged, and training goes on."""
-    from fastft import distributed
+    from fastft import collectives
 
     capacity = device_capacity(env.device)
     if capacity is None:
@@ -63,7 +63,7 @@ def preflight(config: FinetuneConfig, env, log) -> dict | None:
             result = plan_in_subprocess(config, world_size=env.world_size, capacity=capacity)
         except Exception as exc:  # the plan is advice: never a reason not to train
             error = f"{type(exc).__name__}: {str(exc)[:300]}"
-    result, error = distributed.broadcast_object((result, error))
+    result, error = collectives.broadcast_object((result, error))
     if result is None:
         log(f"memory plan: not made ({error}); training without it")
         return None

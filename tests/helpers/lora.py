@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from fastft.architectures import NATIVE
 from fastft.kernels.lora import draw_seed, lora_dropout
-from fastft.patching import lora as lora_patch
+from fastft.patching.probe import is_lora_layer
 
 ARCH = {a.name: a for a in NATIVE}
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -33,7 +33,7 @@ def use_kernel_dropout(*models, p: float) -> None:
     fused layers' masks (drawn in the same order under the same torch seed)."""
     for model in models:
         for m in model.modules():
-            if lora_patch.is_lora_layer(m) and p > 0:
+            if is_lora_layer(m) and p > 0:
                 for k in m.lora_dropout:
                     m.lora_dropout[k] = SeededDropout(p)
 
