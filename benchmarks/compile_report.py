@@ -23,7 +23,7 @@ stacks) at the Qwen3-30B-A3B, OLMoE and Mixtral shapes, bf16 and fp32, at 8192 a
 and expert-parallel (8 ranks); and the 4-bit dequantization, which launches no fastft kernel
 (listed with the reason). The MoE routing needs no values: its host code sorts the expert ids with
 device ops and sizes every grid at its upper bound from the shapes whenever it chooses for a GPU
-(kernels/moe.py: route), so its meta tensors are enough, as everywhere else.
+(kernels/grouped_gemm.py: route), so its meta tensors are enough, as everywhere else.
 
 What each cell reports, per target:
 - registers per thread and ptxas's spill stores / loads in bytes (`ptxas -v`: spills land in the
@@ -360,7 +360,7 @@ def _run_moe(hidden, inter, n_exp, top_k, tokens, rank, dtype, routing_dtype=Non
     """One MoE experts layer, forward and backward, as the moe_experts op runs it (transformers 5's
     [E, 2I, H] / [E, H, I] stacks, gate rows first, SiLU). The routing (topk ids) is on meta too: the
     host code sorts it with device ops and sizes every grid at its upper bound from the shapes alone
-    (kernels/moe.py: route), as on a GPU, so no routing values are needed here."""
+    (kernels/grouped_gemm.py: route), as on a GPU, so no routing values are needed here."""
     import torch
 
     moe = _kernel_module("moe")
@@ -370,7 +370,7 @@ def _run_moe(hidden, inter, n_exp, top_k, tokens, rank, dtype, routing_dtype=Non
     gate_up, down = _meta(n_exp, 2 * inter, hidden, dtype=dtype), _meta(n_exp, hidden, inter, dtype=dtype)
     a_gu, b_gu = _expert_lora(n_exp, 2 * inter, hidden, rank, dtype) if rank else (None, None)
     a_d, b_d = _expert_lora(n_exp, hidden, inter, rank, dtype) if rank else (None, None)
-    block_m = moe.op_row_block(x, topk_idx, gate_up)
+    block_m = moe.op_block_m(x, topk_idx, gate_up)
     options = ("silu", "concatenated", 2.0, 2.0, 1.0, block_m)
     out, gu, xa, hd = moe._moe_forward(x, topk_idx, topk_w, gate_up, down, a_gu, b_gu, a_d, b_d, *options)
     # the gradients of x, topk_w, gate_up, down, a_gu, b_gu, a_d, b_d: stacks trained, or only the adapters

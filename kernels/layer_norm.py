@@ -27,9 +27,10 @@ import triton.language as tl
 
 from torch import Tensor
 
-from ._common import (absent, as_rows, capability_of, check_row_op_inputs, kernel_op, launch, norm_dx_wide,
-                      norm_param_grads, persistent_programs, register_autograd, round_to, row_block, sum_partials,
-                      use_triton, wide_row)
+from ._common import (absent, as_rows, capability_of, check_row_op_inputs, kernel_op, launch,
+                      persistent_programs, register_autograd, round_to, row_block, sum_partials,
+                      use_triton)
+from .norm_backward import norm_dx_wide, norm_param_grads, wide_row
 
 
 def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None = None,
@@ -136,7 +137,7 @@ def layer_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tens
     capability = capability_of(x.device)
     block, num_warps = row_block(capability, hidden)
     if wide_row(block, num_warps, accumulators=int(compute_dw) + int(compute_db)):
-        norm_dx_wide(dy, rows, weight, mean, rstd, dx, offset)  # kernels/_common.py: dX in chunks, dW and dB
+        norm_dx_wide(dy, rows, weight, mean, rstd, dx, offset)  # kernels/norm_backward.py: dX in chunks, dW and dB
         dw, db = norm_param_grads(dy, rows, mean, rstd, weight if compute_dw else None,
                                   bias if compute_db else None) if compute_dw or compute_db else (None, None)
         return dx, absent(x) if dw is None else dw, absent(x) if db is None else db

@@ -61,7 +61,8 @@ import triton.language as tl
 
 from torch import Tensor
 
-from ._common import absent, as_rows, capability_of, kernel_op, launch, register_autograd, round_to, use_triton
+from ._common import (absent, as_rows, capability_of, fp32_dot, kernel_op, launch, register_autograd, round_to,
+                      use_triton)
 from .dequantize_4bit import (META_FIELDS, base_grad_into, base_product_into, is_quantized, linear_reference,
                               unflatten_weight, flatten_weight)
 
@@ -221,12 +222,6 @@ def _blocks(capability: tuple[int, int] | None, rank: int, fp32_dot: bool) -> Ti
     return Tiles(32, 64, block_r, 8)
 
 
-def _fp32_dot(capability: tuple[int, int] | None, *tensors: torch.Tensor) -> bool:
-    """Feed tl.dot fp32 under the interpreter (its bf16 dot is wrong), and for fp32 or mixed inputs."""
-    dtypes = {t.dtype for t in tensors}
-    return capability is None or len(dtypes) > 1 or torch.float32 in dtypes or torch.float64 in dtypes
-
-
 def draw_seed() -> torch.Tensor:
     """A dropout seed from torch's default CPU generator, as a 1-element int64 CPU tensor: no
     device sync, and no host read of its value either, so that torch.compile keeps the graph
@@ -234,7 +229,7 @@ def draw_seed() -> torch.Tensor:
     return torch.randint(0, 2**31 - 1, (1,))
 
 
-def _seed_tensor(seeds) -> torch.Tensor:
+def seed_tensor(seeds) -> torch.Tensor:
     """int64 CPU [n] from ints and/or 1-element tensors (draw_seed's)."""
     parts = [s.reshape(1).to(torch.int64) if isinstance(s, torch.Tensor) else torch.tensor([int(s)]) for s in seeds]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
@@ -250,7 +245,7 @@ def lora_dropout(x: torch.Tensor, p: float, seed) -> torch.Tensor:
     """
     if p <= 0:
         return x
-    seed_t = _seed_tensor([seed])
+    seed_t = seed_tensor([seed])
     if not use_triton(x):
         gen = torch.Generator(device=x.device).manual_seed(int(seed_t[0]))
         keep = torch.rand(x.shape, generator=gen, device=x.device) >= p
@@ -297,7 +292,7 @@ def lora_down(x: torch.Tensor, a: torch.Tensor, scale: float, p: float, seed: in
     r = a.shape[0]
     u = torch.empty(n, r, dtype=a.dtype, device=x.device)
     capability = capability_of(x.device)
-    fp32 = _fp32_dot(capability, x, a)
+    fp32 = fp32_dot(capability, x, a)
     t = _blocks(capability, r, fp32)
     if n:
         launch(_lora_down_kernel, (triton.cdiv(n, t.block_m),),
@@ -318,7 +313,7 @@ def lora_up_into(out: torch.Tensor | None, du: torch.Tensor, a: torch.Tensor, sc
     if out is None:
         out = torch.empty(n, k, dtype=dtype, device=du.device)
     capability = capability_of(du.device)
-    fp32 = _fp32_dot(capability, du, a)
+    fp32 = fp32_dot(capability, du, a)
     t = _blocks(capability, r, fp32)
     if n:
         launch(_lora_up_kernel, (triton.cdiv(n, t.block_m), triton.cdiv(k, t.block_k)),
@@ -335,7 +330,7 @@ def lora_grad_a(du: torch.Tensor, x: torch.Tensor, scale: float, p: float, seed:
     n, k = x.shape
     r = du.shape[1]
     capability = capability_of(x.device)
-    fp32 = _fp32_dot(capability, du, x)
+    fp32 = fp32_dot(capability, du, x)
     t = _blocks(capability, r, fp32)
     split = max(1, min(triton.cdiv(n, t.block_m), 1 if capability is None else 16))
     partial = torch.empty(split, r, k, dtype=torch.float32, device=x.device)
@@ -367,7 +362,7 @@ class Projection(NamedTuple):
     lora_b: Tensor
 
 
-def _projections(params, has_bias) -> list[Projection]:
+def dense_projections(params, has_bias) -> list[Projection]:
     out, i = [], 0
     for bias in has_bias:
         n = 4 if bias else 3
@@ -378,7 +373,7 @@ def _projections(params, has_bias) -> list[Projection]:
 
 
 def _flat(projections: list[Projection]) -> list[Tensor]:
-    """The inverse of _projections: present tensors in order (W, b, A, B)."""
+    """The inverse of dense_projections: present tensors in order (W, b, A, B)."""
     return [t for pr in projections for t in pr if t is not None]
 
 
@@ -417,7 +412,7 @@ def _forward_one(x, pr: Projection, ad: Adapter, u=None):
 def _lora_forward(x: Tensor, params: list[Tensor], has_bias: list[bool], scales: list[float],
                   dropouts: list[float], seeds: Tensor) -> tuple[list[Tensor], list[Tensor]]:
     """([y_i [rows, O_i]], [u_i [rows, r_i]]): the outputs, and the rank-r inputs the backward needs."""
-    return _forward_projections(as_rows(x), _projections(params, has_bias), _adapters(scales, dropouts, seeds))
+    return _forward_projections(as_rows(x), dense_projections(params, has_bias), _adapters(scales, dropouts, seeds))
 
 
 def _forward_projections(rows: Tensor, projections: list[Projection], adapters: list[Adapter]):
@@ -435,7 +430,7 @@ def _lora_backward(dys: list[Tensor | None], x: Tensor, params: list[Tensor], ha
                    needs: list[bool]) -> tuple[Tensor, list[Tensor]]:
     """(dX shaped like x, the gradients of params in their order); absent() for what needs (x's,
     then 4 per projection: W, b, A, B) does not ask."""
-    projections = _projections(params, has_bias)
+    projections = dense_projections(params, has_bias)
     dx, grads = _backward_projections(dys, x, projections, _adapters(scales, dropouts, seeds), us, needs)
     return dx, [g for g, pr in zip(grads, (t for pr in projections for t in pr)) if pr is not None]
 
@@ -484,13 +479,13 @@ def _backward_projections(dys, x, projections: list[Projection], adapters: list[
 
 def _lora_forward_fake(x, params, has_bias, scales, dropouts, seeds):
     n = x.numel() // x.shape[-1]
-    projections = _projections(params, has_bias)
+    projections = dense_projections(params, has_bias)
     return ([x.new_empty(n, pr.weight.shape[0]) for pr in projections],
             [x.new_empty(n, pr.lora_a.shape[0], dtype=pr.lora_a.dtype) for pr in projections])
 
 
 def _lora_backward_fake(dys, x, params, has_bias, us, scales, dropouts, seeds, needs):
-    flat = [t for pr in _projections(params, has_bias) for t in pr]
+    flat = [t for pr in dense_projections(params, has_bias) for t in pr]
     grads = [torch.empty_like(t) if needed else absent(x) for t, needed in zip(flat, needs[1:]) if t is not None]
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if needs[0] else absent(x)
     return dx, grads
@@ -634,7 +629,7 @@ def _backward_4bit(ctx, dys, _dus):
 register_autograd(lora_linear_4bit_fwd, backward=_backward_4bit, save=_save_4bit)
 
 
-def _check(x, weight, lora_a, lora_b, bias):
+def check_lora(x, weight, lora_a, lora_b, bias):
     if len(weight.shape) != 2 or weight.shape[1] != x.shape[-1]:
         raise ValueError(f"lora_linear: weight {tuple(weight.shape)} does not take inputs of size "
                          f"{x.shape[-1]}; pass the base layer's [out, in] weight")
@@ -661,18 +656,18 @@ def lora_linear_many(x: torch.Tensor, layers, dropout=0.0, seeds=None) -> tuple[
     if seeds is None:
         seeds = [draw_seed() if p > 0 else 0 for p in drops]
     for w, b, a, bm, _ in layers:
-        _check(x, w, a, bm, b)
+        check_lora(x, w, a, bm, b)
     if not use_triton(x, *[t for layer in layers for t in layer[:4] if isinstance(t, torch.Tensor)]):
         return tuple(lora_linear_reference(x, w, a, bm, s, b, p, seed)
                      for (w, b, a, bm, s), p, seed in zip(layers, drops, seeds))
     if any(is_quantized(layer[0]) for layer in layers):
         params, has_bias, weight_meta = flatten_projections(layer[:4] for layer in layers)
         outs, _ = lora_linear_4bit_fwd(x, params, has_bias, weight_meta, [float(layer[4]) for layer in layers],
-                                       drops, _seed_tensor(seeds))
+                                       drops, seed_tensor(seeds))
         return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outs)
     params = [t for (w, b, a, bm, _) in layers for t in (w, b, a, bm) if t is not None]
     outs, _ = lora_linear_fwd(x, params, [layer[1] is not None for layer in layers],
-                              [float(layer[4]) for layer in layers], drops, _seed_tensor(seeds))
+                              [float(layer[4]) for layer in layers], drops, seed_tensor(seeds))
     return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outs)
 
 

@@ -46,27 +46,17 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from torch import Tensor
 
-from ._common import absent, as_rows, capability_of, kernel_op, launch, register_autograd, round_to, use_triton
+from ._common import (absent, as_rows, capability_of, fp32_dot, kernel_op, launch, register_autograd, round_to,
+                      use_triton)
+from .activations import ACT_ID, ACTIVATIONS, act_and_grad, activation_reference
 from .dequantize_4bit import base_grad, base_grad_into, base_product, base_product_into, is_quantized
-from .lora import (_check, _fp32_dot, _projections, _seed_tensor, draw_seed, flatten_projections, lora_down,
-                   lora_grad_a, lora_linear, lora_linear_reference, lora_up_into, quant_projections, slot_grads,
-                   slot_needs)
-
-ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
-_ACT_ID = {name: i for i, name in enumerate(ACTIVATIONS)}
-
-
-def activation_reference(g: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "silu":
-        return F.silu(g)
-    return F.gelu(g, approximate="tanh" if activation == "gelu_tanh" else "none")
-
+from .lora import (check_lora, dense_projections, draw_seed, flatten_projections, lora_down, lora_grad_a, lora_linear,
+                   lora_linear_reference, lora_up_into, quant_projections, seed_tensor, slot_grads, slot_needs)
 
 def lora_mlp_reference(x, gate, up, down, activation="silu", dropout=(0.0, 0.0, 0.0), seeds=(0, 0, 0)):
     """PEFT's computation: each of gate/up/down a LoRA linear (W, b, A, B, scale) in PEFT's order."""
@@ -84,28 +74,6 @@ def _args(layer):
 # ------------------------------------------------------------------------------------------------
 # Triton: activation forward / backward with the LoRA epilogues.
 # ------------------------------------------------------------------------------------------------
-@triton.jit
-def _tanh(z):
-    # tanh from exp (libdevice tanh is unavailable in the interpreter): 1 - 2/(e^{2z} + 1);
-    # its absolute error near 0 (~1e-7) is harmless here, where it is added to 1.
-    return 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
-
-
-@triton.jit
-def _act_and_grad(g, ACT: tl.constexpr):
-    """(act(g), act'(g)) in fp32."""
-    if ACT == 0:  # silu: g·σ(g); σ(g)·(1 + g·(1 − σ(g)))
-        sig = 1.0 / (1.0 + tl.exp(-g))
-        return g * sig, sig * (1.0 + g * (1.0 - sig))
-    elif ACT == 1:  # gelu, tanh approximation (Hendrycks & Gimpel 2016)
-        k: tl.constexpr = 0.7978845608028654  # sqrt(2/pi)
-        t = _tanh(k * (g + 0.044715 * g * g * g))
-        return 0.5 * g * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * k * (1.0 + 3 * 0.044715 * g * g)
-    else:  # gelu, erf form: Φ(g)·g; Φ(g) + g·φ(g)
-        cdf = 0.5 * (1.0 + tl.erf(g * 0.7071067811865476))
-        return g * cdf, cdf + g * tl.exp(-0.5 * g * g) * 0.3989422804014327
-
-
 @triton.jit
 def _low_rank_tile(XA, B, rows, cols, row_mask, col_mask, R, BLOCK_R: tl.constexpr, FP32_DOT: tl.constexpr):
     """XA[rows, :]·B[cols, :]ᵀ: [BM, BI] fp32 (XA [N, R], B [I, R], both contiguous)."""
@@ -148,7 +116,7 @@ def _lora_mlp_fwd_kernel(
         mask = row_mask[:, None] & col_mask[None, :]
         g, u = _gate_up_tile(G, U, XA_G, XA_U, B_G, B_U, rows, cols, row_mask, col_mask, mask, STRIDE_G, STRIDE_U,
                              R_G, R_U, BR_G, BR_U, FP32_DOT)
-        a, _ = _act_and_grad(g, ACT)
+        a, _ = act_and_grad(g, ACT)
         h = round_to(a * u, H.dtype.element_ty)                               # [BM, BI]
         tl.store(H + rows[:, None] * I + cols[None, :], h, mask=mask)
         if HAS_DROPOUT:
@@ -190,7 +158,7 @@ def _lora_mlp_bwd_kernel(
         mask = row_mask[:, None] & col_mask[None, :]
         g, u = _gate_up_tile(G, U, XA_G, XA_U, B_G, B_U, rows, cols, row_mask, col_mask, mask, STRIDE_G, STRIDE_U,
                              R_G, R_U, BR_G, BR_U, FP32_DOT)
-        a, da = _act_and_grad(g, ACT)
+        a, da = act_and_grad(g, ACT)
         h = round_to(a * u, HM.dtype.element_ty).to(tl.float32)
         if HAS_DROPOUT:
             keep = tl.rand(seed, rows[:, None] * I + cols[None, :]) >= pf
@@ -258,7 +226,7 @@ def _mlp_blocks(capability: tuple[int, int] | None, ranks: tuple[int, ...], fp32
 def _launch_choice(x: Tensor, ag: Tensor, au: Tensor, ad: Tensor) -> tuple[bool, MLPTiles]:
     """(FP32_DOT, tiles) of the activation kernels for these operands on x's device."""
     capability = capability_of(x.device)
-    fp32 = _fp32_dot(capability, x, ag, au, ad)
+    fp32 = fp32_dot(capability, x, ag, au, ad)
     return fp32, _mlp_blocks(capability, (ag.shape[0], au.shape[0], ad.shape[0]), fp32)
 
 
@@ -270,7 +238,7 @@ def _fused_fits(x: Tensor, *adapters: Tensor) -> bool:
     beyond it, lora_mlp composes three lora_linear ops and the eager activation, which compute the
     same thing."""
     br = max(_br(a.shape[0]) for a in adapters)
-    return br <= 128 and (br <= 32 or not _fp32_dot((9, 0), x, *adapters))
+    return br <= 128 and (br <= 32 or not fp32_dot((9, 0), x, *adapters))
 
 
 def _br(r: int) -> int:
@@ -285,7 +253,7 @@ def _br(r: int) -> int:
 def _mlp_forward(x: Tensor, params: list[Tensor], has_bias: list[bool], activation: str, dropouts: list[float],
                  seeds: Tensor, scales: list[float]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y [rows, H], g_base, u_base [rows, I], xa_g, xa_u, hd [rows, r])."""
-    return _mlp_forward_projections(as_rows(x), _projections(params, has_bias), activation, dropouts, seeds, scales)
+    return _mlp_forward_projections(as_rows(x), dense_projections(params, has_bias), activation, dropouts, seeds, scales)
 
 
 def _mlp_forward_projections(rows, projections, activation, dropouts, seeds, scales):
@@ -310,7 +278,7 @@ def _mlp_forward_projections(rows, projections, activation, dropouts, seeds, sca
         launch(_lora_mlp_fwd_kernel, (triton.cdiv(n, t.block_m),),
                g, u, xa_g, xa_u, bmg.contiguous(), bmu.contiguous(), ad.contiguous(), h, hd, n, inter, ag.shape[0],
                au.shape[0], ad.shape[0], g.stride(0), u.stride(0), seeds[2], float(pd), float(sd),
-               ACT=_ACT_ID[activation], BLOCK_M=t.block_m, BLOCK_I=t.block_i, BR_G=_br(ag.shape[0]),
+               ACT=ACT_ID[activation], BLOCK_M=t.block_m, BLOCK_I=t.block_i, BR_G=_br(ag.shape[0]),
                BR_U=_br(au.shape[0]), BR_D=_br(ad.shape[0]), FP32_DOT=fp32, HAS_DROPOUT=pd > 0,
                **t.options())
     bdt = bmd.to(rows.dtype).t()
@@ -325,7 +293,7 @@ def _mlp_backward(dy: Tensor, x: Tensor, g: Tensor, u: Tensor, xa_g: Tensor, xa_
                   seeds: Tensor, scales: list[float], needs: list[bool]) -> tuple[Tensor, list[Tensor]]:
     """(dX shaped like x, the gradients of params in their order); needs: x's, then W, b, A, B of
     gate, up and down; absent() for what it does not ask."""
-    projections = _projections(params, has_bias)
+    projections = dense_projections(params, has_bias)
     dx, grads = _mlp_backward_projections(dy, x, g, u, xa_g, xa_u, hd, projections, activation, dropouts, seeds,
                                           scales, needs)
     return dx, [t for t, pr in zip(grads, (t for pr in projections for t in pr)) if pr is not None]
@@ -360,7 +328,7 @@ def _mlp_backward_projections(dy, x, g, u, xa_g, xa_u, hd, projections, activati
                dh, dhd.contiguous(), g, u, xa_g, xa_u, bmg.contiguous(), bmu.contiguous(), ad.contiguous(),
                dg, du, hm, hf, dxa_g, dxa_u, n, inter, ag.shape[0], au.shape[0], ad.shape[0],
                g.stride(0), u.stride(0), seeds[2], float(pd), float(sd),
-               ACT=_ACT_ID[activation], STORE_H=store_h, BLOCK_M=t.block_m, BLOCK_I=t.block_i,
+               ACT=ACT_ID[activation], STORE_H=store_h, BLOCK_M=t.block_m, BLOCK_I=t.block_i,
                BR_G=_br(ag.shape[0]), BR_U=_br(au.shape[0]), BR_D=_br(ad.shape[0]), FP32_DOT=fp32,
                HAS_DROPOUT=pd > 0, **t.options())
     del dh
@@ -394,7 +362,7 @@ def _mlp_backward_projections(dy, x, g, u, xa_g, xa_u, hd, projections, activati
 
 
 def _mlp_forward_fake(x, params, has_bias, activation, dropouts, seeds, scales):
-    (wg, _, ag, _), (_, _, au, _), (_, _, ad, _) = _projections(params, has_bias)
+    (wg, _, ag, _), (_, _, au, _), (_, _, ad, _) = dense_projections(params, has_bias)
     n = x.numel() // x.shape[-1]
     return (x.new_empty(n, x.shape[-1]), x.new_empty(n, wg.shape[0]), x.new_empty(n, wg.shape[0]),
             x.new_empty(n, ag.shape[0], dtype=ag.dtype), x.new_empty(n, au.shape[0], dtype=au.dtype),
@@ -402,7 +370,7 @@ def _mlp_forward_fake(x, params, has_bias, activation, dropouts, seeds, scales):
 
 
 def _mlp_backward_fake(dy, x, g, u, xa_g, xa_u, hd, params, has_bias, activation, dropouts, seeds, scales, needs):
-    flat = [t for pr in _projections(params, has_bias) for t in pr]
+    flat = [t for pr in dense_projections(params, has_bias) for t in pr]
     grads = [torch.empty_like(t) if needed else absent(x) for t, needed in zip(flat, needs[1:]) if t is not None]
     return torch.empty_like(x, memory_format=torch.contiguous_format) if needs[0] else absent(x), grads
 
@@ -512,7 +480,7 @@ def lora_mlp(x: torch.Tensor, gate, up, down, activation: str = "silu", dropout=
     up, down); seeds: three (ints or draw_seed() tensors), drawn from torch's generator in the order
     gate, up, down when None.
     """
-    if activation not in _ACT_ID:
+    if activation not in ACT_ID:
         raise ValueError(f"lora_mlp: activation {activation!r} is not one of {ACTIVATIONS}")
     drops = (float(dropout),) * 3 if isinstance(dropout, (int, float)) else tuple(float(p) for p in dropout)
     if len(drops) != 3 or any(not 0.0 <= p < 1.0 for p in drops):
@@ -520,12 +488,12 @@ def lora_mlp(x: torch.Tensor, gate, up, down, activation: str = "silu", dropout=
     if seeds is None:
         seeds = tuple(draw_seed() if p > 0 else 0 for p in drops)
     (wg, bg, ag, bmg, sg), (wu, bu, au, bmu, su), (wd, bd, ad, bmd, sd) = gate, up, down
-    _check(x, wg, ag, bmg, bg)
-    _check(x, wu, au, bmu, bu)
+    check_lora(x, wg, ag, bmg, bg)
+    check_lora(x, wu, au, bmu, bu)
     if wg.shape != wu.shape or wd.shape != (wg.shape[1], wg.shape[0]):
         raise ValueError(f"lora_mlp: gate {tuple(wg.shape)}, up {tuple(wu.shape)} and down {tuple(wd.shape)} "
                          "are not a gated MLP's [I, H], [I, H], [H, I]")
-    _check(x.new_empty(0, wd.shape[1]), wd, ad, bmd, bd)
+    check_lora(x.new_empty(0, wd.shape[1]), wd, ad, bmd, bd)
     tensors = [t for t in (wg, bg, ag, bmg, wu, bu, au, bmu, wd, bd, ad, bmd) if isinstance(t, torch.Tensor)]
     if not use_triton(x, *tensors):
         return lora_mlp_reference(x, gate, up, down, activation, drops, seeds)
@@ -535,9 +503,9 @@ def lora_mlp(x: torch.Tensor, gate, up, down, activation: str = "silu", dropout=
         return lora_linear(activation_reference(g, activation) * u, wd, ad, bmd, sd, bd, drops[2], seeds[2])
     if any(is_quantized(w) for w in (wg, wu, wd)):
         params, has_bias, weight_meta = flatten_projections(layer[:4] for layer in (gate, up, down))
-        y, *_ = lora_mlp_4bit_fwd(x, params, has_bias, weight_meta, activation, list(drops), _seed_tensor(seeds),
+        y, *_ = lora_mlp_4bit_fwd(x, params, has_bias, weight_meta, activation, list(drops), seed_tensor(seeds),
                                   [float(sg), float(su), float(sd)])
         return y.view(*x.shape[:-1], y.shape[-1])
     y, *_ = lora_mlp_fwd(x, tensors, [bg is not None, bu is not None, bd is not None], activation, list(drops),
-                         _seed_tensor(seeds), [float(sg), float(su), float(sd)])
+                         seed_tensor(seeds), [float(sg), float(su), float(sd)])
     return y.view(*x.shape[:-1], y.shape[-1])

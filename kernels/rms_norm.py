@@ -37,9 +37,10 @@ import triton.language as tl
 
 from torch import Tensor
 
-from ._common import (absent, as_rows, capability_of, check_row_op_inputs, kernel_op, launch, norm_dx_wide,
-                      norm_param_grads, persistent_programs, register_autograd, round_to, row_block, sum_partials,
-                      use_triton, wide_row)
+from ._common import (absent, as_rows, capability_of, check_row_op_inputs, kernel_op, launch,
+                      persistent_programs, register_autograd, round_to, row_block, sum_partials,
+                      use_triton)
+from .norm_backward import norm_dx_wide, norm_param_grads, wide_row
 
 CASTING_MODES = ("llama", "gemma", "none")
 _CASTING_ID = {name: i for i, name in enumerate(CASTING_MODES)}
@@ -171,7 +172,7 @@ def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, offse
     capability = capability_of(x.device)
     block, num_warps = row_block(capability, hidden)
     casting_id = _casting_id(casting, x, weight)
-    if wide_row(block, num_warps):  # kernels/_common.py: dX in chunks, dW by a column-tiled pass
+    if wide_row(block, num_warps):  # kernels/norm_backward.py: dX in chunks, dW by a column-tiled pass
         norm_dx_wide(dy, rows, weight, None, rstd, dx, offset, rounding=casting_id)  # the ids are _norm_weight's
         if not compute_dw:
             return dx, absent(weight)

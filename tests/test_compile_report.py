@@ -136,7 +136,7 @@ def test_moe_host_code_is_pure_in_capability_and_shapes():
     import torch
     import triton
 
-    from fastft.kernels import moe
+    from fastft.kernels import grouped_gemm
     from fastft.kernels._common import recording_launches
 
     hidden, inter, n_exp, top_k = report.MOE_MODELS["Qwen3-30B-A3B"]
@@ -152,7 +152,7 @@ def test_moe_host_code_is_pure_in_capability_and_shapes():
             assert launch.meta["BLOCK_M"] == 128 and launch.meta["FP32_DOT"] is False
             assert launch.grid[0] == triton.cdiv(slots, 128) + n_exp
             assert launch.meta["num_warps"] == 8 and launch.meta["num_stages"] == 3
-    assert moe.row_block(None, slots, n_exp) == 64  # the interpreter's own choice
+    assert grouped_gemm.expert_block_m(None, slots, n_exp) == 64  # the interpreter's own choice
     assert all(a.device.type == "meta" for launch in launches for a in launch.args if isinstance(a, torch.Tensor))
 
 

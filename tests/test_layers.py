@@ -74,7 +74,6 @@ def _imports(path: pathlib.Path):
 KERNEL_DEPENDENCIES = {"torch", "triton", "numpy"}
 
 
-@pytest.mark.xfail(strict=True, reason="issue 24 item 3, open: lora_mlp.py and moe.py import lora's / lora_mlp's privates")
 def test_kernels_import_torch_triton_and_each_other_only():
     """kernels/ is the bottom layer: the standard library, torch, triton and sibling kernel files,
     and from a sibling only public names (a shared helper has a public name in its file)."""
@@ -107,7 +106,7 @@ def test_no_test_module_imports_another():
 
 
 @pytest.mark.parametrize("folder, limit", [
-    pytest.param("kernels", 700, marks=pytest.mark.xfail(strict=True, reason="issue 24 item 3, open: moe.py is 796 lines")),
+    ("kernels", 700),
     ("fastft/train.py", 450)])
 def test_files_stay_readable(folder, limit):
     """A kernel file under 700 lines (kernels apart from their host code where they grow), and the

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastft.kernels.moe import ExpertLoRA, _concatenated, moe_experts, moe_experts_reference
+from fastft.kernels.moe import ExpertLoRA, concatenated, moe_experts, moe_experts_reference
 from numerics import check_against_reference
 
 # N tokens, H, I, E experts, top-k, LoRA rank (0: none), layout, experts forced to get no tokens
@@ -56,8 +56,8 @@ def _check_case(case, dtype, device):
     def reference(x, topk_w, gate_up, down, a_gu=None, b_gu=None, a_d=None, b_d=None):
         lg, ld = _loras(a_gu, b_gu, a_d, b_d)
         if layout == "interleaved":
-            gate_up = _concatenated(gate_up, "interleaved")
-            lg = lg and ExpertLoRA(lg.a, _concatenated(lg.b, "interleaved"), lg.scale)
+            gate_up = concatenated(gate_up, "interleaved")
+            lg = lg and ExpertLoRA(lg.a, concatenated(lg.b, "interleaved"), lg.scale)
         return moe_experts_reference(x, idx, topk_w, gate_up, down, "silu", lg, ld)
 
     check_against_reference(kernel, reference, _inputs(n, hidden, inter, e, k, r), dtype, device)

@@ -200,12 +200,12 @@ def test_workspace_is_what_the_op_holds_inside():
 
 
 def test_moe_workspace_is_measured(monkeypatch):
-    """The MoE experts op's host code routes on the device (kernels/moe.py: route, no host read), so
+    """The MoE experts op's host code routes on the device (kernels/grouped_gemm.py: route, no host read), so
     its workspace is measured like the others, forward and backward, with and without expert LoRA:
     in the forward, with the op's outputs (the fake run's picture) made before the peak: at least
     h [S, I] and the per-slot outputs ys [S, H] (alive together, and freed before the combined
     output [N, H] exists), less that output."""
-    from fastft.kernels import _common, moe
+    from fastft.kernels import _common, grouped_gemm
     from fastft.planning import tracking, workspace
 
     torch.manual_seed(0)
@@ -217,7 +217,7 @@ def test_moe_workspace_is_measured(monkeypatch):
     down = torch.randn(n_experts, hidden, inter, dtype=torch.bfloat16)
     factors = (torch.randn(n_experts, rank, hidden), torch.randn(n_experts, 2 * inter, rank),
                torch.randn(n_experts, rank, inter), torch.randn(n_experts, hidden, rank))
-    slots, block_m = n_tokens * top_k, moe.row_block(workspace.CAPABILITY, n_tokens * top_k, n_experts)
+    slots, block_m = n_tokens * top_k, grouped_gemm.expert_block_m(workspace.CAPABILITY, n_tokens * top_k, n_experts)
     for loras in ((None,) * 4, tuple(f.to(torch.bfloat16) for f in factors)):
         forward = (x, idx, w, gate_up, down, *loras, "silu", "concatenated", 2.0, 2.0, 1.0, block_m)
         fwd = _workspace_both_ways("moe_experts", forward)

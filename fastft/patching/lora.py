@@ -55,10 +55,10 @@ import torch
 from torch import nn
 
 from fastft import collectives, quantization
-from fastft.kernels.lora import lora_linear
-from fastft.kernels.lora_mlp import lora_mlp
 from fastft.kernels._common import autocast_dtype
-from fastft.kernels.lora_mlp import ACTIVATIONS, lora_mlp_reference
+from fastft.kernels.activations import ACTIVATIONS
+from fastft.kernels.lora import lora_linear
+from fastft.kernels.lora_mlp import lora_mlp, lora_mlp_reference
 from fastft.patching.probe import is_lora_layer, random_copy
 
 FORWARD_ATTR = "_fastft_lora_forward"

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import types
 from dataclasses import dataclass
 
 import torch

@@ -61,9 +61,8 @@ import torch
 from torch import nn
 
 from fastft.collectives import is_dtensor
-from fastft.kernels.moe import moe_experts
-from fastft.kernels.lora_mlp import ACTIVATIONS
-from fastft.kernels.moe import LAYOUTS, ExpertLoRA, _concatenated, moe_experts_reference
+from fastft.kernels.activations import ACTIVATIONS
+from fastft.kernels.moe import LAYOUTS, ExpertLoRA, concatenated, moe_experts, moe_experts_reference
 from fastft.patching.probe import is_lora_layer, is_param_wrapper, random_copy
 
 FORWARD_ATTR = "_fastft_moe_forward"
@@ -185,7 +184,7 @@ def probe_experts(module: nn.Module, stacks: tuple[str, str, bool]) -> ExpertsSp
                     continue
                 for layout in LAYOUTS:
                     for act in ACTIVATIONS:
-                        ref = moe_experts_reference(x.float(), idx, w.float(), _concatenated(gate_up.float(), layout),
+                        ref = moe_experts_reference(x.float(), idx, w.float(), concatenated(gate_up.float(), layout),
                                                     down.float(), act)
                         if _rel(out, ref) > tol:
                             continue
