@@ -83,10 +83,10 @@ planned peak of each; after step 1 it prints measured against planned.
 
 from __future__ import annotations
 
-from fastft.planning.core import (GPU_MEMORY, PLAN_VERSION, PUBLISHED, RESERVE, Plan, PlanDoesNotFit, PlanError,
-                                  plan, resolve_model, size)
+from fastft.planning.core import GPU_MEMORY, PLAN_VERSION, RESERVE, Plan, PlanDoesNotFit, plan, size
 from fastft.planning.roofline import GPUS, estimate_time
 from fastft.planning.search import ContextSearch, alternatives, fit_report, max_context, scaling
+from fastft.planning.setup import PUBLISHED, PlanError, resolve_model
 from fastft.planning.trainer import (device_capacity, measure_activations, plan_in_subprocess, preflight,
                                      report_measured)
 
