@@ -14,6 +14,8 @@ from fastft.planning.workspace import UNMEASURED, op_workspace
 # -- torch's trackers, with the peak located ----------------------------------------------------
 
 def trackers():
+    """(Tracker, FSDPTracker): torch's MemTracker and FSDPMemTracker with the peak located (the
+    classes are made on first use: torch's private tracker modules load only when a plan runs)."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch._guards import active_fake_mode
     from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType, _ModState
@@ -184,6 +186,7 @@ def _dense(t: torch.Tensor) -> bool:
 
 
 def kwargs_mod_tracker():
+    """The KwargsModTracker class (torch's ModTracker, also seeing keyword inputs)."""
     from torch.distributed._tools.mod_tracker import ModTracker
 
     class KwargsModTracker(ModTracker):
@@ -235,6 +238,7 @@ _CATEGORY = {
 
 
 def categories(snapshot: dict) -> dict[str, int]:
+    """A tracker snapshot's bytes by the plan's categories (parameters, activations, ...)."""
     out: dict[str, int] = {}
     for device_snap in snapshot.values():
         for key, value in device_snap.items():
@@ -245,6 +249,7 @@ def categories(snapshot: dict) -> dict[str, int]:
 
 
 def fsdp_ref(value: str):
+    """FSDPMemTracker's category of that name ("Sharded Param", ...)."""
     from torch.distributed._tools.fsdp2_mem_tracker import _FSDPRefType
 
     return next(r for r in _FSDPRefType if r.value == value)
