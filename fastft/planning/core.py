@@ -49,7 +49,7 @@ class Plan:
     state: dict[str, int]  # by category after the optimizer step, before zero_grad (parameters, gradients, states)
     activations: int  # activation bytes the forward leaves for the backward (after autocast's cache is freed)
     module_activations: dict[str, int]  # per module: activation bytes its forward leaves behind
-    setup: dict  # what was planned: precision, checkpointing, FSDP, patching
+    setup: dict  # what was planned: precision, checkpointing, FSDP, patching (setup.Setup's record, step.Found's)
     seconds: float = 0.0  # how long planning took
     roofline: dict | None = None  # fastft.planning.estimate_time's figures (a model: see there)
 
