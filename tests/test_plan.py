@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fastft import distributed, planning as planner
-from fastft.planning import __main__ as plan_cli, core, search
+from fastft.planning import __main__ as plan_cli, search, setup as plan_setup
 from fastft.architectures import TINY
 from fastft.config import load_config
 from fastft.data import model_inputs
@@ -41,13 +41,13 @@ def _real_model(config, provider="hf"):
     """The planned model built for real (random weights, CPU), wrapped the same way."""
     from fastft.model import build_model
 
-    planned, _ = core._planned_config(config, provider, None, None)
-    setup = core._setup(planned, 1)
-    model, _ = build_model(planned, core._tokenizer(planned), setup["weights"], patch=provider == "fastft")
+    planned, _ = plan_setup.planned_config(config, provider, None, None)
+    setup = plan_setup.decide(planned, 1)
+    model, _ = build_model(planned, plan_setup.tokenizer(planned), setup.weights, patch=provider == "fastft")
     d = planned.distributed
     distributed.apply_activation_checkpointing(model, d.activation_checkpointing, d.checkpoint_every)
-    batch, _ = core._micro_batch(planned, provider, model.config.vocab_size)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=setup["autocast"])
+    batch, _ = plan_setup.micro_batch(planned, provider, model.config.vocab_size)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=setup.autocast)
     return model.train(), batch, autocast, setup
 
 
@@ -116,8 +116,8 @@ def test_planned_state_bytes_are_exact(kw):
     config = _config(ac="full", **kw)
     planned = planner.plan(config, provider="hf")
     model, batch, autocast, setup = _real_model(config)
-    planned_config, _ = core._planned_config(config, "hf", None, None)
-    params, optimizer, *_ = build_optimizer(model, planned_config, setup["_precision"], torch.device("cpu"))
+    planned_config, _ = plan_setup.planned_config(config, "hf", None, None)
+    params, optimizer, *_ = build_optimizer(model, planned_config, setup.decision, torch.device("cpu"))
     with autocast:
         out = model(**model_inputs(batch), num_items_in_batch=batch["num_target_tokens"])
     out.loss.backward()
@@ -273,7 +273,7 @@ def test_gradient_sums_are_planned_as_the_engine_makes_them(monkeypatch, autocas
     assert in_place == autocast  # the premise: what the engine does in eager
 
     def backward_peak():
-        Tracker, _ = tracking._trackers()
+        Tracker, _ = tracking.trackers()
         with FakeTensorMode(allow_non_fake_inputs=True):
             fake, fake_ids = _TwoUses(autocast), torch.randint(0, 4096, (32,))
             tracker = Tracker(fake)
@@ -422,8 +422,8 @@ def _examples():
                          ids=lambda r: r.rsplit("/", 1)[-1])
 def test_example_recipes_plan_at_one_layer(recipe, monkeypatch):
     """Recipes naming hub models plan without the hub (PUBLISHED), here cut to one layer."""
-    for name, fields in list(core.PUBLISHED.items()):
-        monkeypatch.setitem(core.PUBLISHED, name, {**fields, "num_hidden_layers": 1})
+    for name, fields in list(plan_setup.PUBLISHED.items()):
+        monkeypatch.setitem(plan_setup.PUBLISHED, name, {**fields, "num_hidden_layers": 1})
     p = planner.plan(recipe, provider="fastft")
     assert p.peak > p.state["parameters"] > 0 and "PUBLISHED" in p.setup["source"]
 

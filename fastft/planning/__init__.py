@@ -42,10 +42,16 @@ minute, measured by torch's own memory tracker:
 Provider "fastft" is the recipe as fastft trains it; "hf" the same recipe unpatched (Hugging
 Face eager: SDPA attention, materialised logits, rows without padding), in an HF-Trainer-style
 loop that keeps only the loss (fastft's loop keeps the model's output, logits included, until
-the next micro-batch). Modules (files): core (one plan), tracking, roofline (`estimate_time`: a
-time model), search (`max_context`, `scaling`, what would fit), trainer (`preflight`,
-`report_measured`, `measure_activations`: the exact count the plan is checked against), and
-workspace (what an op holds inside), and __main__ (`fastft plan`).
+the next micro-batch).
+
+Modules (files), each importing only those before it (function-local imports included; the
+acyclic_siblings contract in pyproject.toml checks it): workspace (what an op holds inside) ->
+tracking (torch's trackers, extended) -> setup (the recipe as planned, `resolve_model`, and the
+trainer's decisions before the step: the frozen `Setup`) -> step (the build and the one fake
+step, returning what it found: the frozen `Found`) -> roofline (`estimate_time`: a time model) ->
+core (one plan: `Plan`, `plan`) -> search (`max_context`, `scaling`, what would fit) -> trainer
+(`preflight`, `report_measured`, `measure_activations`: the exact count the plan is checked
+against) -> __main__ (`fastft plan`). What one module takes from another has a public name.
 
 What is planned is the GPU's run: bf16 (train.precision auto on CUDA), the fastft attention's
 varlen path (through torch's varlen op, whose fake implementation exists), the fused kernels'
@@ -83,10 +89,10 @@ planned peak of each; after step 1 it prints measured against planned.
 
 from __future__ import annotations
 
-from fastft.planning.core import (GPU_MEMORY, PLAN_VERSION, PUBLISHED, RESERVE, Plan, PlanDoesNotFit, PlanError,
-                                  plan, resolve_model, size)
+from fastft.planning.core import GPU_MEMORY, PLAN_VERSION, RESERVE, Plan, PlanDoesNotFit, plan, size
 from fastft.planning.roofline import GPUS, estimate_time
 from fastft.planning.search import ContextSearch, alternatives, fit_report, max_context, scaling
+from fastft.planning.setup import PUBLISHED, PlanError, resolve_model
 from fastft.planning.trainer import (device_capacity, measure_activations, plan_in_subprocess, preflight,
                                      report_measured)
 

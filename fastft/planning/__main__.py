@@ -6,9 +6,10 @@ import json
 import sys
 
 from fastft.config import ConfigError, load_config
-from fastft.planning.core import GPU_MEMORY, PLAN_VERSION, RESERVE, GiB, PlanError, plan
+from fastft.planning.core import GPU_MEMORY, PLAN_VERSION, RESERVE, GiB, plan
 from fastft.planning.roofline import GPUS
 from fastft.planning.search import fit_report, max_context, scaling
+from fastft.planning.setup import PlanError
 
 
 # -- command line ------------------------------------------------------------------------------

@@ -7,9 +7,9 @@ import dataclasses
 
 import torch
 
-from fastft.planning.core import (PlanError, _as_config, _blocks_name, _module_group, _one_step, _planned_config,
-                                  _planning, _row_tokens, _setup)
-from fastft.planning.tracking import _kwargs_mod_tracker, _module_name
+from fastft.planning.setup import PlanError, Setup, as_config, decide, planned_config, row_tokens
+from fastft.planning.step import module_group, one_step, planning
+from fastft.planning.tracking import kwargs_mod_tracker, module_name
 
 
 # -- a roofline model of the step's time ----------------------------------------------------------
@@ -171,7 +171,7 @@ KERNEL_FLOPS = {"lora_linear": _lora_linear_flops, "lora_linear_bwd": _lora_line
 
 
 def estimate_time(config, provider: str = "fastft", world_size: int = 1, gpu: str = "H100", *,
-                  sizes: dict | None = None, setup: dict | None = None) -> dict:
+                  sizes: dict | None = None, setup: Setup | None = None) -> dict:
     """A roofline model of one optimizer step on `gpu` from a fake run of the same step: predicted
     step time, tokens/s per GPU and MFU (fastft.flops' convention), and the time per module.
 
@@ -186,33 +186,32 @@ def estimate_time(config, provider: str = "fastft", world_size: int = 1, gpu: st
     if gpu not in GPUS:
         raise PlanError(f"gpu={gpu!r}: the roofline knows {sorted(GPUS)}")
     if sizes is None:
-        config, _ = _planned_config(_as_config(config), provider, None, None)
+        config, _ = planned_config(as_config(config), provider, None, None)
         from fastft.config import batch_plan
 
-        sizes, setup = batch_plan(config, world_size), _setup(config, world_size)
+        sizes, setup = batch_plan(config, world_size), decide(config, world_size)
     spec = GPUS[gpu]
     marks: dict[str, float] = {}
 
     def observe(model, optimizer, batch):
         estimator = _roofline_estimator(spec)("operator-level-cost-model")
-        estimator._mod_tracker = _kwargs_mod_tracker()(model)
+        estimator._mod_tracker = kwargs_mod_tracker()(model)
         estimator.mark = lambda name: marks.setdefault(name, estimator.total_runtime)
         return estimator
 
-    with _planning(world_size, setup["fsdp"]):
-        estimator, _, model = _one_step(config, provider, world_size, sizes, setup, observe)
+    with planning(world_size, setup.fsdp):
+        estimator, _, model, found = one_step(config, provider, world_size, sizes, setup, observe)
         trained, frozen = flops.matmul_parameters(model)
         layers, d_attn = flops.attention_dims(flops.text_config(model))
-        blocks = _blocks_name(model)
     micro_ms, opt_ms = marks["micro-batch"], marks["optimizer"] - marks["micro-batch"]
     step_ms = sizes["accumulation"] * micro_ms + opt_ms
-    rows, width = sizes["micro_batch_rows"], _row_tokens(config)
+    rows, width = sizes["micro_batch_rows"], row_tokens(config)
     tokens = rows * width * sizes["accumulation"]  # per GPU and step
     work = flops.step_flops(trained, frozen, tokens, layers, d_attn, flops.causal_pairs([width] * rows)
                             * sizes["accumulation"])
     per_module: dict[str, float] = {}
     for fqn, times in estimator.mod_runtimes.items():
-        key = _module_group(_module_name(fqn), blocks)
+        key = module_group(module_name(fqn), found.blocks)
         if key is not None:
             per_module[key] = per_module.get(key, 0.0) + times.get("fw", 0.0) + times.get("bw", 0.0)
     return {"gpu": gpu, "step_ms": step_ms, "micro_batch_ms": micro_ms, "optimizer_ms": opt_ms,

@@ -7,8 +7,9 @@ import dataclasses
 import math
 
 from fastft.config import ConfigError, FinetuneConfig, load_config
-from fastft.planning.core import (GPU_MEMORY, RESERVE, GiB, Plan, PlanError, _as_config, _module_group, plan,
-                                  size)
+from fastft.planning.core import GPU_MEMORY, RESERVE, GiB, Plan, plan, size
+from fastft.planning.setup import PlanError, as_config
+from fastft.planning.step import module_group
 
 
 # -- the longest row, and how memory grows with it -----------------------------------------------
@@ -45,7 +46,7 @@ def max_context(config, *, capacity: int = GPU_MEMORY["H100"], reserve: int = RE
     length guessed where the line through the nearest planned peaks meets the budget (regula
     falsi: memory is close to linear in the row length), halving when a guess does not shrink the
     bracket. `known`: plans of one row at some lengths already made (for this config)."""
-    config = _row_config(_as_config(config))
+    config = _row_config(as_config(config))
     plans: dict[int, Plan] = dict(known or {})
     usable = capacity - reserve
 
@@ -92,13 +93,13 @@ def scaling(config, lengths: list[int], *, world_size: int = 1, provider: str = 
     increments between consecutive lengths, p = log(d_last / d_first) / log(T_last / T_first)
     for lengths in a geometric sequence (constants, such as the weights autocast casts, cancel).
     1 is linear; above about 1.05 something grows faster."""
-    config = _row_config(_as_config(config))
+    config = _row_config(as_config(config))
     plans = [plan(config, world_size=world_size, provider=provider, rows=1, tokens=t) for t in lengths]
     groups: dict[str, list[int]] = {}
     for i, p in enumerate(plans):
         blocks = p.setup.get("blocks", "")
         for name, value in p.module_activations.items():
-            key = _module_group(name, blocks) if blocks else name
+            key = module_group(name, blocks) if blocks else name
             if key is None and name != "(model)":
                 continue
             key = key or "(model)"
@@ -167,7 +168,7 @@ def fit_report(config, *, world_size: int, capacity: int, reserve: int = RESERVE
                base: Plan | None = None) -> tuple[Plan, list[dict]]:
     """The plan and, when it does not fit, each alternative planned: [{"what", "overrides",
     "world_size", "peak" or "error", "fits"}]."""
-    config = _as_config(config)
+    config = as_config(config)
     base = base or plan(config, world_size=world_size, provider=provider)
     rows = []
     if not base.fits(capacity, reserve):

@@ -13,13 +13,15 @@ from fastft.planning.workspace import UNMEASURED, op_workspace
 
 # -- torch's trackers, with the peak located ----------------------------------------------------
 
-def _trackers():
+def trackers():
+    """(Tracker, FSDPTracker): torch's MemTracker and FSDPMemTracker with the peak located (the
+    classes are made on first use: torch's private tracker modules load only when a plan runs)."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch._guards import active_fake_mode
     from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType, _ModState
     from torch.utils import _pytree as pytree
 
-    KwargsModTracker = _kwargs_mod_tracker()
+    KwargsModTracker = kwargs_mod_tracker()
 
     class _Located:
         """Records where each new peak happens; updates the running modules' peaks in O(depth).
@@ -137,7 +139,7 @@ def _trackers():
                     self.device_peak = on_device
                     self._peak_mem[dev] = total
                     self._peak_mem_snap[dev] = deepcopy(snap)
-                    self.where = (_module_name(max(parents - {"Global"}, key=len, default="")), phase)
+                    self.where = (module_name(max(parents - {"Global"}, key=len, default="")), phase)
 
     class Tracker(_Located, MemTracker):
         def __init__(self, model):
@@ -183,7 +185,8 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
-def _kwargs_mod_tracker():
+def kwargs_mod_tracker():
+    """The KwargsModTracker class (torch's ModTracker, also seeing keyword inputs)."""
     from torch.distributed._tools.mod_tracker import ModTracker
 
     class KwargsModTracker(ModTracker):
@@ -234,7 +237,8 @@ _CATEGORY = {
 }
 
 
-def _categories(snapshot: dict) -> dict[str, int]:
+def categories(snapshot: dict) -> dict[str, int]:
+    """A tracker snapshot's bytes by the plan's categories (parameters, activations, ...)."""
     out: dict[str, int] = {}
     for device_snap in snapshot.values():
         for key, value in device_snap.items():
@@ -244,13 +248,14 @@ def _categories(snapshot: dict) -> dict[str, int]:
     return out
 
 
-def _ref(value: str):
+def fsdp_ref(value: str):
+    """FSDPMemTracker's category of that name ("Sharded Param", ...)."""
     from torch.distributed._tools.fsdp2_mem_tracker import _FSDPRefType
 
     return next(r for r in _FSDPRefType if r.value == value)
 
 
-def _module_activations(tracker) -> dict[str, int]:
+def module_activations(tracker) -> dict[str, int]:
     """Per module: activation bytes alive after its forward minus before (what it leaves behind,
     its output included), from MemTracker's per-module snapshots (first call of each module)."""
     from torch.distributed._tools.mem_tracker import _ModState, _MemRefType
@@ -261,11 +266,11 @@ def _module_activations(tracker) -> dict[str, int]:
         if not pre or not post:
             continue
         act = lambda snap: sum(s.get(_MemRefType.ACT, 0) for s in snap.values())  # noqa: E731
-        out[_module_name(stats.mod_fqn)] = act(post[0]) - act(pre[0])
+        out[module_name(stats.mod_fqn)] = act(post[0]) - act(pre[0])
     return out
 
 
-def _module_name(fqn: str) -> str:
+def module_name(fqn: str) -> str:
     """ModTracker names modules from the root's class ("LlamaForCausalLM.model.layers.0"); the
     plan uses the model's own names ("model.layers.0"), "(model)" for the root."""
     return fqn.partition(".")[2] or "(model)"

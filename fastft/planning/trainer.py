@@ -10,8 +10,9 @@ import sys
 import torch
 
 from fastft.config import FinetuneConfig
-from fastft.planning.core import RESERVE, GiB, PlanDoesNotFit, PlanError
+from fastft.planning.core import RESERVE, GiB, PlanDoesNotFit
 from fastft.planning.search import fit_message
+from fastft.planning.setup import PlanError, as_config, decide, micro_batch, planned_config, tokenizer
 
 
 # -- the trainer's side ------------------------------------------------------------------------
@@ -100,18 +101,17 @@ def measure_activations(config, provider: str = "fastft") -> int:
     states with them) and the batch excluded."""
     from fastft import distributed
     from fastft.data import model_inputs
-    from fastft.planning.core import _as_config, _micro_batch, _planned_config, _setup, _tokenizer
     from fastft.model import build_model
     from fastft.parallelize import wrap
 
-    planned, _ = _planned_config(_as_config(config), provider, None, None)
-    setup = _setup(planned, 1)
-    model, _ = build_model(planned, _tokenizer(planned), setup["weights"], patch=provider == "fastft")
+    planned, _ = planned_config(as_config(config), provider, None, None)
+    setup = decide(planned, 1)
+    model, _ = build_model(planned, tokenizer(planned), setup.weights, patch=provider == "fastft")
     d = planned.distributed
     # as the trainer wraps it, in one process: activation checkpointing, eager, no FSDP2
-    wrap(model, d, setup["_precision"]._replace(fsdp=False), compile=False)
+    wrap(model, d, setup.decision._replace(fsdp=False), compile=False)
     model.train()
-    batch, _ = _micro_batch(planned, provider, model.config.vocab_size)
+    batch, _ = micro_batch(planned, provider, model.config.vocab_size)
     storage = lambda t: t.untyped_storage()  # noqa: E731
     from fastft import quantization
 
@@ -136,7 +136,7 @@ def measure_activations(config, provider: str = "fastft") -> int:
     handles = []
     if d.activation_checkpointing != "none":
         handles = [b.register_forward_pre_hook(keep_kwargs, with_kwargs=True) for b in distributed.decoder_blocks(model)[1]]
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=setup["autocast"])
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=setup.autocast)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
         out = model(**model_inputs(batch), num_items_in_batch=batch["num_target_tokens"])
     for handle in handles:
