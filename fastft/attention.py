@@ -48,12 +48,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import inspect
 import sys
 import threading
 from collections import Counter
 from collections.abc import Callable
-from functools import lru_cache
 
 import torch
 from transformers import AttentionInterface
@@ -87,24 +87,14 @@ class VarlenBackend:
     dropout: bool = False
 
 
-def _flash_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, softcap, dropout):
-    from flash_attn import flash_attn_varlen_func
-
-    return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout, softmax_scale=scale, causal=True,
-                                  window_size=(window - 1 if window else -1, 0), softcap=softcap or 0.0)
+def _flash_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, softcap, dropout, *, op=None):
+    return op(q, k, v, cu_q, cu_k, max_q, max_k, dropout, softmax_scale=scale, causal=True,
+              window_size=(window - 1 if window else -1, 0), softcap=softcap or 0.0)
 
 
-@lru_cache(maxsize=None)
-def _torch_varlen_params() -> frozenset[str]:
-    from torch.nn.attention.varlen import varlen_attn
-
-    return frozenset(inspect.signature(varlen_attn).parameters)
-
-
-def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, softcap, dropout):
-    from torch.nn.attention.varlen import varlen_attn
-
-    params, extra = _torch_varlen_params(), {}
+def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, softcap, dropout, *, op=None,
+                  params: frozenset[str] = frozenset()):
+    extra = {}
     if k.shape[1] != q.shape[1]:
         if "enable_gqa" in params:  # torch >= 2.12
             extra["enable_gqa"] = True
@@ -112,41 +102,51 @@ def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, softcap, dro
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     if "window_size" in params:  # torch >= 2.11
-        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale,
-                           window_size=(window - 1 if window else -1, 0), **extra)
+        return op(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(window - 1 if window else -1, 0), **extra)
     dim = q.shape[-1]  # torch 2.10: is_causal, the default scale only
     if scale is not None and abs(scale - dim**-0.5) > 1e-12:
         q = q * (scale / dim**-0.5)
-    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=True)
+    return op(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=True)
 
 
 _REGISTERED: list[VarlenBackend] = []
+_BUILTIN: tuple[VarlenBackend, ...] | None = None
 
 
-@lru_cache(maxsize=None)
-def _builtin_backends() -> tuple[VarlenBackend, ...]:
+def discover_backends() -> tuple[VarlenBackend, ...]:
+    """The installed varlen kernels, found once per process (by the first `install`, at patch
+    time): their imports and the torch op's signature are read here and bound into each backend's
+    `fn`, so that a forward, traced or not, imports nothing and inspects nothing (dynamo breaks
+    the graph at a failing import: issue 25). A plain global, not lru_cache: dynamo traces through
+    an lru_cache'd function's body, imports included, whether its cache is warm or not."""
+    global _BUILTIN
+    if _BUILTIN is not None:
+        return _BUILTIN
     found = []
     try:
-        import flash_attn  # noqa: F401
-
-        found.append(VarlenBackend("flash_attn", _flash_attn, frozenset({"cuda"}), softcap=True, dropout=True))
+        from flash_attn import flash_attn_varlen_func
     except ImportError:
         pass
+    else:
+        found.append(VarlenBackend("flash_attn", functools.partial(_flash_attn, op=flash_attn_varlen_func),
+                                   frozenset({"cuda"}), softcap=True, dropout=True))
     try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-
-        found.append(VarlenBackend("torch", _torch_varlen, frozenset({"cuda"}),
-                                   window="window_size" in _torch_varlen_params()))
+        from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         pass
-    return tuple(found)
+    else:
+        params = frozenset(inspect.signature(varlen_attn).parameters)
+        found.append(VarlenBackend("torch", functools.partial(_torch_varlen, op=varlen_attn, params=params),
+                                   frozenset({"cuda"}), window="window_size" in params))
+    _BUILTIN = tuple(found)
+    return _BUILTIN
 
 
 def varlen_backends() -> tuple[VarlenBackend, ...]:
     """The varlen backends of this process, in the order they are tried."""
     if _kernels_common.planning_as_on_gpu():
-        return tuple(dataclasses.replace(b, devices=b.devices | {"cpu"}) for b in _builtin_backends() if b.name == "torch")
-    return (*_REGISTERED, *_builtin_backends())
+        return tuple(dataclasses.replace(b, devices=b.devices | {"cpu"}) for b in discover_backends() if b.name == "torch")
+    return (*_REGISTERED, *discover_backends())
 
 
 # fastft.plan (fastft/planning/) runs a model on fake CPU tensors to plan what a GPU holds: inside
@@ -668,6 +668,7 @@ class _BlockMemory:
 def install(model: torch.nn.Module, blocks: list[torch.nn.Module], config) -> Installed:
     """Give `model` (the causal-LM module) the per-forward state hooks and its decoder `blocks`
     the recompute-safe forward wrapper. Returns what `uninstall` undoes."""
+    discover_backends()  # at patch time, never inside a forward
     installed = Installed(ModelFeatures.of(config) if config is not None else None, Counter(),
                           {id(m): n for n, m in model.named_modules()}, [], [], inspect.signature(model.forward))
     stack: list[ForwardState | None] = []

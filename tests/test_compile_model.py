@@ -88,6 +88,19 @@ def test_no_graph_break_comes_from_a_fastft_op():
     print(f"{explanation.graph_break_count} graph breaks, none in fastft ops; at {others}")
 
 
+def test_a_forward_imports_nothing():
+    """The varlen backends are found once, at patch time (fastft.attention.discover_backends), so
+    dynamo meets no import in a patched model's forward, packed batch and fastft attention on (it
+    broke the graph at the flash-attn probe of every attention call before). Each break left is
+    printed: issue 25's work (the per-call path counting)."""
+    model = _patched(lora=False)
+    explanation = torch._dynamo.explain(lambda **b: model(**b).loss)(**_packed_batch())
+    reasons = [(r.reason.splitlines()[0], r.user_stack[-1].filename.split("/")[-1], r.user_stack[-1].lineno)
+               for r in explanation.break_reasons if r.user_stack]
+    assert not [r for r in reasons if "import" in r[0].lower()], reasons
+    print(f"{explanation.graph_break_count} graph breaks: {sorted(set(reasons))}")
+
+
 def test_patched_model_compiles_fullgraph_and_equals_eager():
     """Norms, the fused loss and the LoRA layers (dropout on) in one graph, forward and backward:
     fullgraph with the model's own attention on a padded batch (the fastft attention's packed
