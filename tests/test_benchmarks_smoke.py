@@ -66,3 +66,20 @@ def test_moe_benchmark_smoke(tmp_path):
 @pytest.mark.slow
 def test_moe_benchmark_smoke_every_op(tmp_path):
     _moe_smoke(tmp_path, ["moe_qwen3_30b_a3b", "moe_qwen3_30b_a3b_lora", "moe_mixtral_8x7b", "moe_mixtral_8x7b_lora"])
+
+
+def test_compile_census_smoke(tmp_path):
+    """benchmarks/compile_census.py on one architecture for two steps: its rows count what dynamo
+    saw (the first step compiles something; every step's counts are there), and the packed rows
+    it builds are one row of its fixed length cut into documents."""
+    from benchmarks import compile_census
+
+    splits = compile_census._splits(3)
+    assert all(sum(s) == compile_census.ROW and len(s) >= 3 for s in splits) and len({tuple(s) for s in splits}) == 3
+    out = tmp_path / "census.jsonl"
+    assert compile_census.main(["--arch", "Llama", "--steps", "2", "--json", str(out)]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["arch"] == "Llama" and set(row["whole_model"]) == {"plain", "packed"}
+    block = row["per_block"]
+    assert len(block["breaks_per_step"]) == len(block["frames_compiled_per_step"]) == 2
+    assert block["frames_compiled_per_step"][0] >= 1
