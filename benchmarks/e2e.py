@@ -133,6 +133,13 @@ def _qualname(obj) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
 
 
+def _package(obj, default: str) -> str:
+    """The top-level package of obj's code; `default`'s where obj names none (dynamo's resume
+    functions, put in a modeling module's namespace by any earlier compile in the process, have
+    __module__ None)."""
+    return (getattr(obj, "__module__", None) or default).split(".")[0]
+
+
 def census(model) -> dict:
     """What a built model runs: the classes of its modules, the forwards set on single instances
     (fastft's patching), and the names in its modeling modules that are bound to code of another
@@ -145,12 +152,11 @@ def census(model) -> dict:
         if module is None or not module_name.startswith("transformers."):
             continue
         for name, value in vars(module).items():
-            if callable(value) and getattr(value, "__module__", module_name).split(".")[0] in PROVIDER_PACKAGES.values():
+            if callable(value) and _package(value, module_name) in PROVIDER_PACKAGES.values():
                 rebound[f"{module_name}.{name}"] = _qualname(value)
             if isinstance(value, type) and value.__module__ == module_name:
                 forward = value.__dict__.get("forward")
-                if forward is not None and getattr(forward, "__module__", module_name).split(".")[0] in \
-                        PROVIDER_PACKAGES.values():
+                if forward is not None and _package(forward, module_name) in PROVIDER_PACKAGES.values():
                     rebound[f"{module_name}.{name}.forward"] = _qualname(forward)
     return {"classes": classes, "instance_forwards": instance_forwards, "rebound": rebound}
 

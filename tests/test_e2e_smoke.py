@@ -123,3 +123,19 @@ def test_flops_convention():
     quantization.quantize_model(fresh, quantization.Settings("nf4", True, torch.float32))
     # the 4-bit (frozen) weights at their unpacked size; the LM head stays dense and trainable
     assert matmul_parameters(fresh) == (vocab * h, expected - vocab * h)
+
+
+def test_census_reads_a_modeling_module_that_dynamo_has_written_into(monkeypatch):
+    """An earlier torch.compile in the process leaves functions whose __module__ is None in the
+    modeling module's namespace (dynamo's resume functions); the census reads past them (it
+    raised AttributeError for every row once a compile had run: CI, after test_compile_model)."""
+    from transformers import AutoModelForCausalLM
+
+    from fastft.architectures import NATIVE
+
+    model = AutoModelForCausalLM.from_config(next(a for a in NATIVE if a.name == "Llama").tiny_config())
+    resume = lambda: None  # noqa: E731
+    resume.__module__ = None
+    monkeypatch.setattr(sys.modules[type(model).__module__], "__resume_at_0", resume, raising=False)
+    found = e2e.census(model)
+    assert found["rebound"] == {} and e2e.providers_in(found) == set()
