@@ -28,8 +28,14 @@ One forward, one decision, one document structure:
   recomputation re-enter the state of the forward it recomputes, so a recomputed layer takes
   the same path over the same documents (fastft's checkpointing and transformers', reentrant
   or not, 5.17 and 5.24).
-- Every attention call is counted per layer and path (`ForwardState.counts`, surfaced as
-  `model.fastft_report.attention_calls`); recomputations are not counted twice.
+- Every attention call is counted per layer and path (`ForwardState.count`, added to the model's
+  counts when the forward ends, surfaced as `model.fastft_report.attention_calls`);
+  recomputations come after that and are not counted twice.
+- Compiled blocks (`compile_blocks`, distributed.compile): the block's own forward is compiled and
+  this wrapper stays eager; the documents reach the block as the collator's cu_seq_lens (marked
+  dynamic: one graph for any document count) and the forward's state, read through the
+  thread-local: a block compiles once per kind of batch, not once a step (measured with torch
+  2.14: benchmarks/compile_census.py, tests/test_compile_model.py).
 
 Varlen backends (`VarlenBackend`, tried in order): the flash-attn package's
 `flash_attn_varlen_func` (CUDA, 16-bit, head dim <= 256, window, soft-cap, GQA), then
@@ -296,6 +302,7 @@ class ForwardState:
         self.features, self.counts, self.names = features, counts, names
         self.training, self.kv_cache, self.padded = training, kv_cache, padded
         self._documents_fn, self._documents = documents, None
+        self.calls: Counter = Counter()  # this forward's attention calls, folded into counts at its end
         self.paths: dict[int | None, Path] = {}
         self._masks: dict[tuple, torch.Tensor] = {}
 
@@ -331,8 +338,16 @@ class ForwardState:
         return self._masks[key]
 
     def count(self, module: torch.nn.Module, path: str) -> None:
-        if torch._C._current_graph_task_id() == -1:  # not a recomputation inside the backward
-            self.counts[(self.names.get(id(module), type(module).__name__), path)] += 1
+        """One call of `module` on `path` in this forward. Kept per forward and added to the
+        model's counts when the forward ends (`install`'s post-hook): a recomputation in the
+        backward (activation checkpointing) comes after that and is not counted, with no question
+        to the autograd engine, which a compiled block could not ask (a graph break per call). In
+        a compiled block this is a mutation of a Python object that dynamo replays each run."""
+        self.calls[(self.names.get(id(module), type(module).__name__), path)] += 1
+
+    def fold(self) -> None:
+        self.counts.update(self.calls)
+        self.calls.clear()
 
 
 _LOCAL = threading.local()
@@ -514,6 +529,7 @@ class Installed:
     handles: list
     blocks: list
     signature: inspect.Signature | None = None  # of the model's forward
+    inners: list = dataclasses.field(default_factory=list)  # per block: what its wrapper calls
 
 
 def call_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
@@ -558,6 +574,11 @@ def state_for(installed: Installed, module: torch.nn.Module, args: tuple, kwargs
     padded = isinstance(mask, torch.Tensor) and mask.dim() == 2
     kv_cache = _has_past(arguments)
 
+    if not torch.compiler.is_compiling():  # into a compiled block: one graph for any document count
+        for name in ("cu_seq_lens_q", "cu_seq_lens_k"):  # (traced, the whole model: dynamo's own choice)
+            if isinstance(arguments.get(name), torch.Tensor):
+                torch._dynamo.maybe_mark_dynamic(arguments[name], 0)
+
     def documents() -> Documents | None:
         if shape is None or kv_cache or padded:
             return None
@@ -573,7 +594,15 @@ def state_for(installed: Installed, module: torch.nn.Module, args: tuple, kwargs
                         documents)
 
 
-def _block_forward(block: torch.nn.Module, original, memory: _BlockMemory):
+class _Inner:
+    """What fastft's block wrapper calls: the block's own forward, or its compiled form
+    (compile_blocks)."""
+
+    def __init__(self, original):
+        self.original = self.run = original
+
+
+def _block_forward(block: torch.nn.Module, inner: _Inner, memory: _BlockMemory):
     """A decoder block's instance forward: make a recomputation of the block in the backward
     (activation checkpointing) run in the state of the forward it recomputes. Two ways in:
     - the checkpoint wraps this forward (fastft.distributed's checkpointing, and transformers
@@ -589,18 +618,18 @@ def _block_forward(block: torch.nn.Module, original, memory: _BlockMemory):
         state = current()
         if state is None:
             with active(memory.recall(x)):
-                return original(*args, **kwargs)
+                return inner.run(*args, **kwargs)
         memory.remember(x, state)
         checkpointing = block.__dict__.get("_gradient_checkpointing_func")
         if checkpointing is None:
-            return original(*args, **kwargs)
+            return inner.run(*args, **kwargs)
         block.__dict__["_gradient_checkpointing_func"] = _in_state_checkpointing(checkpointing, state)
         try:
-            return original(*args, **kwargs)
+            return inner.run(*args, **kwargs)
         finally:
             block.__dict__["_gradient_checkpointing_func"] = checkpointing
 
-    forward.__wrapped__ = original
+    forward.__wrapped__ = inner.original
     return forward
 
 
@@ -678,14 +707,19 @@ def install(model: torch.nn.Module, blocks: list[torch.nn.Module], config) -> In
         _LOCAL.state = state_for(installed, module, args, kwargs)
 
     def post(module, args, kwargs, output=None):
+        state = current()
+        if state is not None:
+            state.fold()
         _LOCAL.state = stack.pop() if stack else None
 
     installed.handles.append(model.register_forward_pre_hook(pre, with_kwargs=True))
     installed.handles.append(model.register_forward_hook(post, with_kwargs=True, always_call=True))
     for block in blocks:
         if "forward" not in block.__dict__:
-            block.forward = _block_forward(block, block.forward, _BlockMemory())
+            inner = _Inner(block.forward)
+            block.forward = _block_forward(block, inner, _BlockMemory())
             installed.blocks.append(block)
+            installed.inners.append(inner)
     setattr(model, INSTALLED, installed)
     return installed
 
@@ -702,6 +736,20 @@ def uninstall(model: torch.nn.Module) -> None:
 
 def installed(model: torch.nn.Module) -> Installed | None:
     return model.__dict__.get(INSTALLED)
+
+
+def compile_blocks(model: torch.nn.Module, compile_fn: Callable) -> list[torch.nn.Module]:
+    """Compile the own forward of every decoder block that has fastft's wrapper (anywhere in
+    `model`), leaving the wrapper eager: its bookkeeping for recomputations keys block inputs by
+    their storage address, which dynamo cannot trace (a graph break) and, traced, would guard on
+    every step (a recompile). Returns the blocks compiled so."""
+    done = []
+    for module in model.modules():
+        inst = installed(module)
+        for block, inner in zip(inst.blocks, inst.inners) if inst is not None else ():
+            inner.run = compile_fn(inner.original)
+            done.append(block)
+    return done
 
 
 # -- reporting ---------------------------------------------------------------------------------

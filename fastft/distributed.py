@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastft import collectives
+from fastft import attention, collectives
 
 
 @dataclasses.dataclass
@@ -155,15 +155,20 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) 
 # -- compile -----------------------------------------------------------------------------------
 
 def apply_compile(model: nn.Module, backend: str | None = None) -> int:
-    """torch.compile each decoder block in place (`nn.Module.compile`: names unchanged). Blocks are
-    identical, so dynamo compiles one graph and reuses it. The fused kernels are custom ops
+    """torch.compile each decoder block in place (names unchanged): with fastft's attention, the
+    block's own forward inside the attention's eager wrapper (attention.compile_blocks: its
+    recomputation bookkeeping stays out of the graph), else the whole block (`nn.Module.compile`).
+    Blocks are identical, so dynamo compiles one graph and reuses it. The fused kernels are custom ops
     (fastft/kernels): opaque nodes in the graph. backend None: inductor on a GPU, aot_eager on the
     CPU, where the ops run in Triton's interpreter (which only an eager backend calls)."""
     if backend is None:
         backend = "inductor" if any(p.is_cuda for p in model.parameters()) else "aot_eager"
     _, blocks = decoder_blocks(model)
+    # with fastft's attention: the block's own forward, inside the attention's eager wrapper
+    wrapped = attention.compile_blocks(model, lambda forward: torch.compile(forward, backend=backend, dynamic=False))
     for block in blocks:
-        block.compile(backend=backend, dynamic=False)
+        if not any(block is w for w in wrapped):
+            block.compile(backend=backend, dynamic=False)
     return len(blocks)
 
 
