@@ -115,8 +115,9 @@ def _packed_row(lengths, device="cpu"):
     "Llama", "Qwen3Moe",
     pytest.param("Gemma2", marks=pytest.mark.slow), pytest.param("Qwen3", marks=pytest.mark.slow),
     pytest.param("Bamba", marks=[pytest.mark.slow, pytest.mark.xfail(
-        strict=True, reason="issue 25, open: the recurrent patch's attention_mask guard recompiles Bamba's block "
-                            "each step (benchmarks/compile_census.py)")])])
+        strict=True, reason="issue 25, open: the recurrent patch's CPU per-document path pads to the longest "
+                            "document (torch.arange(docs.max_length)): a guard on max_length recompiles Bamba's "
+                            "block each step (benchmarks/compile_census.py)")])])
 def test_per_block_compile_of_the_packed_path_compiles_once(arch):
     """distributed.compile's per-block compile (distributed.apply_compile) of the path the trainer
     runs: fastft attention on, packed rows whose documents are cut differently every step. No
