@@ -35,7 +35,8 @@ DEFAULT_ARCHS = ("Llama", "Gemma2", "Qwen3", "Qwen3Moe", "Bamba")
 ROW = 48  # tokens per packed row
 
 
-def _model(name: str):
+def tiny_patched(name: str):
+    """A tiny 2-layer model of architecture `name`, fastft.patch'ed, in training mode."""
     from transformers import AutoModelForCausalLM
 
     import fastft
@@ -49,7 +50,9 @@ def _model(name: str):
     return model.train()
 
 
-def _packed(lengths: list[int]) -> dict:
+def packed_row(lengths) -> dict:
+    """One packed row of documents of these lengths, as the trainer's collator makes it (with
+    cu_seq_lens / max_length)."""
     from fastft.data import collate_packed, model_inputs
 
     docs = [{"input_ids": [3 + (i + j) % 90 for j in range(n)], "labels": [-100] + [3 + (i + j) % 90 for j in range(1, n)]}
@@ -74,10 +77,10 @@ def _where(reason) -> str:
 
 
 def whole_model(name: str) -> dict:
-    model = _model(name)
+    model = tiny_patched(name)
     ids = torch.randint(3, 90, (2, 12), generator=torch.Generator().manual_seed(0))
     out = {}
-    for kind, batch in (("plain", {"input_ids": ids, "labels": ids.clone()}), ("packed", _packed([15, 9, 24]))):
+    for kind, batch in (("plain", {"input_ids": ids, "labels": ids.clone()}), ("packed", packed_row([15, 9, 24]))):
         torch._dynamo.reset()
         explanation = torch._dynamo.explain(lambda **b: model(**b).loss)(**batch)
         reasons = collections.Counter(f"{r.reason.splitlines()[0][:80]} @ {_where(r)}" for r in explanation.break_reasons)
@@ -93,12 +96,12 @@ def per_block(name: str, steps: int) -> dict:
 
     torch._dynamo.reset()
     counters.clear()
-    model = _model(name)
+    model = tiny_patched(name)
     distributed.apply_compile(model, backend="aot_eager")
     breaks, frames = [], []
     for lengths in _splits(steps):
         before_breaks, before_frames = sum(counters["graph_break"].values()), counters["frames"]["ok"]
-        model(**_packed(lengths)).loss.backward()
+        model(**packed_row(lengths)).loss.backward()
         breaks.append(sum(counters["graph_break"].values()) - before_breaks)
         frames.append(counters["frames"]["ok"] - before_frames)
     reasons = collections.Counter({k.splitlines()[0][:80]: v for k, v in counters["graph_break"].items()})

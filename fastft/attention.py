@@ -93,13 +93,13 @@ class VarlenBackend:
     dropout: bool = False
 
 
-def _flash_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, softcap, dropout, *, op=None):
+def _flash_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, softcap, dropout, *, op):
     return op(q, k, v, cu_q, cu_k, max_q, max_k, dropout, softmax_scale=scale, causal=True,
               window_size=(window - 1 if window else -1, 0), softcap=softcap or 0.0)
 
 
-def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, softcap, dropout, *, op=None,
-                  params: frozenset[str] = frozenset()):
+def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, softcap, dropout, *, op,
+                  params: frozenset[str]):
     extra = {}
     if k.shape[1] != q.shape[1]:
         if "enable_gqa" in params:  # torch >= 2.12

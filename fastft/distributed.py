@@ -165,9 +165,10 @@ def apply_compile(model: nn.Module, backend: str | None = None) -> int:
         backend = "inductor" if any(p.is_cuda for p in model.parameters()) else "aot_eager"
     _, blocks = decoder_blocks(model)
     # with fastft's attention: the block's own forward, inside the attention's eager wrapper
-    wrapped = attention.compile_blocks(model, lambda forward: torch.compile(forward, backend=backend, dynamic=False))
+    wrapped = {id(b) for b in attention.compile_blocks(
+        model, lambda forward: torch.compile(forward, backend=backend, dynamic=False))}
     for block in blocks:
-        if not any(block is w for w in wrapped):
+        if id(block) not in wrapped:
             block.compile(backend=backend, dynamic=False)
     return len(blocks)
 

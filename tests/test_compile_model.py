@@ -101,16 +101,6 @@ def test_a_forward_imports_nothing():
     print(f"{explanation.graph_break_count} graph breaks: {sorted(set(reasons))}")
 
 
-def _packed_row(lengths, device="cpu"):
-    """One packed row of documents of these lengths, as the trainer's collator makes it (with
-    cu_seq_lens / max_length)."""
-    from fastft.data import collate_packed, model_inputs
-
-    docs = [{"input_ids": [3 + (i + j) % 90 for j in range(n)], "labels": [-100] + [3 + (i + j) % 90 for j in range(1, n)]}
-            for i, n in enumerate(lengths)]
-    return model_inputs(collate_packed([docs], pad_id=0))
-
-
 @pytest.mark.parametrize("arch", [
     "Llama", "Qwen3Moe",
     pytest.param("Gemma2", marks=pytest.mark.slow), pytest.param("Qwen3", marks=pytest.mark.slow),
@@ -125,20 +115,11 @@ def test_per_block_compile_of_the_packed_path_compiles_once(arch):
     as in eager, and each step's loss and gradients those of the eager model by the tolerance
     rule (truth: the unpatched float64 twin)."""
     from torch._dynamo.utils import counters
-    from transformers import AutoModelForCausalLM
 
+    from benchmarks.compile_census import packed_row, tiny_patched
     from fastft import distributed
 
-    spec = next(a for a in NATIVE if a.name == arch)
-
-    def build():
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(spec.tiny_config(num_hidden_layers=2))
-        model.config.use_cache = False
-        fastft.patch(model)
-        return model.train()
-
-    eager, compiled = build(), build()
+    eager, compiled = tiny_patched(arch), tiny_patched(arch)
     truth = float64_twin(eager)
     torch._dynamo.reset()
     counters.clear()
@@ -147,7 +128,7 @@ def test_per_block_compile_of_the_packed_path_compiles_once(arch):
     steps = [(17, 6, 25), (9, 30, 4, 5), (48,), (20, 28), (48,)]
     recompiled, seen = {}, set()
     for step, lengths in enumerate(steps):
-        batch = _packed_row(lengths)
+        batch = packed_row(lengths)
         frames = counters["frames"]["ok"]
         got = run_model(compiled, **batch)
         kind = "packed" if len(lengths) > 1 else "one document"
